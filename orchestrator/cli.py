@@ -1,0 +1,141 @@
+"""`orch`: the command line. Thin: Hydra owns config composition and overrides; the work lives in the library.
+
+    orch run [--plan] [key=value ...]   train (Hydra overrides; -m for multirun; --help lists the config groups)
+    orch plan [key=value ...]            validate and print the plan; starts nothing
+    orch ui [--port 5000]                MLflow UI for the local store
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+USAGE = """usage: orch <command> [options] [key=value ...]
+
+commands:
+  run     train a recipe on Ray workers with DeepSpeed, tracked in MLflow (orch run --help lists config groups)
+  plan    validate a config and print what `orch run` would do, without starting anything
+  ui      start the MLflow UI for the local tracking store
+
+examples:
+  orch run
+  orch run model=cnn trainer.zero_stage=2 trainer.max_steps=200
+  orch plan trainer.zero_stage=3 trainer.precision=bf16
+  orch ui
+"""
+
+HYDRA_COMMANDS = ("run", "plan")
+_mode = {"plan_only": False}
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print(f"orch: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _app(cfg) -> None:  # the Hydra task function
+    from omegaconf.errors import OmegaConfBaseException
+
+    from orchestrator.config.validate import ConfigError
+    from orchestrator.plan import build_plan
+    from orchestrator.plan_view import print_plan
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = dict(HydraConfig.get().runtime.choices)
+    except ValueError:
+        choices = {}
+    try:
+        plan = build_plan(cfg, choices)
+    except ConfigError as error:
+        _fail(str(error))
+    except OmegaConfBaseException as error:
+        _fail(str(error).replace("\n", "\n    "))
+    if _mode["plan_only"]:
+        print_plan(plan)
+        return
+    _train(plan)
+
+
+def _train(plan) -> None:
+    from rich.console import Console
+
+    from orchestrator.config.validate import ConfigError
+    from orchestrator.plan_view import print_summary
+    from orchestrator.stage_runner import run_plan
+
+    console = Console()
+    console.print(f"[bold]orch[/bold] run [cyan]{plan.run_name}[/cyan] → MLflow {plan.tracking.uri}")
+    try:
+        results = run_plan(plan, console)
+    except ConfigError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        _fail("interrupted; the run is marked KILLED in MLflow. Continue it with resume=" + plan.run_name, 130)
+    except Exception as error:  # noqa: BLE001 - a training failure: one clear line, details are in the logs
+        from ray.train import TrainingFailedError
+
+        if isinstance(error, TrainingFailedError):
+            _fail(f"training failed: {error}\nthe run is marked FAILED in MLflow; fix and continue with resume={plan.run_name}", 1)
+        raise
+    print_summary(results, console)
+
+
+def _run_hydra(command: str, argv: list[str]) -> None:
+    import hydra
+
+    from orchestrator.config import CONFIG_MODULE
+
+    _mode["plan_only"] = command == "plan" or "--plan" in argv
+    argv = [arg for arg in argv if arg != "--plan"]
+    user_conf = Path.cwd() / "conf"
+    if user_conf.is_dir() and not any(a.startswith(("--config-dir", "-cd")) for a in argv):
+        argv = ["--config-dir", str(user_conf), *argv]  # a project's own conf/ adds options and overrides
+    sys.argv = [f"orch {command}", *argv]
+    main = hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")(_app)
+    main()
+
+
+def _ui(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="orch ui", description="Start the MLflow UI for the local tracking store.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument(
+        "--backend-store-uri",
+        default=None,
+        help="default: MLFLOW_TRACKING_URI, else the local store ./mlflow.db that `orch run` writes",
+    )
+    args = parser.parse_args(argv)
+    uri = args.backend_store_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith("http"):
+        _fail(f"the tracking store is a server ({uri}); open it in a browser instead")
+    print(f"MLflow UI for {uri}\n  http://{args.host}:{args.port}\n(Ctrl-C to stop)", flush=True)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    try:
+        sys.exit(subprocess.call(command))
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    command, rest = argv[0], argv[1:]
+    if command in HYDRA_COMMANDS:
+        _run_hydra(command, rest)
+    elif command == "ui":
+        _ui(rest)
+    else:
+        print(USAGE, file=sys.stderr)
+        _fail(f"unknown command {command!r}; expected one of: run, plan, ui")
+
+
+if __name__ == "__main__":
+    main()

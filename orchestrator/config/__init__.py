@@ -1,0 +1,35 @@
+"""Config composition: the package's conf/ (installed as orchestrator.conf), typed schemas, cross-field rules.
+
+Kept free of torch/ray/mlflow imports: composing and validating a config must answer in well under two seconds.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from orchestrator.config import schema  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
+
+CONFIG_MODULE = "orchestrator.conf"
+
+
+def resource_path(relative: str) -> str:
+    """Absolute path of a file shipped inside the orchestrator package (works installed or from source)."""
+    return str(resources.files("orchestrator").joinpath(relative))
+
+
+if not OmegaConf.has_resolver("orch_resource"):
+    OmegaConf.register_new_resolver("orch_resource", resource_path)
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
+    """Compose a config the way `orch run` does, without the command line (tests, notebooks, benchmarks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))

@@ -1,0 +1,208 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+Why dataclasses: Hydra merges each YAML onto its schema, so a typo'd key, a wrong type or a value outside an enum
+fails during composition, naming the full key, before anything heavy is imported or Ray starts. Rules that span
+several keys live in `orchestrator.config.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 where the device supports it (CPU and Ampere+ GPUs), else fp32
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"  # GPU only: dynamic loss scaling
+
+
+class OptimizerName(str, Enum):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class SchedulerName(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+    linear = "linear"
+
+
+class ClusterKind(str, Enum):
+    local = "local"  # start a private Ray instance on this machine
+    ray = "ray"  # connect to an existing Ray cluster at `address`
+
+
+class PlacementStrategy(str, Enum):
+    PACK = "PACK"
+    SPREAD = "SPREAD"
+    STRICT_PACK = "STRICT_PACK"
+    STRICT_SPREAD = "STRICT_SPREAD"
+
+
+@dataclass
+class OptimizerConfig:
+    name: OptimizerName = OptimizerName.adamw
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd only
+
+
+@dataclass
+class SchedulerConfig:
+    name: SchedulerName = SchedulerName.cosine
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine: final lr as a fraction of the peak
+
+
+@dataclass
+class TrainerConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # only read when use_gpu
+    placement_strategy: PlacementStrategy = PlacementStrategy.PACK
+    # torch intra-op threads per worker; null = cpus_per_worker rounded down (Ray sets OMP_NUM_THREADS=1 otherwise)
+    threads_per_worker: Optional[int] = None
+    zero_stage: int = 0
+    precision: Precision = Precision.auto
+    micro_batch_size: int = 32
+    grad_accum_steps: int = 1
+    grad_clip: float = 1.0  # 0 disables clipping
+    max_steps: int = 300  # optimizer steps
+    log_every: int = 10
+    eval_every: int = 100  # 0: evaluate only at the end
+    checkpoint_every: int = 100  # 0: checkpoint only at the end
+    keep_checkpoints: int = 2
+    max_failures: int = 2  # worker-group restarts Ray Train may make before the run fails
+    seed: int = 0
+    storage_path: Optional[str] = None  # checkpoints; null = ./orch_runs (use shared storage on a cluster)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    # raw DeepSpeed JSON, merged over the generated config for anything the schema does not cover
+    deepspeed: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClusterConfig:
+    kind: ClusterKind = ClusterKind.local
+    address: Optional[str] = None  # kind=ray: "auto", "ray://host:10001" or "host:6379"; null reads RAY_ADDRESS
+    num_cpus: Optional[int] = None  # kind=local: CPUs Ray may use; null = all of this machine's
+    num_gpus: Optional[int] = None
+    env: Dict[str, str] = field(default_factory=dict)  # extra environment for the workers
+
+
+@dataclass
+class TrackingConfig:
+    # null: MLFLOW_TRACKING_URI if set, else a local sqlite store ./mlflow.db (what `mlflow ui` opens by default)
+    uri: Optional[str] = None
+    experiment: Optional[str] = None  # null: MLFLOW_EXPERIMENT_NAME if set, else "orchestrator"
+    artifact_location: Optional[str] = None  # local store only; null = ./mlartifacts
+    system_metrics: bool = True
+    log_model: bool = True
+
+
+@dataclass
+class RecipeConfig:
+    name: str = MISSING  # module under orchestrator.recipes that runs this config
+
+
+# Models and data: one schema per built-in option, so each option's own keys are checked.
+@dataclass
+class MLPConfig:
+    _target_: str = "orchestrator.models.mlp.MLP"
+    input_shape: List[int] = MISSING
+    num_classes: int = MISSING
+    hidden_sizes: List[int] = field(default_factory=lambda: [128, 128])
+    dropout: float = 0.0
+
+
+@dataclass
+class CNNConfig:
+    _target_: str = "orchestrator.models.cnn.CNN"
+    input_shape: List[int] = MISSING
+    num_classes: int = MISSING
+    channels: List[int] = field(default_factory=lambda: [16, 32])
+    hidden_size: int = 64
+    dropout: float = 0.0
+
+
+@dataclass
+class GPTConfig:
+    _target_: str = "orchestrator.models.gpt.GPT"
+    vocab_size: int = MISSING
+    block_size: int = MISSING
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 64
+    dropout: float = 0.0
+
+
+@dataclass
+class DigitsConfig:
+    _target_: str = "orchestrator.data.digits.load_digits_splits"
+    task: str = "classification"
+    input_shape: List[int] = field(default_factory=lambda: [1, 8, 8])
+    num_classes: int = 10
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    limit_train: Optional[int] = None  # keep only this many training examples (limited-label experiments)
+
+
+@dataclass
+class SyntheticConfig:
+    _target_: str = "orchestrator.data.synthetic.make_classification_splits"
+    task: str = "classification"
+    num_samples: int = 2048
+    num_features: int = 32
+    input_shape: List[int] = field(default_factory=lambda: [32])
+    num_classes: int = 4
+    val_fraction: float = 0.2
+    split_seed: int = 0
+
+
+@dataclass
+class TextConfig:
+    _target_: str = "orchestrator.data.text.load_text_splits"
+    task: str = "lm"
+    path: str = MISSING
+    block_size: int = 64
+    vocab_size: int = 256  # byte-level: every byte is a token
+    val_fraction: float = 0.1
+
+
+@dataclass
+class OrchConfig:
+    recipe: Any = MISSING
+    model: Any = MISSING
+    data: Any = MISSING
+    trainer: TrainerConfig = MISSING
+    cluster: ClusterConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    name: Optional[str] = None  # run name; null = <recipe>-<timestamp>; a name already used is refused
+    resume: Optional[str] = None  # name of an earlier run to continue from its last checkpoint
+
+
+def register_schemas() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="orch_schema", node=OrchConfig)
+    cs.store(group="schema/recipe", name="recipe", node=RecipeConfig)
+    cs.store(group="schema/trainer", name="trainer", node=TrainerConfig)
+    cs.store(group="schema/cluster", name="cluster", node=ClusterConfig)
+    cs.store(group="schema/tracking", name="tracking", node=TrackingConfig)
+    cs.store(group="schema/model", name="mlp", node=MLPConfig)
+    cs.store(group="schema/model", name="cnn", node=CNNConfig)
+    cs.store(group="schema/model", name="gpt", node=GPTConfig)
+    cs.store(group="schema/data", name="digits", node=DigitsConfig)
+    cs.store(group="schema/data", name="synthetic", node=SyntheticConfig)
+    cs.store(group="schema/data", name="text", node=TextConfig)
+
+
+register_schemas()

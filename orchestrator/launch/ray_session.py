@@ -1,0 +1,80 @@
+"""Where a run's Ray comes from: a private local instance, or an existing cluster.
+
+A local run starts its own Ray (`address="local"`, its own temp dir and dashboard port) and stops exactly that
+instance afterwards, so it never attaches to, or tears down, a Ray that someone else on the machine started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import tempfile
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Optional
+
+# Variables a worker needs to reach MLflow and find compiled ops; read from the driver's environment.
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "MLFLOW_EXPERIMENT_NAME",
+    "MLFLOW_ALLOW_FILE_STORE",
+    "TORCH_EXTENSIONS_DIR",
+    "ORCH_CHAOS_KILL",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def worker_env(cluster: Mapping[str, Any]) -> dict[str, str]:
+    env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
+    env.update({str(k): str(v) for k, v in (cluster.get("env") or {}).items()})
+    return env
+
+
+@contextmanager
+def ray_session(cluster: Mapping[str, Any]) -> Iterator[None]:
+    import ray
+
+    if cluster["kind"] == "local":
+        # Short path: Ray's Unix sockets live under the temp dir and socket paths are limited to ~107 bytes.
+        temp_dir = tempfile.mkdtemp(prefix="orch-ray-", dir="/tmp")
+        try:
+            ray.init(
+                address="local",
+                num_cpus=cluster.get("num_cpus"),
+                num_gpus=cluster.get("num_gpus"),
+                include_dashboard=True,
+                dashboard_port=free_port(),
+                logging_level=logging.WARNING,
+                _temp_dir=temp_dir,
+            )
+            yield
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    else:
+        address: Optional[str] = cluster.get("address") or os.environ.get("RAY_ADDRESS")
+        if not address:
+            from orchestrator.config.validate import ConfigError
+
+            raise ConfigError("cluster.address", None, "cluster=ray needs an address (or RAY_ADDRESS), e.g. 'auto' or 'HOST:6379'")
+        ray.init(address=address, logging_level=logging.WARNING)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+def cluster_capacity() -> tuple[float, float]:
+    import ray
+
+    resources = ray.cluster_resources()
+    return float(resources.get("CPU", 0)), float(resources.get("GPU", 0))

@@ -1,0 +1,50 @@
+"""Parameter counts of the built-in models computed from their config, without importing torch.
+
+Why: `orch plan` prints a per-worker memory estimate and must answer in well under two seconds; importing torch
+alone takes about two. A test checks each formula against the instantiated model, so they cannot drift apart.
+User models (any other `_target_`) are counted by instantiating them on torch's meta device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+
+def _mlp(cfg: Mapping[str, Any]) -> int:
+    widths = [math.prod(cfg["input_shape"]), *cfg.get("hidden_sizes", (128, 128)), cfg["num_classes"]]
+    return sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def _cnn(cfg: Mapping[str, Any]) -> int:
+    total, in_channels = 0, cfg["input_shape"][0]
+    for out_channels in cfg.get("channels", (16, 32)):
+        total += in_channels * out_channels * 9 + out_channels
+        in_channels = out_channels
+    hidden = cfg.get("hidden_size", 64)
+    return total + in_channels * 4 * hidden + hidden + hidden * cfg["num_classes"] + cfg["num_classes"]
+
+
+def _gpt(cfg: Mapping[str, Any]) -> int:
+    d, vocab, block = cfg.get("n_embd", 64), cfg["vocab_size"], cfg["block_size"]
+    per_block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
+    return vocab * d + block * d + cfg.get("n_layer", 2) * per_block + 2 * d  # lm_head is tied to tok_emb
+
+
+_FORMULAS: dict[str, Callable[[Mapping[str, Any]], int]] = {
+    "orchestrator.models.mlp.MLP": _mlp,
+    "orchestrator.models.cnn.CNN": _cnn,
+    "orchestrator.models.gpt.GPT": _gpt,
+}
+
+
+def count_parameters(model_cfg: Mapping[str, Any]) -> int:
+    formula = _FORMULAS.get(model_cfg["_target_"])
+    if formula is not None:
+        return formula(model_cfg)
+    import torch
+    from hydra.utils import instantiate
+
+    with torch.device("meta"):
+        model = instantiate(dict(model_cfg))
+    return sum(p.numel() for p in model.parameters())

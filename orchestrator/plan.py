@@ -1,0 +1,235 @@
+"""Config → Plan: everything a run will do, computed without Ray, torch or MLflow.
+
+`orch plan` prints it; `orch run` executes it. Keeping it pure data makes the DeepSpeed config, the resources and
+the memory estimate testable in milliseconds and reviewable before anything starts.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from orchestrator.config import validate
+from orchestrator.models.sizes import count_parameters
+
+DEFAULT_EXPERIMENT = "orchestrator"
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per worker for model states (ZeRO paper, Rajbhandari et al. 2020, §3); activations not included."""
+
+    parameters: int
+    weights: int
+    gradients: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer
+
+
+@dataclass
+class StagePlan:
+    name: str
+    recipe: str
+    num_workers: int
+    use_gpu: bool
+    resources_per_worker: dict[str, float]
+    placement_strategy: str
+    backend: str
+    precision: str
+    deepspeed: dict[str, Any]
+    memory: MemoryEstimate
+    config: dict[str, Any]  # the resolved config, plain containers: what crosses into Ray
+
+
+@dataclass
+class TrackingPlan:
+    uri: str
+    experiment: str
+    artifact_location: Optional[str]  # set only for a local store, so artifacts never land in a worker's temp dir
+
+
+@dataclass
+class Plan:
+    run_name: str
+    resuming: bool
+    storage_path: str
+    tracking: TrackingPlan
+    stages: list[StagePlan] = field(default_factory=list)
+
+
+def resolve_precision(trainer: Mapping[str, Any]) -> str:
+    # bf16 is supported by DeepSpeed's CPU accelerator and by Ampere-or-newer GPUs; older GPUs fall back to fp16
+    # in the worker, where the device can be asked.
+    return "bf16" if trainer["precision"] == "auto" else trainer["precision"]
+
+
+def deepspeed_config(trainer: Mapping[str, Any], precision: str) -> dict[str, Any]:
+    """DeepSpeed JSON generated from the `trainer` group, then overlaid with the raw `trainer.deepspeed` dict."""
+    optimizer, scheduler = trainer["optimizer"], trainer["scheduler"]
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": trainer["micro_batch_size"],
+        "gradient_accumulation_steps": trainer["grad_accum_steps"],
+        "train_batch_size": trainer["micro_batch_size"] * trainer["grad_accum_steps"] * trainer["num_workers"],
+        "zero_optimization": {"stage": trainer["zero_stage"]},
+        "steps_per_print": 10**9,  # orch reports progress itself
+    }
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        config["fp16"] = {
+            "enabled": True,
+            # DeepSpeed reads auto_cast even with fp16 disabled, so the section exists only when fp16 is on
+            "auto_cast": True,
+            "loss_scale": 0,  # 0 selects dynamic loss scaling
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
+    if trainer["grad_clip"] > 0:
+        config["gradient_clipping"] = trainer["grad_clip"]
+    if optimizer["name"] == "adamw":
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": optimizer["lr"],
+                "betas": list(optimizer["betas"]),
+                "eps": optimizer["eps"],
+                "weight_decay": optimizer["weight_decay"],
+                # torch's AdamW: DeepSpeed's default CPU path would JIT-compile its own fused Adam (~70 s)
+                "torch_adam": True,
+            },
+        }
+    else:
+        # DeepSpeed has no built-in SGD: the worker passes torch.optim.SGD, which ZeRO accepts with this flag.
+        config["zero_allow_untested_optimizer"] = True
+    # DeepSpeed's warmup schedulers refuse warmup_num_steps=0: "no warmup" is one step that starts at the peak.
+    warmup, total, lr = scheduler["warmup_steps"], trainer["max_steps"], optimizer["lr"]
+    steps, start_ratio = (warmup, 0.0) if warmup else (1, 1.0)
+    if scheduler["name"] == "cosine":
+        config["scheduler"] = {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": total,
+                "warmup_num_steps": steps,
+                "warmup_min_ratio": start_ratio,
+                "cos_min_ratio": scheduler["min_lr_ratio"],
+                "warmup_type": "linear",
+            },
+        }
+    elif scheduler["name"] == "linear":
+        config["scheduler"] = {
+            "type": "WarmupDecayLR",
+            "params": {
+                "total_num_steps": total,
+                "warmup_min_lr": lr * start_ratio,
+                "warmup_max_lr": lr,
+                "warmup_num_steps": steps,
+                "warmup_type": "linear",
+            },
+        }
+    elif warmup:
+        config["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {"warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": warmup, "warmup_type": "linear"},
+        }
+    return _deep_merge(config, dict(trainer.get("deepspeed") or {}))
+
+
+def _deep_merge(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def estimate_memory(parameters: int, zero_stage: int, precision: str, num_workers: int, optimizer: str) -> MemoryEstimate:
+    mixed = precision in ("bf16", "fp16")
+    weight_bytes = 2 if mixed else 4
+    state_bytes = 8 if optimizer == "adamw" else 4  # Adam: m and v in fp32; SGD: momentum
+    if mixed:
+        state_bytes += 4  # fp32 master weights
+    n = num_workers
+    return MemoryEstimate(
+        parameters=parameters,
+        weights=parameters * weight_bytes // (n if zero_stage >= 3 else 1),
+        gradients=parameters * weight_bytes // (n if zero_stage >= 2 else 1),
+        optimizer=parameters * state_bytes // (n if zero_stage >= 1 else 1),
+    )
+
+
+def resolve_tracking(tracking: Mapping[str, Any], cwd: Path) -> TrackingPlan:
+    uri = tracking.get("uri") or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{cwd / 'mlflow.db'}"
+    experiment = tracking.get("experiment") or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    artifacts = None
+    if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
+        artifacts = tracking.get("artifact_location") or (cwd / "mlartifacts").as_uri()
+    return TrackingPlan(uri=uri, experiment=experiment, artifact_location=artifacts)
+
+
+def new_run_name(recipe: str) -> str:
+    return f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def build_plan(cfg: DictConfig, choices: Optional[Mapping[str, str]] = None, cwd: Optional[Path] = None) -> Plan:
+    """Validate `cfg` and turn it into a Plan. Raises ConfigError naming the key on any user error."""
+    cwd = cwd or Path.cwd()
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
+    assert isinstance(container, dict)
+    validate.validate_recipe(container)
+    validate.validate_trainer(container)
+    validate.validate_model_and_data(container, choices or {})
+    trainer = container["trainer"]
+    if container["cluster"]["kind"] == "local":
+        cpus = container["cluster"]["num_cpus"] or validate.local_cpu_count()
+        validate.validate_resources(container, cpus, container["cluster"]["num_gpus"] or 0, "this machine")
+
+    storage_path = trainer["storage_path"] or str(cwd / "orch_runs")
+    trainer["storage_path"] = storage_path
+    resume = container.get("resume")
+    run_name = resume or container.get("name") or new_run_name(container["recipe"]["name"])
+    validate.validate_run_name(run_name, resume, storage_path)
+    container["name"] = run_name
+
+    precision = resolve_precision(trainer)
+    resources = {"CPU": float(trainer["cpus_per_worker"])}
+    if trainer["use_gpu"]:
+        resources["GPU"] = float(trainer["gpus_per_worker"])
+    stage = StagePlan(
+        name=container["recipe"]["name"],
+        recipe=container["recipe"]["name"],
+        num_workers=trainer["num_workers"],
+        use_gpu=trainer["use_gpu"],
+        resources_per_worker=resources,
+        placement_strategy=trainer["placement_strategy"],
+        backend="nccl" if trainer["use_gpu"] else "gloo",
+        precision=precision,
+        deepspeed=deepspeed_config(trainer, precision),
+        memory=estimate_memory(
+            count_parameters(container["model"]),
+            trainer["zero_stage"],
+            precision,
+            trainer["num_workers"],
+            trainer["optimizer"]["name"],
+        ),
+        config=container,
+    )
+    return Plan(
+        run_name=run_name,
+        resuming=bool(resume),
+        storage_path=storage_path,
+        tracking=resolve_tracking(container["tracking"], cwd),
+        stages=[stage],
+    )

@@ -1,0 +1,77 @@
+"""How a Plan and a finished run look in the terminal (rich)."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.plan import Plan
+
+if TYPE_CHECKING:
+    from orchestrator.stage_runner import StageResult
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def print_plan(plan: Plan, console: Optional[Console] = None) -> None:
+    console = console or Console()
+    console.rule(f"[bold]plan[/bold] {plan.run_name}" + (" (resume)" if plan.resuming else ""))
+    console.print("[bold]resolved config[/bold]")
+    console.print(yaml.safe_dump(plan.stages[0].config, sort_keys=False), highlight=False, markup=False)
+    table = Table(title="stages")
+    for column in ("stage", "recipe", "workers", "per worker", "placement", "backend", "precision", "ZeRO"):
+        table.add_column(column)
+    for stage in plan.stages:
+        resources = ", ".join(f"{value:g} {name}" for name, value in stage.resources_per_worker.items())
+        table.add_row(
+            stage.name,
+            stage.recipe,
+            str(stage.num_workers),
+            resources,
+            stage.placement_strategy,
+            stage.backend,
+            stage.precision,
+            str(stage.deepspeed["zero_optimization"]["stage"]),
+        )
+    console.print(table)
+    for stage in plan.stages:
+        memory = stage.memory
+        estimate = Table(title=f"memory per worker, model states only ({stage.name}: {memory.parameters:,} parameters)")
+        estimate.add_column("weights")
+        estimate.add_column("gradients")
+        estimate.add_column("optimizer states")
+        estimate.add_column("total")
+        estimate.add_row(*(human_bytes(v) for v in (memory.weights, memory.gradients, memory.optimizer, memory.total)))
+        console.print(estimate)
+        console.print(f"[bold]DeepSpeed config[/bold] ({stage.name})")
+        console.print_json(json.dumps(stage.deepspeed))
+    console.print(f"checkpoints: {plan.storage_path}/{plan.run_name}")
+    console.print(f"MLflow: {plan.tracking.uri} (experiment {plan.tracking.experiment!r})")
+
+
+def print_summary(results: Sequence["StageResult"], console: Optional[Console] = None) -> None:
+    console = console or Console()
+    for result in results:
+        console.rule(f"[bold green]done[/bold green] {result.stage} · {result.run_name}")
+        table = Table(show_header=False)
+        for key, value in sorted(result.metrics.items()):
+            if key == "rank_weight_digests":
+                continue
+            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        console.print(table)
+        console.print(f"MLflow run:  {result.run_id} (experiment {result.experiment_id}, {result.tracking_uri})")
+        console.print(f"checkpoint:  {result.checkpoint_path}")
+        if result.model_artifact_uri:
+            console.print(f"model:       {result.model_artifact_uri} (safetensors + model.yaml)")
+    if results and results[0].tracking_uri.startswith("sqlite:"):
+        console.print("open the UI:  orch ui   (then http://127.0.0.1:5000)")

@@ -1,0 +1,46 @@
+"""Which examples each worker sees at each micro-step: disjoint shards, reshuffled every epoch, resumable.
+
+Neither Ray Train nor DeepSpeed saves a data loader's position. Because the order here is a pure function of
+(seed, epoch, rank, world size), a restored run recomputes its position from the step count in the checkpoint and
+continues with exactly the batch the interrupted run would have taken next.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+class ShardedBatches:
+    def __init__(self, dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+        # drop_last: every rank gets the same number of batches, so collectives never wait on a rank that ran dry.
+        self.sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.dataset, self.batch_size = dataset, batch_size
+        self.batches_per_epoch = len(self.sampler) // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"the training split has {len(dataset)} examples: too few for trainer.micro_batch_size={batch_size} "  # type: ignore[arg-type]
+                f"on each of {world_size} workers; lower trainer.micro_batch_size or trainer.num_workers"
+            )
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        self.sampler.set_epoch(epoch)
+        indices = list(self.sampler)
+        return [indices[i * self.batch_size : (i + 1) * self.batch_size] for i in range(self.batches_per_epoch)]
+
+    def iterate_from(self, micro_step: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Batches from global micro-step `micro_step` onwards, across epoch boundaries, forever."""
+        epoch, offset = divmod(micro_step, self.batches_per_epoch)
+        while True:
+            loader = DataLoader(self.dataset, batch_sampler=self.epoch_batches(epoch)[offset:])
+            yield from loader
+            epoch, offset = epoch + 1, 0
+
+
+def shard_for_eval(dataset: Dataset, rank: int, world_size: int) -> list[int]:
+    """Strided, non-padded shard: every example evaluated exactly once across ranks (DistributedSampler pads)."""
+    return list(range(rank, len(dataset), world_size))  # type: ignore[arg-type]

@@ -1,0 +1,69 @@
+"""DeepSpeed engine set-up and checkpoints, wired to Ray Train's checkpoint reporting.
+
+Every rank saves (ZeRO shards live on every rank) into a local directory and reports it; Ray Train merges the
+ranks' files into one checkpoint in run storage and hands it back through `ray.train.get_checkpoint()` after a
+restart. DeepSpeed's `client_state` carries the step, from which the data position is recomputed.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+
+def build_engine(model: nn.Module, ds_config: dict[str, Any], optimizer_cfg: Mapping[str, Any], precision_auto: bool):
+    import deepspeed
+
+    if precision_auto and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        # precision=auto on a pre-Ampere GPU: fp16 with the dynamic loss scaling already in the generated config
+        ds_config = {key: value for key, value in ds_config.items() if key != "bf16"}
+        ds_config["fp16"] = {"enabled": True, "auto_cast": True, "loss_scale": 0, "initial_scale_power": 16}
+    client_optimizer: Optional[torch.optim.Optimizer] = None
+    if optimizer_cfg["name"] == "sgd":
+        client_optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=optimizer_cfg["lr"],
+            momentum=optimizer_cfg["momentum"],
+            weight_decay=optimizer_cfg["weight_decay"],
+        )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=client_optimizer,
+        model_parameters=None if client_optimizer else [p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+    )
+    return engine
+
+
+def checkpoint_tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def save_and_report(engine, step: int, metrics: dict[str, Any], client_state: Optional[dict[str, Any]] = None) -> None:
+    """Collective: every rank must call it at the same steps (Ray Train and DeepSpeed both synchronise here)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as local_dir:
+        engine.save_checkpoint(local_dir, tag=checkpoint_tag(step), client_state={"step": step, **(client_state or {})})
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(local_dir),
+            checkpoint_dir_name=f"checkpoint_{checkpoint_tag(step)}",
+        )
+
+
+def restore_latest(engine) -> Optional[dict[str, Any]]:
+    """Load the checkpoint Ray Train hands this attempt (after a failure, or `resume=`); its client state or None."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        load_path, client_state = engine.load_checkpoint(directory)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed found no loadable checkpoint in {checkpoint.path}")
+    return client_state

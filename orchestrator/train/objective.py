@@ -1,0 +1,32 @@
+"""Task losses and evaluation sums, shared by every recipe so that "loss" means the same thing everywhere."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+
+def task_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy for classifiers ([B, C] vs [B]) and language models ([B, L, V] vs [B, L])."""
+    if logits.dim() == 3:
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    return F.cross_entropy(logits.float(), targets)
+
+
+def eval_sums(logits: Tensor, targets: Tensor) -> Tensor:
+    """[loss sum, correct, count]: sums, so that ranks' shards combine with one all-reduce."""
+    if logits.dim() == 3:
+        logits, targets = logits.flatten(0, 1), targets.flatten()
+    loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
+    correct = (logits.argmax(dim=-1) == targets).sum()
+    return torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(targets.numel()), dtype=torch.float64)])
+
+
+def eval_metrics(sums: Tensor, task: str) -> dict[str, float]:
+    loss = float(sums[0] / sums[2])
+    if task == "lm":
+        return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
+    return {"val_loss": loss, "val_accuracy": float(sums[1] / sums[2])}

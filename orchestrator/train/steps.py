@@ -1,0 +1,93 @@
+"""Pieces every recipe's worker loop uses: schedules of due steps, cross-rank means, evaluation, throughput."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import time
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
+
+from orchestrator.train.data_order import shard_for_eval
+from orchestrator.train.objective import eval_metrics, eval_sums
+
+SETTLE_STEPS = 2  # steps excluded from throughput: first-call allocations and lazy initialisation
+
+
+def due(step: int, every: int, last: int) -> bool:
+    return step == last or (every > 0 and step % every == 0)
+
+
+def to_engine(engine, tensor: torch.Tensor) -> torch.Tensor:
+    """Move a batch tensor to the engine's device; floating inputs take the weights' dtype (bf16 engines)."""
+    tensor = tensor.to(engine.device, non_blocking=True)
+    if tensor.is_floating_point():
+        return tensor.to(next(engine.module.parameters()).dtype)
+    return tensor
+
+
+def mean_across_ranks(value: torch.Tensor) -> float:
+    value = value.detach().double().cpu()
+    dist.all_reduce(value)
+    return float(value) / dist.get_world_size()
+
+
+@torch.no_grad()
+def evaluate(engine, dataset, task: str, batch_size: int, rank: int, world_size: int) -> dict[str, float]:
+    engine.eval()
+    sums = torch.zeros(3, dtype=torch.float64)
+    for inputs, targets in DataLoader(Subset(dataset, shard_for_eval(dataset, rank, world_size)), batch_size=batch_size):
+        sums += eval_sums(engine(to_engine(engine, inputs)), to_engine(engine, targets)).cpu()
+    dist.all_reduce(sums)
+    engine.train()
+    return eval_metrics(sums, task)
+
+
+def weights_digest(engine) -> str:
+    """A hash of this rank's full weights; ZeRO-3 gathers partitioned parameters first."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    digest = hashlib.sha256()
+    with deepspeed.zero.GatheredParameters(params, enabled=getattr(params[0], "ds_id", None) is not None):
+        for param in params:
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def chaos_kill(step: int, rank: int) -> None:
+    """Failure injection for resilience tests: SIGKILL this worker once at a given step (real process death)."""
+    spec = os.environ.get("ORCH_CHAOS_KILL")  # "<step>:<rank>:<marker file>"
+    if not spec:
+        return
+    at_step, at_rank, marker = spec.split(":", 2)
+    if step == int(at_step) and rank == int(at_rank) and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Throughput:
+    """Samples/s over the steps since the last reading, starting after SETTLE_STEPS of each (re)start."""
+
+    def __init__(self, samples_per_step: int, start_step: int) -> None:
+        self.samples_per_step, self.start_step = samples_per_step, start_step
+        self.window_start: Optional[float] = None
+        self.window_steps = 0
+
+    def step_done(self, step: int) -> None:
+        if step - self.start_step == SETTLE_STEPS:
+            self.window_start, self.window_steps = time.perf_counter(), 0
+        elif self.window_start is not None:
+            self.window_steps += 1
+
+    def read(self) -> dict[str, float]:
+        if self.window_start is None or not self.window_steps:
+            return {}
+        elapsed = time.perf_counter() - self.window_start
+        reading = {"step_time_s": elapsed / self.window_steps, "samples_per_s": self.samples_per_step * self.window_steps / elapsed}
+        self.window_start, self.window_steps = time.perf_counter(), 0
+        return reading
