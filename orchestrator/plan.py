@@ -186,11 +186,12 @@ def new_run_name(recipe: str) -> str:
 def build_plan(cfg: DictConfig, choices: Optional[Mapping[str, str]] = None, cwd: Optional[Path] = None) -> Plan:
     """Validate `cfg` and turn it into a Plan. Raises ConfigError naming the key on any user error."""
     cwd = cwd or Path.cwd()
+    # before resolving: a model/data mismatch would otherwise surface as an obscure missing interpolation
+    validate.validate_model_and_data(cfg, choices or {})
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
     assert isinstance(container, dict)
     validate.validate_recipe(container)
     validate.validate_trainer(container)
-    validate.validate_model_and_data(container, choices or {})
     trainer = container["trainer"]
     if container["cluster"]["kind"] == "local":
         cpus = container["cluster"]["num_cpus"] or validate.local_cpu_count()

@@ -81,7 +81,8 @@ def run_stage(plan: Plan, stage: StagePlan, console: Console) -> StageResult:
                 storage_path=plan.storage_path,
                 failure_config=ray.train.FailureConfig(max_failures=trainer_cfg["max_failures"]),
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=trainer_cfg["keep_checkpoints"]),
-                worker_runtime_env={"env_vars": worker_env(stage.config["cluster"])},
+                worker_runtime_env={"env_vars": worker_env(stage.config["cluster"], stage.use_gpu)},
+                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             ),
         )
         label = f"{stage.name} · {plan.run_name}"

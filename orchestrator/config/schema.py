@@ -48,7 +48,7 @@ class PlacementStrategy(str, Enum):
 @dataclass
 class OptimizerConfig:
     name: OptimizerName = OptimizerName.adamw
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8

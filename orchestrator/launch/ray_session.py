@@ -33,8 +33,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def worker_env(cluster: Mapping[str, Any]) -> dict[str, str]:
+def worker_env(cluster: Mapping[str, Any], use_gpu: bool) -> dict[str, str]:
     env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
+    if not use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # skip DeepSpeed's accelerator probe (and its warning) on CPU workers
     env.update({str(k): str(v) for k, v in (cluster.get("env") or {}).items()})
     return env
 
@@ -43,6 +45,10 @@ def worker_env(cluster: Mapping[str, Any]) -> dict[str, str]:
 def ray_session(cluster: Mapping[str, Any]) -> Iterator[None]:
     import ray
 
+    if ray.is_initialized():
+        # The caller owns a Ray already (a notebook, a test session, a Tune trial): use it, leave it running.
+        yield
+        return
     if cluster["kind"] == "local":
         # Short path: Ray's Unix sockets live under the temp dir and socket paths are limited to ~107 bytes.
         temp_dir = tempfile.mkdtemp(prefix="orch-ray-", dir="/tmp")

@@ -1,0 +1,142 @@
+"""End to end on real Ray workers, real DeepSpeed engines and a real MLflow store (digits, 2 workers).
+
+Fits are the expensive part (~20 s of set-up each), so each is made once per module and asserted on by several
+tests: ZeRO-0 fp32 (the reference), the same run with a worker SIGKILLed mid-run, ZeRO-2 bf16, and an explicit
+`resume=` of the reference run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from orchestrator.config import compose
+from orchestrator.plan import build_plan
+from orchestrator.stage_runner import run_plan
+
+pytestmark = pytest.mark.slow
+
+COMMON = [
+    "trainer.max_steps=100",
+    "trainer.log_every=1",
+    "trainer.eval_every=50",
+    "trainer.checkpoint_every=25",
+    "trainer.max_failures=1",
+]
+
+
+def fit(workdir: Path, *overrides: str):
+    plan = build_plan(compose([*COMMON, *overrides]), cwd=workdir)
+    [result] = run_plan(plan)
+    return plan, result
+
+
+def loss_by_step(client: MlflowClient, run_id: str) -> dict[int, float]:
+    """Last value logged per step: a restarted attempt re-logs the steps after its checkpoint."""
+    return {m.step: m.value for m in sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.timestamp)}
+
+
+@pytest.fixture(scope="module")
+def client(workdir) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def reference(ray_instance, workdir):
+    return fit(workdir, "name=zero0", "trainer.zero_stage=0", "trainer.precision=fp32")
+
+
+@pytest.fixture(scope="module")
+def killed(ray_instance, workdir, reference):
+    marker = workdir / "killed-once"
+    os.environ["ORCH_CHAOS_KILL"] = f"37:1:{marker}"  # SIGKILL rank 1 before step 38, once
+    try:
+        outcome = fit(workdir, "name=zero0-killed", "trainer.zero_stage=0", "trainer.precision=fp32")
+    finally:
+        del os.environ["ORCH_CHAOS_KILL"]
+    assert marker.exists(), "the worker was never killed: the test would prove nothing"
+    return outcome
+
+
+@pytest.fixture(scope="module")
+def zero2_bf16(ray_instance, workdir):
+    return fit(workdir, "name=zero2-bf16", "trainer.zero_stage=2", "trainer.precision=bf16")
+
+
+def test_zero0_reaches_accuracy_with_identical_weights_on_every_rank(reference):
+    _, result = reference
+    assert result.metrics["val_accuracy"] >= 0.90
+    digests = result.metrics["rank_weight_digests"].split(",")
+    assert len(digests) == 2 and len(set(digests)) == 1
+
+
+def test_zero2_bf16_reaches_accuracy_with_identical_weights(zero2_bf16):
+    plan, result = zero2_bf16
+    assert plan.stages[0].deepspeed["bf16"] == {"enabled": True}
+    assert result.metrics["val_accuracy"] >= 0.90
+    digests = result.metrics["rank_weight_digests"].split(",")
+    assert len(digests) == 2 and len(set(digests)) == 1
+
+
+def test_one_mlflow_run_with_params_metrics_and_artifacts(reference, client):
+    plan, result = reference
+    runs = client.search_runs([result.experiment_id], filter_string="tags.`orch.run_name` = 'zero0'")
+    assert len(runs) == 1, "one logical run must be one MLflow run, never one per worker"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["trainer.zero_stage"] == "0"
+    assert run.data.params["model._target_"] == "orchestrator.models.mlp.MLP"
+    assert run.data.tags["orch.recipe"] == "train"
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 100
+    assert len(client.get_metric_history(run.info.run_id, "val_accuracy")) == 2
+    assert "samples_per_s" in run.data.metrics and "lr" in run.data.metrics
+    assert any(key.startswith("system/") for key in run.data.metrics), "system metrics missing"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)} | {
+        a.path for d in ("config", "model", "plots") for a in client.list_artifacts(run.info.run_id, d)
+    }
+    for expected in ("config/resolved.yaml", "config/deepspeed.json", "model/model.safetensors", "model/model.yaml", "plots/loss_curve.png"):
+        assert expected in artifacts
+    # artifacts live where the experiment says, not in a worker's temp dir
+    assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(plan.tracking.artifact_location.removeprefix("file://"))
+
+
+def test_exported_model_loads_without_deepspeed_and_predicts(reference, client, tmp_path):
+    from orchestrator.data.digits import load_digits_splits
+    from orchestrator.train.export import load_exported
+
+    _, result = reference
+    local = client.download_artifacts(result.run_id, "model", str(tmp_path))
+    model = load_exported(local)
+    val = load_digits_splits().val
+    inputs, targets = val.tensors
+    with torch.no_grad():
+        accuracy = (model(inputs).argmax(-1) == targets).float().mean().item()
+    assert accuracy == pytest.approx(result.metrics["val_accuracy"], abs=1e-6)
+
+
+def test_killed_worker_resumes_at_the_same_step_and_matches_an_uninterrupted_run(reference, killed, client):
+    _, uninterrupted = reference
+    _, resumed = killed
+    expected, observed = loss_by_step(client, uninterrupted.run_id), loss_by_step(client, resumed.run_id)
+    assert sorted(observed) == sorted(expected) == list(range(1, 101))
+    for step in expected:
+        assert observed[step] == pytest.approx(expected[step], abs=1e-5), f"loss differs at step {step}"
+    assert resumed.metrics["rank_weight_digests"] == uninterrupted.metrics["rank_weight_digests"]
+    run = client.get_run(resumed.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["orch.resumed_at_step"] == "25"  # the last checkpoint before the kill at step 37
+
+
+def test_explicit_resume_continues_the_same_mlflow_run(reference, killed, client, workdir):
+    _, first = reference
+    plan, result = fit(workdir, "resume=zero0", "trainer.zero_stage=0", "trainer.precision=fp32", "trainer.max_steps=110")
+    assert plan.resuming and result.run_id == first.run_id
+    assert result.metrics["step"] == 110
+    steps = loss_by_step(client, result.run_id)
+    assert max(steps) == 110 and len(steps) == 110
+    run = client.get_run(result.run_id)
+    assert run.data.tags["orch.resumes"] == "1" and run.info.status == "FINISHED"

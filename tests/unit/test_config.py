@@ -1,0 +1,150 @@
+"""Every shipped config composes and plans; every bad input fails before Ray, naming the key."""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from orchestrator.config import compose
+from orchestrator.config.validate import ConfigError
+from orchestrator.plan import build_plan
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def plan(tmp_path: Path, *overrides: str):
+    return build_plan(compose(list(overrides)), cwd=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [[f"model={m}", f"data={d}"] for m, d in [("mlp", "digits"), ("cnn", "digits"), ("mlp", "synthetic"), ("gpt", "text")]]
+    + [[f"trainer={t}"] for t in options("trainer")]
+    + [[f"cluster={c}"] for c in options("cluster")]
+    + [[f"tracking={t}"] for t in options("tracking")]
+    + [[f"recipe={r}"] for r in options("recipe")],
+)
+def test_every_shipped_option_composes_and_plans(tmp_path, overrides):
+    if "trainer=gpu" in overrides:
+        # on this CPU machine a local GPU run must say why it cannot run; on a cluster it is checked after connecting
+        with pytest.raises(ConfigError, match="trainer.num_workers"):
+            build_plan(compose(overrides), cwd=tmp_path)
+        overrides = [*overrides, "cluster=ray"]
+    cfg = compose(overrides)
+    result = build_plan(cfg, cwd=tmp_path)
+    assert result.stages[0].backend == ("nccl" if cfg.trainer.use_gpu else "gloo")
+    assert result.stages[0].num_workers == cfg.trainer.num_workers
+    assert result.stages[0].memory.parameters > 0
+
+
+def test_every_yaml_opens_with_how_to_run_it():
+    for path in CONF.rglob("*.yaml"):
+        lines = path.read_text().splitlines()
+        header = list(itertools.takewhile(lambda line: line.startswith("#"), lines))
+        assert header, f"{path} must open with a comment showing how to run it"
+        commands = [line for line in header if line.lstrip("# ").startswith("orch ")]
+        assert any(" -m " in c for c in commands), f"{path}: show a multirun/sweep command"
+        assert any("submit" in c or "cluster=ray" in c for c in commands), f"{path}: show a cluster command"
+
+
+@pytest.mark.parametrize(
+    "override, key_in_message",
+    [
+        ("trainer.zero_stag=1", "zero_stag"),
+        ("trainer.max_steps=abc", "trainer.max_steps"),
+        ("trainer.precision=fp8", "trainer.precision"),
+        ("model=resnet", "model"),
+    ],
+)
+def test_schema_errors_name_the_key(override, key_in_message):
+    with pytest.raises((ConfigCompositionException, ValidationError, ConfigKeyError)) as error:
+        compose([override])
+    text = str(error.value) + str(error.value.__cause__)
+    assert key_in_message in text
+
+
+@pytest.mark.parametrize(
+    "overrides, key, allowed",
+    [
+        (["trainer.zero_stage=4"], "trainer.zero_stage", "0, 1, 2, 3"),
+        (["trainer.precision=fp16"], "trainer.precision", "GPUs only"),
+        (["trainer.num_workers=64"], "trainer.num_workers", "CPUs"),
+        (["trainer.micro_batch_size=0"], "trainer.micro_batch_size", ">= 1"),
+        (["trainer.scheduler.warmup_steps=500"], "trainer.scheduler.warmup_steps", "max_steps"),
+        (["model=gpt", "data=text", "data.path=/no/such/corpus.txt"], "data.path", "no such file"),
+        (["model=cnn", "data=text"], "model", "model=gpt"),
+        (["model=gpt"], "model", "classification dataset"),
+        (["model=cnn", "data=synthetic"], "model", "image-shaped"),
+        (["model=gpt", "data=text", "model.n_head=3"], "model.n_head", "divide"),
+        (["resume=never-ran"], "resume", "no run named"),
+    ],
+)
+def test_cross_field_errors_name_key_value_and_allowed(tmp_path, overrides, key, allowed):
+    with pytest.raises(ConfigError) as error:
+        plan(tmp_path, *overrides)
+    assert error.value.key == key
+    assert allowed in str(error.value)
+
+
+def test_a_new_run_never_reuses_an_existing_name(tmp_path):
+    (tmp_path / "orch_runs" / "mine").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="resume=mine"):
+        plan(tmp_path, "name=mine")
+    assert plan(tmp_path, "resume=mine").resuming
+
+
+def test_cli_user_error_is_one_clear_line_and_starts_nothing(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "run", "trainer.zero_stage=4"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "trainer.zero_stage=4" in out.stderr and "0, 1, 2, 3" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "orch_runs").exists()
+
+
+def test_plan_does_not_import_torch_ray_or_mlflow(tmp_path):
+    code = (
+        "import sys; from orchestrator.config import compose; from orchestrator.plan import build_plan; "
+        f"build_plan(compose(['trainer.zero_stage=3']), cwd=__import__('pathlib').Path({str(tmp_path)!r})); "
+        "print(sorted(m for m in ('torch', 'ray', 'mlflow', 'deepspeed') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_orch_plan_prints_deepspeed_config_and_memory(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "plan", "trainer.zero_stage=2", "model=cnn"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    for expected in ('"stage": 2', "memory per worker", "WarmupCosineLR", "gloo", "orchestrator.models.cnn.CNN"):
+        assert expected in out.stdout
+    assert not (tmp_path / "orch_runs").exists()
+
+
+def test_run_help_lists_config_groups():
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "run", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0
+    for group in ("model: cnn, gpt, mlp", "data: digits, synthetic, text", "trainer: default, gpu", "cluster: local, ray"):
+        assert group in out.stdout
