@@ -1,0 +1,39 @@
+"""Compression building blocks: pruning (unstructured and structured), distillation, int8 quantization.
+
+Each technique is a pure function plus, where training must be steered, a small hook object implementing
+``StepEndHook``. Components take flat typed arguments; recipes map their config onto them.
+"""
+
+from orchestrator.compress.distill import FeatureDistillation, freeze_teacher, kd_loss
+from orchestrator.compress.mask_enforcer import MaskEnforcer
+from orchestrator.compress.protocols import StepEndHook
+from orchestrator.compress.pruning import (
+    GradualPruning,
+    cubic_sparsity,
+    magnitude_masks,
+    masks_from_scores,
+    prunable_parameters,
+    realized_sparsity,
+    sparsity_table,
+)
+from orchestrator.compress.quantize import quantize_dynamic_int8, serialized_size_bytes
+from orchestrator.compress.structured import count_parameters, prune_structured
+
+__all__ = [
+    "FeatureDistillation",
+    "GradualPruning",
+    "MaskEnforcer",
+    "StepEndHook",
+    "count_parameters",
+    "cubic_sparsity",
+    "freeze_teacher",
+    "kd_loss",
+    "magnitude_masks",
+    "masks_from_scores",
+    "prunable_parameters",
+    "prune_structured",
+    "quantize_dynamic_int8",
+    "realized_sparsity",
+    "serialized_size_bytes",
+    "sparsity_table",
+]

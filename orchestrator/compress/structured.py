@@ -1,0 +1,131 @@
+"""Structured pruning: remove whole neurons/channels so the model is physically smaller and faster.
+
+Unlike magnitude masks (``pruning.py``), which leave dense tensors full of zeros, this removes output neurons of
+``nn.Linear`` and output channels of ``nn.Conv2d`` together with everything that depends on them (the next layer's
+inputs, BatchNorm statistics, residual partners). Coupled layers are found by torch-pruning's ``DependencyGraph``,
+traced once on ``example_inputs``; groups are ranked by L2 weight magnitude.
+
+Use::
+
+    small = prune_structured(model, example_inputs=batch[:2], ratio=0.3)   # ~30% of channels per layer removed
+    count_parameters(model), count_parameters(small)
+    ... fine-tune ``small`` (optionally distilling from ``model``, see distill.py) ...
+
+Restoring a checkpoint of a pruned model: rebuild the dense architecture, call ``prune_structured`` with the same
+``ratio``/``round_to``/``ignored_layers`` (shapes depend only on these, not on the weights, because each layer is
+pruned by the same ratio), then ``load_state_dict``.
+
+Suggested settings: ratio 0.2-0.5 per round, each followed by fine-tuning (iterate for more); ``round_to=8`` on GPUs
+so widths stay tensor-core friendly. Expect accuracy to drop before fine-tuning, far more than unstructured pruning
+at the same parameter count.
+
+DeepSpeed ZeRO and precision: prune *before* ``deepspeed.initialize`` (or between training phases on a gathered
+fp32 model), never on an engine's module: the optimizer's flat buffers and master copies are sized for the old
+shapes. Tracing runs ``example_inputs`` through the model on its device/dtype; use fp32 for tracing, any precision
+for training the result. Any ZeRO stage then works on the smaller model.
+
+Not handled yet: attention. Pruning the q/k/v/out projections of a GPT block requires pruning whole heads
+(``num_heads``/``prune_num_heads`` in torch-pruning) and keeping the head split consistent; until that is built,
+pass attention projections in ``ignored_layers`` or prune only MLP/conv layers.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from orchestrator.compress.pruning import DEFAULT_HEAD_NAMES
+
+__all__ = ["count_parameters", "default_ignored_layers", "prune_structured"]
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements; shared (tied) tensors count once."""
+    unique = {id(p): p for p in model.parameters() if p.requires_grad or not trainable_only}
+    return sum(p.numel() for p in unique.values())
+
+
+def default_ignored_layers(model: nn.Module) -> list[str]:
+    """Names of the layers whose output width is the model's output: modules named like a head, else the last
+    Linear/Conv2d registered. A heuristic; ``prune_structured`` verifies the output shape afterwards."""
+    prunable = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    heads = [name for name, _ in prunable if name.rsplit(".", 1)[-1] in DEFAULT_HEAD_NAMES]
+    if heads:
+        return heads
+    return [prunable[-1][0]] if prunable else []
+
+
+def _resolve(model: nn.Module, original: nn.Module, layers: Sequence[nn.Module | str]) -> list[nn.Module]:
+    names_in_original = {id(m): name for name, m in original.named_modules()}
+    resolved = []
+    for layer in layers:
+        name = layer if isinstance(layer, str) else names_in_original.get(id(layer))
+        if name is None:
+            raise ValueError(f"ignored layer {layer!r} is not a submodule of the model being pruned")
+        resolved.append(model.get_submodule(name))
+    return resolved
+
+
+def _output_shapes(output: Any) -> Any:
+    if torch.is_tensor(output):
+        return tuple(output.shape)
+    if isinstance(output, (list, tuple)):
+        return tuple(_output_shapes(o) for o in output)
+    if isinstance(output, dict):
+        return {k: _output_shapes(v) for k, v in output.items()}
+    return None
+
+
+def prune_structured(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    ratio: float,
+    ignored_layers: Sequence[nn.Module | str] | None = None,
+    round_to: int | None = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """Return a copy of ``model`` with ``ratio`` of the output neurons/channels of each Linear/Conv2d removed.
+
+    ``ignored_layers`` (modules or their names) keep their output width; by default the output head (see
+    ``default_ignored_layers``), so the number of classes/vocab size is preserved. Raises RuntimeError if the
+    output shape changed anyway, pointing at ``ignored_layers``. ``inplace=True`` avoids the copy for large models.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio={ratio!r} is outside the allowed range 0 <= ratio < 1")
+    pruned = model if inplace else copy.deepcopy(model)
+    layers = default_ignored_layers(model) if ignored_layers is None else list(ignored_layers)
+    ignored = _resolve(pruned, model, layers)
+    was_training = pruned.training
+    pruned.eval()  # tracing must not update BatchNorm running statistics
+    shapes_before = _output_shapes(_forward(pruned, example_inputs))
+    if ratio > 0:
+        # no torch.no_grad here: torch-pruning traces the autograd graph to find coupled layers
+        pruner = tp.pruner.BasePruner(
+            pruned,
+            example_inputs,
+            importance=tp.importance.MagnitudeImportance(p=2),
+            pruning_ratio=ratio,
+            ignored_layers=ignored,
+            round_to=round_to,
+        )
+        pruner.step()
+    shapes_after = _output_shapes(_forward(pruned, example_inputs))
+    pruned.train(was_training)
+    if shapes_after != shapes_before:
+        raise RuntimeError(
+            f"structured pruning changed the model output from {shapes_before} to {shapes_after}; "
+            f"pass the output layer(s) in ignored_layers (ignored now: {layers})"
+        )
+    return pruned
+
+
+@torch.no_grad()
+def _forward(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> Any:
+    if torch.is_tensor(example_inputs):
+        return model(example_inputs)
+    return model(*example_inputs)
