@@ -69,7 +69,7 @@ def _train(plan) -> None:
     from orchestrator.plan_view import print_summary
     from orchestrator.stage_runner import run_plan
 
-    console = Console()
+    console = Console(soft_wrap=True)  # long paths and run ids stay on one line, copyable
     console.print(f"[bold]orch[/bold] run [cyan]{plan.run_name}[/cyan] → MLflow {plan.tracking.uri}")
     try:
         results = run_plan(plan, console)
@@ -115,7 +115,7 @@ def _ui(argv: list[str]) -> None:
     if uri.startswith("http"):
         _fail(f"the tracking store is a server ({uri}); open it in a browser instead")
     print(f"MLflow UI for {uri}\n  http://{args.host}:{args.port}\n(Ctrl-C to stop)", flush=True)
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port), "--workers", "1"]
     try:
         sys.exit(subprocess.call(command))
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ the user is looking, and costs rank 0 one fire-and-forget actor call per log int
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any, Callable
 
 import ray
@@ -39,6 +40,30 @@ def _describe(metrics: dict[str, float]) -> str:
     return "  ".join(parts)
 
 
+def _poll(board) -> tuple[int, dict[str, float]] | None:
+    try:
+        return ray.get(board.latest.remote(), timeout=5)
+    except Exception:  # noqa: BLE001 - a slow poll must never stop training; try again next time
+        return None
+
+
+def _print_lines(thread: threading.Thread, board, total_steps: int, label: str, console: Console) -> None:
+    every = max(1, total_steps // 10)
+    started, printed = time.monotonic(), 0
+    console.print(f"{label}: starting workers…")
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=1.0)
+        latest = _poll(board)
+        if latest is None:
+            continue
+        step, metrics = latest
+        if step >= printed + every or (step == total_steps and printed < step):
+            printed = step
+            elapsed = time.monotonic() - started
+            console.print(f"{label}: step {step}/{total_steps}  {_describe(metrics)}  elapsed {elapsed:.0f}s")
+
+
 def run_with_progress(fit: Callable[[], Any], board, total_steps: int, label: str, console: Console) -> Any:
     """Run `fit` in a thread while drawing the board's progress; re-raise whatever `fit` raised."""
     outcome: dict[str, Any] = {}
@@ -50,6 +75,11 @@ def run_with_progress(fit: Callable[[], Any], board, total_steps: int, label: st
             outcome["error"] = error
 
     thread = threading.Thread(target=target, name="orch-fit", daemon=True)
+    if not console.is_terminal:  # job logs, CI, pipes: a bar cannot redraw there, so print a line now and then
+        _print_lines(thread, board, total_steps, label, console)
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -64,11 +94,9 @@ def run_with_progress(fit: Callable[[], Any], board, total_steps: int, label: st
         thread.start()
         while thread.is_alive():
             thread.join(timeout=0.5)
-            try:
-                step, metrics = ray.get(board.latest.remote(), timeout=5)
-            except Exception:  # noqa: BLE001 - a slow poll must never stop training; draw again next time
-                continue
-            progress.update(task, completed=step, metrics=_describe(metrics))
+            latest = _poll(board)
+            if latest is not None:
+                progress.update(task, completed=latest[0], metrics=_describe(latest[1]))
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]

@@ -1,0 +1,112 @@
+"""The user's path, as a user runs it: `orch run` (its own Ray, local MLflow store), then `orch ui` in a browser."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from orchestrator.launch.ray_session import free_port
+
+pytestmark = pytest.mark.slow
+
+ORCH = [sys.executable, "-m", "orchestrator.cli"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture(scope="module")
+def user_run(tmp_path_factory):
+    """`orch run` with small settings, exactly as typed at a shell, in an empty directory."""
+    cwd = tmp_path_factory.mktemp("user")
+    out = subprocess.run(
+        [*ORCH, "run", "name=first", "trainer.max_steps=30", "trainer.eval_every=15", "trainer.checkpoint_every=15"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return cwd, out.stdout
+
+
+def test_orch_run_prints_progress_and_a_summary_and_writes_the_local_store(user_run):
+    cwd, stdout = user_run
+    assert "step 30/30" in stdout and "samples/s" in stdout  # progress lines (not a terminal) reached the end
+    for line in ("MLflow run:", "checkpoint:", "model:", "orch ui"):
+        assert line in stdout
+    assert (cwd / "mlflow.db").is_file()
+    assert list((cwd / "orch_runs" / "first").glob("checkpoint_step_00000030"))
+    run = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}").search_runs(["1"])[0]
+    assert run.info.run_name == "first" and run.info.status == "FINISHED"
+    assert run.data.metrics["val_accuracy"] > 0.5
+
+
+def test_a_second_run_with_the_same_name_is_refused_and_nothing_is_touched(user_run):
+    cwd, _ = user_run
+    before = sorted(p.name for p in (cwd / "orch_runs" / "first").iterdir())
+    out = subprocess.run([*ORCH, "run", "name=first"], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "resume=first" in out.stderr
+    assert sorted(p.name for p in (cwd / "orch_runs" / "first").iterdir()) == before
+    assert len(MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}").search_runs(["1"])) == 1
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_orch_ui_shows_the_run_and_its_metrics_in_a_browser(user_run):
+    cwd, _ = user_run
+    port = free_port()
+    ui = subprocess.Popen(
+        [*ORCH, "ui", "--port", str(port)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert ui.poll() is None, ui.stdout.read().decode()[-2000:] if ui.stdout else "orch ui exited"
+            assert time.time() < deadline, "orch ui did not answer within 120 s"
+            time.sleep(1)
+        run = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}").search_runs(["1"])[0]
+        with tempfile.TemporaryDirectory(prefix="orch-chromium-") as profile:
+            dom = subprocess.run(
+                [
+                    "chromium",
+                    *CHROMIUM_FLAGS,
+                    f"--user-data-dir={profile}",
+                    "--virtual-time-budget=20000",
+                    "--dump-dom",
+                    f"http://127.0.0.1:{port}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            ).stdout
+        assert "first" in dom  # the run's name, rendered by the UI's JavaScript
+        for metric in ("val_accuracy", "samples_per_s", "loss"):
+            assert metric in dom
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        try:
+            ui.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(ui.pid, signal.SIGKILL)
