@@ -6,13 +6,16 @@ the memory estimate testable in milliseconds and reviewable before anything star
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from orchestrator.config import validate
@@ -48,6 +51,13 @@ class StagePlan:
     deepspeed: dict[str, Any]
     memory: MemoryEstimate
     config: dict[str, Any]  # the resolved config, plain containers: what crosses into Ray
+    kind: str = ""  # the recipe option composed (train, prune, finetune, distill, quantize ...)
+    run_name: str = ""  # the stage's MLflow run carries it as tag orch.run_name
+    ray_name: str = ""  # Ray Train's RunConfig(name), under storage_path: re-using it resumes from its checkpoints
+    storage_path: str = ""
+    # role ("input", "teacher") -> reference as written: a pipeline stage name, an MLflow run id/URI or a directory
+    inputs: dict[str, str] = field(default_factory=dict)
+    key: str = ""  # cache key: hash of the config that shapes the model, and of the inputs' keys
 
 
 @dataclass
@@ -58,12 +68,21 @@ class TrackingPlan:
 
 
 @dataclass
+class PipelinePlan:
+    name: str
+    cache: bool
+    report_batch_size: int
+    config: dict[str, Any]  # the pipeline section as composed (logged with the parent run)
+
+
+@dataclass
 class Plan:
     run_name: str
     resuming: bool
     storage_path: str
     tracking: TrackingPlan
-    stages: list[StagePlan] = field(default_factory=list)
+    stages: list[StagePlan] = field(default_factory=list)  # in dependency order
+    pipeline: Optional[PipelinePlan] = None
 
 
 def resolve_precision(trainer: Mapping[str, Any]) -> str:
@@ -183,33 +202,44 @@ def new_run_name(recipe: str) -> str:
     return f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-def build_plan(cfg: DictConfig, choices: Optional[Mapping[str, str]] = None, cwd: Optional[Path] = None) -> Plan:
-    """Validate `cfg` and turn it into a Plan. Raises ConfigError naming the key on any user error."""
-    cwd = cwd or Path.cwd()
-    # before resolving: a model/data mismatch would otherwise surface as an obscure missing interpolation
-    validate.validate_model_and_data(cfg, choices or {})
-    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
-    assert isinstance(container, dict)
+# Keys that change where or how a run is tracked and scheduled, never the model it produces.
+_NOT_IN_KEY = {"name", "resume", "tracking", "cluster", "pipeline"}
+_TRAINER_NOT_IN_KEY = {"storage_path", "max_failures", "keep_checkpoints", "log_every"}
+
+
+def stage_key(config: Mapping[str, Any], input_keys: Mapping[str, str]) -> str:
+    """Hash of what a stage's model depends on: its resolved config and (recursively) its inputs' keys."""
+    shaping = {key: value for key, value in config.items() if key not in _NOT_IN_KEY}
+    shaping["trainer"] = {k: v for k, v in config["trainer"].items() if k not in _TRAINER_NOT_IN_KEY}
+    payload = json.dumps({"config": shaping, "inputs": dict(sorted(input_keys.items()))}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def read_model_config(directory: str) -> Optional[dict[str, Any]]:
+    """The model config stored beside exported weights (model.yaml) or in an orch checkpoint (orch_model.yaml)."""
+    for name, field_name in (("model.yaml", None), ("orch_model.yaml", "model")):
+        path = Path(directory).expanduser() / name
+        if path.is_file():
+            loaded = yaml.safe_load(path.read_text())
+            return loaded[field_name] if field_name else loaded
+    return None
+
+
+def plan_stage(container: dict[str, Any], name: str, kind: str) -> StagePlan:
+    """Validate one resolved config (recipe, trainer, compression, local resources) and plan its stage."""
     validate.validate_recipe(container)
     validate.validate_trainer(container)
+    validate.validate_compression(container)
     trainer = container["trainer"]
     if container["cluster"]["kind"] == "local":
         cpus = container["cluster"]["num_cpus"] or validate.local_cpu_count()
         validate.validate_resources(container, cpus, container["cluster"]["num_gpus"] or 0, "this machine")
-
-    storage_path = trainer["storage_path"] or str(cwd / "orch_runs")
-    trainer["storage_path"] = storage_path
-    resume = container.get("resume")
-    run_name = resume or container.get("name") or new_run_name(container["recipe"]["name"])
-    validate.validate_run_name(run_name, resume, storage_path)
-    container["name"] = run_name
-
     precision = resolve_precision(trainer)
     resources = {"CPU": float(trainer["cpus_per_worker"])}
     if trainer["use_gpu"]:
         resources["GPU"] = float(trainer["gpus_per_worker"])
-    stage = StagePlan(
-        name=container["recipe"]["name"],
+    return StagePlan(
+        name=name,
         recipe=container["recipe"]["name"],
         num_workers=trainer["num_workers"],
         use_gpu=trainer["use_gpu"],
@@ -226,7 +256,62 @@ def build_plan(cfg: DictConfig, choices: Optional[Mapping[str, str]] = None, cwd
             trainer["optimizer"]["name"],
         ),
         config=container,
+        kind=kind,
     )
+
+
+def recipe_inputs(recipe: Mapping[str, Any]) -> dict[str, str]:
+    """The model references a recipe config names: role -> reference."""
+    inputs = {}
+    if recipe.get("input"):
+        inputs["input"] = recipe["input"]
+    if recipe.get("distill") and recipe["distill"].get("teacher"):
+        inputs["teacher"] = recipe["distill"]["teacher"]
+    return inputs
+
+
+def build_plan(
+    cfg: DictConfig,
+    choices: Optional[Mapping[str, str]] = None,
+    cwd: Optional[Path] = None,
+    overrides: Optional[Sequence[str]] = None,
+) -> Plan:
+    """Validate `cfg` and turn it into a Plan. Raises ConfigError naming the key on any user error.
+
+    `overrides` (the command line's, read from Hydra when running under `orch`) matter for pipelines only: every
+    stage is composed again from conf/ with them applied last.
+    """
+    cwd = cwd or Path.cwd()
+    # before resolving: a model/data mismatch would otherwise surface as an obscure missing interpolation
+    validate.validate_model_and_data(cfg, choices or {})
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
+    assert isinstance(container, dict)
+    if container["recipe"]["name"] == "pipeline":
+        from orchestrator.pipeline.plan import build_pipeline_plan
+
+        return build_pipeline_plan(container, cwd, overrides)
+    validate.validate_standalone_references(container)
+    inputs = recipe_inputs(container["recipe"])
+    for role, reference in inputs.items():
+        if validate.reference_kind(reference) == "path":
+            model = read_model_config(reference)
+            if role == "teacher" and model:
+                validate.validate_teacher_matches_student("recipe.distill.teacher", model, container["model"])
+            elif role == "input" and model and container["recipe"]["name"] != "distill":
+                container["model"] = model  # the input defines the architecture that prune/quantize start from
+
+    trainer = container["trainer"]
+    storage_path = trainer["storage_path"] or str(cwd / "orch_runs")
+    trainer["storage_path"] = storage_path
+    resume = container.get("resume")
+    run_name = resume or container.get("name") or new_run_name(container["recipe"]["name"])
+    validate.validate_run_name(run_name, resume, storage_path)
+    container["name"] = run_name
+
+    stage = plan_stage(container, container["recipe"]["name"], kind=(choices or {}).get("recipe", container["recipe"]["name"]))
+    stage.run_name, stage.ray_name, stage.storage_path = run_name, run_name, storage_path
+    stage.inputs = inputs
+    stage.key = stage_key(container, {})
     return Plan(
         run_name=run_name,
         resuming=bool(resume),

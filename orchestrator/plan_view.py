@@ -26,8 +26,17 @@ def human_bytes(count: float) -> str:
 def print_plan(plan: Plan, console: Optional[Console] = None) -> None:
     console = console or Console()
     console.rule(f"[bold]plan[/bold] {plan.run_name}" + (" (resume)" if plan.resuming else ""))
-    console.print("[bold]resolved config[/bold]")
-    console.print(yaml.safe_dump(plan.stages[0].config, sort_keys=False), highlight=False, markup=False)
+    for stage in plan.stages if plan.pipeline else plan.stages[:1]:
+        console.print(f"[bold]resolved config[/bold] ({stage.name})" if plan.pipeline else "[bold]resolved config[/bold]")
+        console.print(yaml.safe_dump(stage.config, sort_keys=False), highlight=False, markup=False)
+    if plan.pipeline:
+        order = Table(title=f"pipeline {plan.pipeline.name}: stages in dependency order")
+        for column in ("stage", "kind", "reads", "cache key"):
+            order.add_column(column)
+        for stage in plan.stages:
+            reads = ", ".join(f"{role}={reference}" for role, reference in stage.inputs.items())
+            order.add_row(stage.name, stage.kind, reads, stage.key[:12])
+        console.print(order)
     table = Table(title="stages")
     for column in ("stage", "recipe", "workers", "per worker", "placement", "backend", "precision", "ZeRO"):
         table.add_column(column)

@@ -1,20 +1,29 @@
 """Driver side of a run: one Ray Train TorchTrainer per stage, owning that stage's MLflow run.
 
 Per stage: open (or, on resume, reopen) the MLflow run → TorchTrainer with the recipe's worker loop → live progress →
-export the final model from the last checkpoint → loss curves → close the run as FINISHED, FAILED or KILLED.
+export the final model from the last checkpoint → sparsity table, loss curves → close the run as FINISHED, FAILED or
+KILLED. A recipe with `run_on_driver` instead of a worker loop (quantize) runs in this process, without Ray. A
+pipeline (`plan.pipeline`) is driven by the `pipeline` recipe, which calls `run_stage` for every stage it runs.
 """
 
 from __future__ import annotations
 
 import importlib
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
 
 from rich.console import Console
 
 from orchestrator.launch.ray_session import cluster_capacity, ray_session, worker_env
-from orchestrator.plan import Plan, StagePlan
+from orchestrator.plan import Plan, StagePlan, TrackingPlan
+from orchestrator.track.lineage import CACHE_KEY_TAG
+
+if TYPE_CHECKING:
+    from orchestrator.track.mlflow_run import StageRun
 
 
 @dataclass
@@ -25,12 +34,22 @@ class StageResult:
     experiment_id: str
     tracking_uri: str
     metrics: dict[str, Any]
-    checkpoint_path: str
+    checkpoint_path: Optional[str]
     model_artifact_uri: Optional[str]
+    reused: bool = False  # a pipeline found this stage finished with the same config and inputs
 
 
-def run_plan(plan: Plan, console: Optional[Console] = None) -> list[StageResult]:
-    console = console or Console()
+def recipe_module(stage: StagePlan) -> ModuleType:
+    return importlib.import_module(f"orchestrator.recipes.{stage.recipe}")
+
+
+def needs_ray(stage: StagePlan) -> bool:
+    return not hasattr(recipe_module(stage), "run_on_driver")
+
+
+@contextmanager
+def cluster_session(plan: Plan) -> Iterator[None]:
+    """One Ray for all of the plan's stages; on an existing cluster, every stage's resources are checked first."""
     cluster = plan.stages[0].config["cluster"]
     with ray_session(cluster):
         if cluster["kind"] != "local":
@@ -38,76 +57,78 @@ def run_plan(plan: Plan, console: Optional[Console] = None) -> list[StageResult]
 
             cpus, gpus = cluster_capacity()
             for stage in plan.stages:
-                validate_resources(stage.config, cpus, gpus, "the cluster")
-        return [run_stage(plan, stage, console) for stage in plan.stages]
+                if needs_ray(stage):
+                    validate_resources(stage.config, cpus, gpus, "the cluster")
+        yield
 
 
-def run_stage(plan: Plan, stage: StagePlan, console: Console) -> StageResult:
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+def resolve_sources(stage: StagePlan, stage_runs: Mapping[str, str], tracking_uri: str) -> dict[str, dict[str, str]]:
+    """The stage's model references as sources workers can fetch; a teacher not checked at plan time is checked
+    here, before any worker starts."""
+    from orchestrator.config.validate import validate_teacher_matches_student
+    from orchestrator.track.model_source import model_source, source_model_config
 
-    from orchestrator.launch.progress import ProgressBoard, run_with_progress
+    sources = {role: model_source(reference, tracking_uri, stage_runs) for role, reference in stage.inputs.items()}
+    teacher = sources.get("teacher")
+    if teacher is not None and "stage" not in teacher and "run_id" in teacher:
+        key = "recipe.distill.teacher"
+        validate_teacher_matches_student(key, source_model_config(teacher, key), stage.config["model"])
+    return sources
+
+
+def run_plan(plan: Plan, console: Optional[Console] = None) -> list[StageResult]:
+    console = console or Console()
+    if plan.pipeline is not None:
+        from orchestrator.recipes.pipeline import run_pipeline
+
+        return run_pipeline(plan, console)
+    [stage] = plan.stages
+    sources = resolve_sources(stage, {}, plan.tracking.uri)
+    if not needs_ray(stage):
+        return [run_stage(plan.tracking, stage, console, resuming=plan.resuming, sources=sources)]
+    with cluster_session(plan):
+        return [run_stage(plan.tracking, stage, console, resuming=plan.resuming, sources=sources)]
+
+
+def run_stage(
+    tracking_plan: TrackingPlan,
+    stage: StagePlan,
+    console: Console,
+    resuming: bool,
+    sources: Mapping[str, Mapping[str, str]],
+    parent_run_id: Optional[str] = None,
+    tags: Optional[Mapping[str, str]] = None,
+) -> StageResult:
     from orchestrator.track.mlflow_run import StageRun
 
-    recipe = importlib.import_module(f"orchestrator.recipes.{stage.recipe}")
-    trainer_cfg = stage.config["trainer"]
-    tracking = StageRun(plan.tracking)
-    run_id = tracking.start(plan, stage)
+    recipe = recipe_module(stage)
+    tracking = StageRun(tracking_plan)
+    run_id = tracking.start(stage, resuming, parent_run_id, tags)
     status = "FAILED"
     try:
-        board = ProgressBoard.remote()
-        trainer = TorchTrainer(
-            recipe.train_loop_per_worker,
-            train_loop_config={
-                "config": stage.config,
-                "deepspeed": stage.deepspeed,
-                "precision_auto": trainer_cfg["precision"] == "auto",
-                "tracking": {
-                    "uri": plan.tracking.uri,
-                    "run_id": run_id,
-                    "system_metrics": stage.config["tracking"]["system_metrics"],
-                },
-                "progress": board,
-            },
-            torch_config=TorchConfig(backend=stage.backend),
-            scaling_config=ray.train.ScalingConfig(
-                num_workers=stage.num_workers,
-                use_gpu=stage.use_gpu,
-                resources_per_worker=stage.resources_per_worker,
-                placement_strategy=stage.placement_strategy,
-            ),
-            run_config=ray.train.RunConfig(
-                name=plan.run_name,
-                storage_path=plan.storage_path,
-                failure_config=ray.train.FailureConfig(max_failures=trainer_cfg["max_failures"]),
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=trainer_cfg["keep_checkpoints"]),
-                worker_runtime_env={"env_vars": worker_env(stage.config["cluster"], stage.use_gpu)},
-                logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            ),
-        )
-        label = f"{stage.name} · {plan.run_name}"
-        result = run_with_progress(trainer.fit, board, trainer_cfg["max_steps"], label, console)
-
-        model_uri = None
-        with result.checkpoint.as_directory() as checkpoint_dir:
-            if stage.config["tracking"]["log_model"]:
-                from orchestrator.train.export import export_model
-
-                with tempfile.TemporaryDirectory(prefix="orch-export-") as out:
-                    export_model(checkpoint_dir, stage.config["model"], out)
-                    tracking.mlflow.log_artifacts(out, "model")
+        with tempfile.TemporaryDirectory(prefix="orch-export-") as out:
+            model_dir = Path(out) / "model"
+            if hasattr(recipe, "run_on_driver"):
+                metrics = recipe.run_on_driver(stage.config, sources, model_dir)
+                tracking.mlflow.log_metrics(metrics)
+                checkpoint_path = None
+            else:
+                metrics, checkpoint_path = _fit(recipe, stage, sources, tracking, console, model_dir)
+            model_uri = None
+            if model_dir.is_dir():
+                tracking.mlflow.log_artifacts(str(model_dir), "model")
+                tracking.log_compression(model_dir, stage.config["recipe"])
                 model_uri = f"runs:/{run_id}/model"
-        tracking.mlflow.set_tag("orch.checkpoint", result.checkpoint.path)
-        tracking.log_curves(label)
+                tracking.mlflow.set_tag(CACHE_KEY_TAG, stage.key)  # only a run whose model was logged can be reused
         status = "FINISHED"
         return StageResult(
             stage=stage.name,
-            run_name=plan.run_name,
+            run_name=stage.run_name,
             run_id=run_id,
             experiment_id=tracking.experiment_id,
-            tracking_uri=plan.tracking.uri,
-            metrics=dict(result.metrics or {}),
-            checkpoint_path=result.checkpoint.path,
+            tracking_uri=tracking_plan.uri,
+            metrics=metrics,
+            checkpoint_path=checkpoint_path,
             model_artifact_uri=model_uri,
         )
     except KeyboardInterrupt:
@@ -115,3 +136,61 @@ def run_stage(plan: Plan, stage: StagePlan, console: Console) -> StageResult:
         raise
     finally:
         tracking.finish(status)
+
+
+def _fit(
+    recipe: ModuleType,
+    stage: StagePlan,
+    sources: Mapping[str, Mapping[str, str]],
+    tracking: "StageRun",
+    console: Console,
+    model_dir: Path,
+) -> tuple[dict[str, Any], str]:
+    """One Ray Train fit of the recipe's worker loop; exports the final model into `model_dir` when tracked."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from orchestrator.launch.progress import ProgressBoard, run_with_progress
+
+    trainer_cfg = stage.config["trainer"]
+    board = ProgressBoard.remote()
+    trainer = TorchTrainer(
+        recipe.train_loop_per_worker,
+        train_loop_config={
+            "config": stage.config,
+            "deepspeed": stage.deepspeed,
+            "precision_auto": trainer_cfg["precision"] == "auto",
+            "tracking": {
+                "uri": tracking.tracking.uri,
+                "run_id": tracking.run_id,
+                "system_metrics": stage.config["tracking"]["system_metrics"],
+            },
+            "sources": dict(sources),
+            "progress": board,
+        },
+        torch_config=TorchConfig(backend=stage.backend),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=stage.num_workers,
+            use_gpu=stage.use_gpu,
+            resources_per_worker=stage.resources_per_worker,
+            placement_strategy=stage.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=stage.ray_name,
+            storage_path=stage.storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=trainer_cfg["max_failures"]),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=trainer_cfg["keep_checkpoints"]),
+            worker_runtime_env={"env_vars": worker_env(stage.config["cluster"], stage.use_gpu)},
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+    )
+    label = f"{stage.name} · {stage.run_name}"
+    result = run_with_progress(trainer.fit, board, trainer_cfg["max_steps"], label, console)
+    if stage.config["tracking"]["log_model"]:
+        from orchestrator.train.export import export_model
+
+        with result.checkpoint.as_directory() as checkpoint_dir:
+            export_model(checkpoint_dir, stage.config["model"], model_dir)
+    tracking.mlflow.set_tag("orch.checkpoint", result.checkpoint.path)
+    tracking.log_curves(label)
+    return dict(result.metrics or {}), result.checkpoint.path

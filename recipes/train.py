@@ -1,43 +1,78 @@
 """Recipe `train`: supervised data-parallel training of one model on one dataset with DeepSpeed.
 
 `train_loop_per_worker` runs on every Ray Train worker, top to bottom:
-  setup    data and model from config (hydra instantiate), DeepSpeed engine, restore the checkpoint Ray hands us
-  loop     micro-batches → engine.backward/step; metrics every log_every, validation every eval_every
-  save     DeepSpeed checkpoint reported to Ray Train every checkpoint_every and at the last step
-  cleanup  flush rank 0's metrics
+  setup    data and model from config (hydra instantiate), DeepSpeed engine, the optional pruning hook
+  fit      restore the checkpoint Ray hands us → micro-batches → engine.backward/step → hooks; metrics every
+           log_every, validation every eval_every; a DeepSpeed checkpoint reported to Ray Train every
+           checkpoint_every and at the last step; flush rank 0's metrics
+`fit` is the loop every training recipe shares (prune and distill call it with their own objective and hooks).
 The driver side (MLflow run, Ray Train trainer, export) is `orchestrator.stage_runner`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
+from torch import Tensor
 
+from orchestrator.compress import StepEndHook
 from orchestrator.track.worker_metrics import WorkerMetrics
+from orchestrator.train.compression import pruning_hook
 from orchestrator.train.data_order import ShardedBatches
 from orchestrator.train.engine import build_engine, restore_latest, save_and_report
 from orchestrator.train.objective import task_loss
-from orchestrator.train.steps import Throughput, chaos_kill, due, evaluate, mean_across_ranks, to_engine, weights_digest
+from orchestrator.train.steps import (
+    Throughput,
+    chaos_kill,
+    due,
+    evaluate,
+    mean_across_ranks,
+    start_worker,
+    to_engine,
+    weights_digest,
+)
+
+Objective = Callable[[Tensor, Tensor], Tensor]  # (inputs, targets) as the data loader yields them -> scalar loss
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    import ray.train
-
-    # --- setup ---
     cfg, trainer = loop_config["config"], loop_config["config"]["trainer"]
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(trainer["threads_per_worker"] or max(1, int(trainer["cpus_per_worker"])))
-    torch.manual_seed(trainer["seed"])  # identical initial weights on every rank
-
+    start_worker(trainer)
     data = instantiate(cfg["data"])
     model = instantiate(cfg["model"])
     engine = build_engine(model, loop_config["deepspeed"], trainer["optimizer"], loop_config["precision_auto"])
+    hook = pruning_hook(engine.module, cfg["recipe"]["pruning"], trainer["max_steps"], engine.optimizer)
+    fit(engine, data, loop_config, hooks={"sparsity": hook} if hook else {})
+
+
+def fit(
+    engine,
+    data,
+    loop_config: dict[str, Any],
+    objective: Optional[Objective] = None,
+    hooks: Optional[Mapping[str, StepEndHook]] = None,
+    model_spec: Optional[dict[str, Any]] = None,
+) -> None:
+    """Train `engine` to trainer.max_steps. `hooks` run after every optimizer step and are checkpointed; a value a
+    hook returns is logged under its name. `model_spec` (default: the config's model) is stored in checkpoints."""
+    cfg, trainer = loop_config["config"], loop_config["config"]["trainer"]
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    hooks = dict(hooks or {})
+    model_spec = model_spec or {"model": cfg["model"], "state_prefix": ""}
+    if objective is None:
+
+        def objective(inputs: Tensor, targets: Tensor) -> Tensor:
+            return task_loss(engine(to_engine(engine, inputs)), to_engine(engine, targets))
+
+    # --- restore ---
     restored = restore_latest(engine)
     step = restored["step"] if restored else 0
+    for name, hook in hooks.items():
+        if restored:  # after load_checkpoint: masks are re-applied to the restored weights and optimizer state
+            hook.load_state_dict(restored["hooks"][name])
 
     grad_accum, max_steps = trainer["grad_accum_steps"], trainer["max_steps"]
     batches = ShardedBatches(data.train, trainer["micro_batch_size"], rank, world_size, trainer["seed"])
@@ -51,14 +86,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         step_loss = torch.zeros((), dtype=torch.float64)
         for _ in range(grad_accum):
             inputs, targets = next(stream)
-            loss = task_loss(engine(to_engine(engine, inputs)), to_engine(engine, targets))
+            loss = objective(inputs, targets)
             engine.backward(loss)
             engine.step()
             step_loss += loss.detach().double().cpu()
         step += 1
         throughput.step_done(step)
-
         step_metrics: dict[str, float] = {}
+        for name, hook in hooks.items():
+            changed = hook.on_step_end(step)
+            if changed is not None:
+                step_metrics[name] = changed
+
         if due(step, trainer["log_every"], max_steps):
             step_metrics["loss"] = mean_across_ranks(step_loss / grad_accum)
             step_metrics["lr"] = float(engine.get_lr()[0])
@@ -77,7 +116,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 digests: list[Optional[str]] = [None] * world_size
                 dist.all_gather_object(digests, weights_digest(engine))
                 report["rank_weight_digests"] = ",".join(d or "" for d in digests)
-            save_and_report(engine, step, report)
+            hook_states = {name: hook.state_dict() for name, hook in hooks.items()}
+            save_and_report(engine, step, report, client_state={"hooks": hook_states}, model_spec=model_spec)
 
     # --- cleanup ---
     metrics.close()

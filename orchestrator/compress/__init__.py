@@ -4,7 +4,8 @@ Each technique is a pure function plus, where training must be steered, a small 
 ``StepEndHook``. Components take flat typed arguments; recipes map their config onto them.
 """
 
-from orchestrator.compress.distill import FeatureDistillation, freeze_teacher, kd_loss
+from orchestrator.compress.distill import FeatureDistillation, HiddenState, StudentWithProjection, freeze_teacher, kd_loss
+from orchestrator.compress.fixed_masks import FixedMasks
 from orchestrator.compress.mask_enforcer import MaskEnforcer
 from orchestrator.compress.protocols import StepEndHook
 from orchestrator.compress.pruning import (
@@ -17,13 +18,16 @@ from orchestrator.compress.pruning import (
     sparsity_table,
 )
 from orchestrator.compress.quantize import quantize_dynamic_int8, serialized_size_bytes
-from orchestrator.compress.structured import count_parameters, prune_structured
+from orchestrator.compress.structured import count_parameters, prune_structured, pruned_model_config
 
 __all__ = [
     "FeatureDistillation",
+    "FixedMasks",
     "GradualPruning",
+    "HiddenState",
     "MaskEnforcer",
     "StepEndHook",
+    "StudentWithProjection",
     "count_parameters",
     "cubic_sparsity",
     "freeze_teacher",
@@ -32,6 +36,7 @@ __all__ = [
     "masks_from_scores",
     "prunable_parameters",
     "prune_structured",
+    "pruned_model_config",
     "quantize_dynamic_int8",
     "realized_sparsity",
     "serialized_size_bytes",

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FeatureDistillation", "freeze_teacher", "kd_loss"]
+__all__ = ["FeatureDistillation", "HiddenState", "StudentWithProjection", "freeze_teacher", "kd_loss"]
 
 
 def kd_loss(
@@ -125,3 +125,33 @@ def freeze_teacher(model: nn.Module) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     return model
+
+
+class HiddenState:
+    """Captures the input of ``model.<layer>`` at every forward (e.g. layer="head": the penultimate features)."""
+
+    def __init__(self, model: nn.Module, layer: str) -> None:
+        self.value: Tensor | None = None
+        self._handle = model.get_submodule(layer).register_forward_pre_hook(self._capture)
+
+    def _capture(self, module: nn.Module, args: tuple) -> None:
+        self.value = args[0]
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+class StudentWithProjection(nn.Module):
+    """The student plus the feature projection, as one module: DeepSpeed's optimizer must train both.
+
+    ``forward`` is the student's, so evaluation sees plain logits. Export keeps the ``student.`` weights only.
+    """
+
+    STATE_PREFIX = "student."
+
+    def __init__(self, student: nn.Module, features: FeatureDistillation) -> None:
+        super().__init__()
+        self.student, self.features = student, features
+
+    def forward(self, *args: Tensor) -> Tensor:
+        return self.student(*args)

@@ -41,7 +41,7 @@ from torch import nn
 
 from orchestrator.compress.pruning import DEFAULT_HEAD_NAMES
 
-__all__ = ["count_parameters", "default_ignored_layers", "prune_structured"]
+__all__ = ["count_parameters", "default_ignored_layers", "prune_structured", "pruned_model_config"]
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -129,3 +129,21 @@ def _forward(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Ten
     if torch.is_tensor(example_inputs):
         return model(example_inputs)
     return model(*example_inputs)
+
+
+def pruned_model_config(model_cfg: dict[str, Any], pruned: nn.Module) -> dict[str, Any]:
+    """The config that rebuilds ``pruned`` (a structurally pruned built-in MLP or CNN) with its smaller widths.
+
+    Exported models are a config plus safetensors weights, never a pickled module, so the smaller architecture has
+    to be expressible as a config. Raises ValueError for other models.
+    """
+    target = model_cfg.get("_target_", "")
+    config = dict(model_cfg)
+    if target == "orchestrator.models.mlp.MLP":
+        config["hidden_sizes"] = [m.out_features for m in pruned.body if isinstance(m, nn.Linear)]
+    elif target == "orchestrator.models.cnn.CNN":
+        config["channels"] = [m.out_channels for m in pruned.features if isinstance(m, nn.Conv2d)]
+        config["hidden_size"] = next(m.out_features for m in pruned.body if isinstance(m, nn.Linear))
+    else:
+        raise ValueError(f"no config can describe a structurally pruned {target or type(pruned).__name__}")
+    return config

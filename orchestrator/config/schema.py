@@ -114,6 +114,107 @@ class RecipeConfig:
     name: str = MISSING  # module under orchestrator.recipes that runs this config
 
 
+class PruningSchedule(str, Enum):
+    none = "none"  # dense training
+    one_shot = "one_shot"  # prune to `sparsity` before the first step, then train at fixed masks
+    gradual = "gradual"  # cubic schedule (Zhu & Gupta 2017) between start/end_fraction, then fixed masks
+    hold = "hold"  # keep the input model's zeros as the masks (fine-tuning a pruned model)
+
+
+class StageKind(str, Enum):  # a pipeline stage's kind is the recipe option it composes (conf/recipe/<kind>.yaml)
+    train = "train"
+    prune = "prune"
+    finetune = "finetune"
+    distill = "distill"
+    quantize = "quantize"
+
+
+@dataclass
+class PruningConfig:
+    """Unstructured magnitude pruning as a hook of any training recipe (orchestrator.compress.pruning)."""
+
+    schedule: PruningSchedule = PruningSchedule.none
+    sparsity: float = 0.0  # final fraction of the selected weights set to zero, 0 <= sparsity < 1
+    initial_sparsity: float = 0.0  # gradual: sparsity of the first pruning step
+    scope: str = "layer"  # "layer": every tensor to `sparsity`; "global": one ranking over all selected weights
+    include: Optional[List[str]] = None  # fnmatch patterns of parameter names; null = Linear/Conv weights but the head
+    exclude: List[str] = field(default_factory=list)
+    start_fraction: float = 0.0  # gradual: pruning starts at this fraction of trainer.max_steps
+    end_fraction: float = 0.7  # gradual: `sparsity` is reached here; the remaining steps fine-tune at fixed masks
+    updates: int = 20  # gradual: number of mask updates between start and end
+
+
+@dataclass
+class StructuredConfig:
+    """Structured pruning (orchestrator.compress.structured): whole neurons/channels removed before training."""
+
+    ratio: float = 0.0  # fraction of output neurons/channels removed from every Linear/Conv2d but the head; 0 = off
+    round_to: Optional[int] = None  # keep widths a multiple of this (8 on GPUs)
+    ignored_layers: Optional[List[str]] = None  # module names that keep their width; null = the output head
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation (orchestrator.compress.distill); the teacher is never wrapped by DeepSpeed."""
+
+    teacher: Optional[str] = None  # an MLflow run id (or runs:/ URI), a pipeline stage name, or a model/checkpoint dir
+    temperature: float = 4.0
+    alpha: float = 0.9  # weight of the soft (teacher) term; 1 - alpha weighs the hard labels
+    feature_weight: float = 0.0  # > 0 adds feature distillation (MSE of hidden states) with this weight
+    feature_layer: Optional[str] = None  # hidden state = the input of this module in both models; null = the head
+
+
+@dataclass
+class TrainRecipeConfig(RecipeConfig):
+    name: str = "train"
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+
+
+@dataclass
+class PruneRecipeConfig(TrainRecipeConfig):
+    name: str = "prune"
+    input: Optional[str] = None  # the model to compress: an MLflow run id/URI, a pipeline stage name, or a dir
+    structured: StructuredConfig = field(default_factory=StructuredConfig)
+
+
+@dataclass
+class DistillRecipeConfig(TrainRecipeConfig):
+    name: str = "distill"
+    input: Optional[str] = None  # optional: start the student from this model instead of fresh `model` weights
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+@dataclass
+class QuantizeRecipeConfig(RecipeConfig):
+    name: str = "quantize"
+    input: Optional[str] = None  # the fp32 model to quantize: an MLflow run id/URI, a pipeline stage name, or a dir
+    skip: List[str] = field(default_factory=list)  # Linear modules kept in fp32 (e.g. the head)
+    eval_batch_size: int = 256
+
+
+@dataclass
+class PipelineRecipeConfig(RecipeConfig):
+    name: str = "pipeline"
+
+
+@dataclass
+class PipelineStageConfig:
+    name: str = MISSING  # referenced by later stages' `input`/`teacher`
+    kind: StageKind = MISSING
+    input: Optional[str] = None  # stage name (or run id/dir) whose model this stage starts from -> recipe.input
+    teacher: Optional[str] = None  # distill: stage name (or run id/dir) of the teacher -> recipe.distill.teacher
+    overrides: List[str] = field(default_factory=list)  # Hydra overrides for this stage, after pipeline.overrides
+
+
+@dataclass
+class PipelineConfig:
+    name: str = MISSING
+    overrides: List[str] = field(default_factory=list)  # Hydra overrides every stage starts from
+    stages: List[PipelineStageConfig] = MISSING
+    cache: bool = True  # reuse a finished stage whose config and inputs are unchanged
+    report_batch_size: int = 256  # batch of the CPU latency measurement in the compression report
+
+
 # Models and data: one schema per built-in option, so each option's own keys are checked.
 @dataclass
 class MLPConfig:
@@ -188,12 +289,19 @@ class OrchConfig:
     tracking: TrackingConfig = MISSING
     name: Optional[str] = None  # run name; null = <recipe>-<timestamp>; a name already used is refused
     resume: Optional[str] = None  # name of an earlier run to continue from its last checkpoint
+    pipeline: Optional[PipelineConfig] = None  # recipe=pipeline only (conf/pipeline/)
 
 
 def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="orch_schema", node=OrchConfig)
     cs.store(group="schema/recipe", name="recipe", node=RecipeConfig)
+    cs.store(group="schema/recipe", name="train", node=TrainRecipeConfig)
+    cs.store(group="schema/recipe", name="prune", node=PruneRecipeConfig)
+    cs.store(group="schema/recipe", name="distill", node=DistillRecipeConfig)
+    cs.store(group="schema/recipe", name="quantize", node=QuantizeRecipeConfig)
+    cs.store(group="schema/recipe", name="pipeline", node=PipelineRecipeConfig)
+    cs.store(group="schema/pipeline", name="pipeline", node=PipelineConfig)
     cs.store(group="schema/trainer", name="trainer", node=TrainerConfig)
     cs.store(group="schema/cluster", name="cluster", node=ClusterConfig)
     cs.store(group="schema/tracking", name="tracking", node=TrackingConfig)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 
 class ConfigError(ValueError):
@@ -140,3 +141,123 @@ def validate_run_name(name: str, resume: Optional[str], storage_path: str) -> No
 
 def local_cpu_count() -> float:
     return float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+# --- compression recipes and pipelines ---------------------------------------------------------------------------
+
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+STRUCTURED_MODELS = ("orchestrator.models.mlp.MLP", "orchestrator.models.cnn.CNN")
+REFERENCE_FORMS = (
+    "an MLflow run id (32 hex characters), a runs:/<run id>/model URI, or a directory holding an exported model "
+    "(model.yaml + model.safetensors) or an orch checkpoint"
+)
+
+
+def reference_kind(value: str) -> Optional[str]:
+    """What a model reference outside a pipeline's stage names is: "run", "path", or None when it is neither."""
+    if value.startswith("runs:/") or RUN_ID.fullmatch(value):
+        return "run"
+    if Path(value).expanduser().is_dir():
+        return "path"
+    return None
+
+
+def validate_reference(key: str, value: Optional[str], stage_names: Sequence[str] = ()) -> str:
+    """A model reference is a pipeline stage name, an MLflow run, or a directory; returns its kind."""
+    if value is None or value == "":
+        raise ConfigError(key, value, f"this recipe needs a model to start from: {REFERENCE_FORMS}")
+    if value in stage_names:
+        return "stage"
+    kind = reference_kind(value)
+    if kind is None:
+        known = f"no stage of this pipeline is named {value!r} (stages: {', '.join(stage_names)}) and it is not " if stage_names else "expected "
+        raise ConfigError(key, value, known + REFERENCE_FORMS)
+    return kind
+
+
+def output_size(model: Mapping[str, Any]) -> Optional[int]:
+    """Width of a model's output (classes or vocabulary), from its config; None for a model that has neither key."""
+    for key in ("num_classes", "vocab_size"):
+        if key in model:
+            return int(model[key])
+    return None
+
+
+def _fraction(key: str, value: float, upper_inclusive: bool, what: str) -> None:
+    if not (0.0 <= value <= 1.0 if upper_inclusive else 0.0 <= value < 1.0):
+        raise ConfigError(key, value, f"expected 0 <= {what} {'<=' if upper_inclusive else '<'} 1")
+
+
+def validate_compression(cfg: Mapping[str, Any]) -> None:
+    """Ranges and combinations of recipe.pruning / recipe.structured / recipe.distill, when the recipe has them."""
+    recipe, trainer = cfg["recipe"], cfg["trainer"]
+    pruning = recipe.get("pruning")
+    if pruning is not None:
+        _fraction("recipe.pruning.sparsity", pruning["sparsity"], False, "sparsity")
+        _fraction("recipe.pruning.initial_sparsity", pruning["initial_sparsity"], False, "initial_sparsity")
+        if pruning["scope"] not in ("layer", "global"):
+            raise ConfigError("recipe.pruning.scope", pruning["scope"], "expected 'layer' or 'global'")
+        schedule = pruning["schedule"]
+        if schedule == "gradual":
+            if pruning["initial_sparsity"] > pruning["sparsity"]:
+                raise ConfigError(
+                    "recipe.pruning.initial_sparsity", pruning["initial_sparsity"],
+                    f"expected at most recipe.pruning.sparsity={pruning['sparsity']}",
+                )
+            _fraction("recipe.pruning.start_fraction", pruning["start_fraction"], False, "start_fraction")
+            _fraction("recipe.pruning.end_fraction", pruning["end_fraction"], True, "end_fraction")
+            start, end = pruning_window(pruning, trainer["max_steps"])
+            if end <= start:
+                raise ConfigError(
+                    "recipe.pruning.end_fraction", pruning["end_fraction"],
+                    f"the pruning window is empty: start step {start}, end step {end} of trainer.max_steps="
+                    f"{trainer['max_steps']}; expected end_fraction > start_fraction",
+                )
+            if pruning["updates"] < 1:
+                raise ConfigError("recipe.pruning.updates", pruning["updates"], "expected at least 1 mask update")
+        if schedule != "none" and trainer["zero_stage"] == 3:
+            raise ConfigError(
+                "trainer.zero_stage", 3,
+                "pruning keeps one mask per parameter and ZeRO-3 partitions parameters; use trainer.zero_stage 0, 1 "
+                "or 2, or recipe.pruning.schedule=none",
+            )
+    structured = recipe.get("structured")
+    if structured is not None:
+        _fraction("recipe.structured.ratio", structured["ratio"], False, "ratio")
+        if structured["ratio"] > 0 and cfg["model"].get("_target_") not in STRUCTURED_MODELS:
+            raise ConfigError(
+                "recipe.structured.ratio", structured["ratio"],
+                f"structured pruning exports the smaller model as a config, which orch can write for "
+                f"{', '.join(STRUCTURED_MODELS)}; the model is {cfg['model'].get('_target_')}",
+            )
+    distill = recipe.get("distill")
+    if distill is not None:
+        if distill["temperature"] <= 0:
+            raise ConfigError("recipe.distill.temperature", distill["temperature"], "expected a temperature > 0")
+        _fraction("recipe.distill.alpha", distill["alpha"], True, "alpha")
+        if distill["feature_weight"] < 0:
+            raise ConfigError("recipe.distill.feature_weight", distill["feature_weight"], "expected a weight >= 0")
+
+
+def pruning_window(pruning: Mapping[str, Any], max_steps: int) -> tuple[int, int]:
+    """The gradual schedule's (start step, end step), from fractions of trainer.max_steps."""
+    return int(pruning["start_fraction"] * max_steps), int(pruning["end_fraction"] * max_steps)
+
+
+def validate_standalone_references(cfg: Mapping[str, Any]) -> None:
+    """Outside a pipeline, recipe.input / recipe.distill.teacher must name an MLflow run or a directory."""
+    recipe, name = cfg["recipe"], cfg["recipe"]["name"]
+    if "input" in recipe and (recipe["input"] is not None or name in ("prune", "quantize")):
+        validate_reference("recipe.input", recipe["input"])
+    if "distill" in recipe:
+        validate_reference("recipe.distill.teacher", recipe["distill"]["teacher"])
+
+
+def validate_teacher_matches_student(key: str, teacher_model: Mapping[str, Any], student_model: Mapping[str, Any]) -> None:
+    teacher, student = output_size(teacher_model), output_size(student_model)
+    if teacher is not None and student is not None and teacher != student:
+        raise ConfigError(
+            key, teacher,
+            f"the teacher's output has {teacher} classes/tokens but the student's has {student}; distillation "
+            "matches the two output distributions, so both must predict the same label set",
+        )

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import yaml
 
-from orchestrator.plan import Plan, StagePlan, TrackingPlan
+from orchestrator.plan import StagePlan, TrackingPlan
 
 RUN_NAME_TAG = "orch.run_name"
+PARENT_TAG = "mlflow.parentRunId"
 METRICS_PLOTTED = ("loss", "val_loss", "val_accuracy", "val_perplexity")
 
 
@@ -60,24 +62,36 @@ class StageRun:
         )
         return runs[0].info.run_id if runs else None
 
-    def start(self, plan: Plan, stage: StagePlan) -> str:
-        existing = self.find(plan.run_name)
-        if plan.resuming:
+    def start(
+        self,
+        stage: StagePlan,
+        resuming: bool,
+        parent_run_id: Optional[str] = None,
+        tags: Optional[Mapping[str, str]] = None,
+    ) -> str:
+        """Open the stage's run (a child of `parent_run_id` in a pipeline), or reopen it when `resuming`."""
+        existing = self.find(stage.run_name)
+        if resuming:
             if existing is None:
                 raise LookupError(
-                    f"resume={plan.run_name}: no MLflow run tagged {RUN_NAME_TAG}={plan.run_name} in experiment "
+                    f"resume={stage.run_name}: no MLflow run tagged {RUN_NAME_TAG}={stage.run_name} in experiment "
                     f"{self.tracking.experiment!r} at {self.tracking.uri}"
                 )
             self.mlflow.start_run(run_id=existing)  # reopens it as RUNNING
         else:
-            tags = {RUN_NAME_TAG: plan.run_name, "orch.recipe": stage.recipe, "orch.stage": stage.name}
+            all_tags = {RUN_NAME_TAG: stage.run_name, "orch.recipe": stage.recipe, "orch.stage": stage.name, **(tags or {})}
+            if stage.kind:
+                all_tags["orch.kind"] = stage.kind
+            if parent_run_id:
+                all_tags[PARENT_TAG] = parent_run_id  # how MLflow nests a run under another
             commit = git_commit()
             if commit:
-                tags["mlflow.source.git.commit"] = commit
-            self.mlflow.start_run(experiment_id=self.experiment_id, run_name=plan.run_name, tags=tags)
+                all_tags["mlflow.source.git.commit"] = commit
+            display_name = stage.name if parent_run_id else stage.run_name
+            self.mlflow.start_run(experiment_id=self.experiment_id, run_name=display_name, tags=all_tags)
         self.run_id = self.mlflow.active_run().info.run_id
         suffix = ""
-        if plan.resuming:  # params are immutable in MLflow: a resumed run keeps those it started with
+        if resuming:  # params are immutable in MLflow: a resumed run keeps those it started with
             resumes = int(self.client.get_run(self.run_id).data.tags.get("orch.resumes", "0")) + 1
             self.mlflow.set_tag("orch.resumes", str(resumes))
             suffix = f"_resume_{resumes}"
@@ -95,6 +109,28 @@ class StageRun:
         }
         figure = loss_curve(history, title)
         self.mlflow.log_figure(figure, "plots/loss_curve.png")
+
+    def log_compression(self, model_dir: str | Path, recipe: Mapping[str, Any]) -> None:
+        """For a stage that pruned: the per-layer sparsity table (MLflow table + markdown) and the totals."""
+        pruned = (recipe.get("pruning") or {}).get("schedule", "none") != "none"
+        if not pruned and not (recipe.get("structured") or {}).get("ratio", 0):
+            return
+        from orchestrator.compress import count_parameters, prunable_parameters, realized_sparsity, sparsity_table
+        from orchestrator.track.tables import markdown_table
+        from orchestrator.train.export import load_exported
+
+        model = load_exported(model_dir)
+        rows = [{**row, "shape": "x".join(map(str, row["shape"]))} for row in sparsity_table(model)]
+        self.mlflow.log_table({key: [row[key] for row in rows] for key in rows[0]}, "sparsity/table.json")
+        self.mlflow.log_text(markdown_table(rows), "sparsity/table.md")
+        nonzero = sum(int(p.count_nonzero()) for p in model.parameters())
+        self.mlflow.log_metrics(
+            {
+                "final_sparsity": realized_sparsity(dict(prunable_parameters(model))),
+                "parameters": count_parameters(model),
+                "nonzero_parameters": nonzero,
+            }
+        )
 
     def finish(self, status: str) -> None:
         self.mlflow.end_run(status=status)

@@ -8,9 +8,11 @@ restart. DeepSpeed's `client_state` carries the step, from which the data positi
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 from typing import Any, Mapping, Optional
 
 import torch
+import yaml
 from torch import nn
 
 
@@ -42,12 +44,28 @@ def checkpoint_tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def save_and_report(engine, step: int, metrics: dict[str, Any], client_state: Optional[dict[str, Any]] = None) -> None:
-    """Collective: every rank must call it at the same steps (Ray Train and DeepSpeed both synchronise here)."""
+MODEL_SPEC_FILE = "orch_model.yaml"
+
+
+def save_and_report(
+    engine,
+    step: int,
+    metrics: dict[str, Any],
+    client_state: Optional[dict[str, Any]] = None,
+    model_spec: Optional[dict[str, Any]] = None,
+) -> None:
+    """Collective: every rank must call it at the same steps (Ray Train and DeepSpeed both synchronise here).
+
+    `model_spec` ({"model": config, "state_prefix": ...}) makes the checkpoint self-describing: the architecture
+    of what it holds (which a structured-pruning stage changed) and where in the module's state the model lives.
+    """
     import ray.train
+    import torch.distributed as dist
 
     with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as local_dir:
         engine.save_checkpoint(local_dir, tag=checkpoint_tag(step), client_state={"step": step, **(client_state or {})})
+        if model_spec is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+            (Path(local_dir) / MODEL_SPEC_FILE).write_text(yaml.safe_dump(model_spec, sort_keys=False))
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(local_dir),

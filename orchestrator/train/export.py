@@ -16,6 +16,7 @@ from torch import nn
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.yaml"
+QUANTIZATION_FILE = "quantization.yaml"
 
 
 def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -32,24 +33,53 @@ def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tenso
 
 
 def export_model(checkpoint_dir: str | Path, model_cfg: Mapping[str, Any], out_dir: str | Path) -> Path:
+    """Consolidate a checkpoint into `out_dir`. The checkpoint's own model spec (orch_model.yaml, written by the
+    worker loop) wins over `model_cfg`: a structured-pruning stage changes the architecture, and a distillation
+    stage trains the student inside a wrapper whose extra weights are not part of the model."""
     from hydra.utils import instantiate
     from safetensors.torch import save_model
 
+    from orchestrator.train.engine import MODEL_SPEC_FILE
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    prefix = ""
+    spec_file = Path(checkpoint_dir) / MODEL_SPEC_FILE
+    if spec_file.is_file():
+        spec = yaml.safe_load(spec_file.read_text())
+        model_cfg, prefix = spec["model"], spec.get("state_prefix", "")
+    state = consolidated_state_dict(checkpoint_dir)
+    if prefix:
+        state = {name[len(prefix):]: tensor for name, tensor in state.items() if name.startswith(prefix)}
     model: nn.Module = instantiate(dict(model_cfg))
-    model.load_state_dict(consolidated_state_dict(checkpoint_dir))
+    model.load_state_dict(state)
     save_model(model, str(out_dir / WEIGHTS_FILE))  # handles tied weights (GPT's lm_head ↔ tok_emb)
     (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(dict(model_cfg), sort_keys=False))
     return out_dir
 
 
-def load_exported(model_dir: str | Path) -> nn.Module:
-    """Rebuild the model from its config and load the weights with safetensors (no pickle is ever executed)."""
+def mark_quantized(model_dir: str | Path, skip: list[str]) -> None:
+    """Record that the model in `model_dir` is served quantized: `load_exported` applies dynamic int8 on load.
+
+    The weights stay fp32 safetensors: dynamic int8 is a deterministic function of them, and a quantized module
+    can only be stored as a pickle, which a loader would have to execute.
+    """
+    (Path(model_dir) / QUANTIZATION_FILE).write_text(yaml.safe_dump({"method": "dynamic_int8", "skip": list(skip)}))
+
+
+def load_exported(model_dir: str | Path, quantized: bool = True) -> nn.Module:
+    """Rebuild the model from its config and load the weights with safetensors (no pickle is ever executed).
+
+    A model its stage quantized comes back int8 unless `quantized=False` (its fp32 source weights)."""
     from hydra.utils import instantiate
     from safetensors.torch import load_model
 
     model_dir = Path(model_dir)
     model: nn.Module = instantiate(yaml.safe_load((model_dir / CONFIG_FILE).read_text()))
     load_model(model, str(model_dir / WEIGHTS_FILE))
+    quantization = model_dir / QUANTIZATION_FILE
+    if quantized and quantization.is_file():
+        from orchestrator.compress.quantize import quantize_dynamic_int8
+
+        return quantize_dynamic_int8(model, skip=yaml.safe_load(quantization.read_text())["skip"])
     return model.eval()

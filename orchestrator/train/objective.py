@@ -30,3 +30,15 @@ def eval_metrics(sums: Tensor, task: str) -> dict[str, float]:
     if task == "lm":
         return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50.0))}
     return {"val_loss": loss, "val_accuracy": float(sums[1] / sums[2])}
+
+
+@torch.no_grad()
+def evaluate_module(model: torch.nn.Module, dataset, task: str, batch_size: int) -> dict[str, float]:
+    """Validation metrics of a plain module on CPU, in one process (the driver's view of an exported model)."""
+    from torch.utils.data import DataLoader
+
+    model.eval()
+    sums = torch.zeros(3, dtype=torch.float64)
+    for inputs, targets in DataLoader(dataset, batch_size=batch_size):
+        sums += eval_sums(model(inputs), targets)
+    return eval_metrics(sums, task)

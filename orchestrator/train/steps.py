@@ -18,6 +18,16 @@ from orchestrator.train.objective import eval_metrics, eval_sums
 SETTLE_STEPS = 2  # steps excluded from throughput: first-call allocations and lazy initialisation
 
 
+def start_worker(trainer: dict) -> tuple[int, int]:
+    """This worker's (rank, world size); torch threads and the seed set before any model is built."""
+    import ray.train
+
+    context = ray.train.get_context()
+    torch.set_num_threads(trainer["threads_per_worker"] or max(1, int(trainer["cpus_per_worker"])))
+    torch.manual_seed(trainer["seed"])  # identical initial weights on every rank
+    return context.get_world_rank(), context.get_world_size()
+
+
 def due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 

@@ -22,6 +22,16 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
+# An MLflow run id: recipes that read a model accept it when planning (it is looked up when the run starts).
+RUN_ID = "0123456789abcdef0123456789abcdef"
+NEEDS_A_MODEL = {
+    "prune": [f"recipe.input={RUN_ID}"],
+    "finetune": [f"recipe.input={RUN_ID}"],
+    "quantize": [f"recipe.input={RUN_ID}"],
+    "distill": [f"recipe.distill.teacher={RUN_ID}"],
+}
+
+
 def plan(tmp_path: Path, *overrides: str):
     return build_plan(compose(list(overrides)), cwd=tmp_path)
 
@@ -32,7 +42,8 @@ def plan(tmp_path: Path, *overrides: str):
     + [[f"trainer={t}"] for t in options("trainer")]
     + [[f"cluster={c}"] for c in options("cluster")]
     + [[f"tracking={t}"] for t in options("tracking")]
-    + [[f"recipe={r}"] for r in options("recipe")],
+    + [[f"recipe={r}", *NEEDS_A_MODEL.get(r, [])] for r in options("recipe")]
+    + [["recipe=pipeline", f"pipeline={p}"] for p in options("pipeline")],
 )
 def test_every_shipped_option_composes_and_plans(tmp_path, overrides):
     if "trainer=gpu" in overrides:

@@ -1,0 +1,131 @@
+"""The compression report of a pipeline: every stage's model measured the same way, on the driver's CPU.
+
+Per stage: total and non-zero parameters, sparsity, serialized size (torch.save of the state dict, as shipped,
+and gzip of it, which is where unstructured sparsity pays), CPU latency of one batch (one thread, median), and
+validation accuracy (or perplexity for language models). Written as CSV, markdown and a PNG of accuracy vs size.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from hydra.utils import instantiate
+from torch import nn
+
+from orchestrator.compress import count_parameters
+from orchestrator.track.tables import csv_table, markdown_table
+from orchestrator.train.objective import evaluate_module
+
+LATENCY_REPEATS = 20
+
+
+def serialized_sizes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of torch.save(state_dict), bytes of the same gzip-compressed)."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    raw = buffer.getvalue()
+    return len(raw), len(gzip.compress(raw, compresslevel=6))
+
+
+@torch.no_grad()
+def cpu_latency_ms(model: nn.Module, batch: torch.Tensor, repeats: int = LATENCY_REPEATS) -> float:
+    """Median wall time of one forward on `batch`, single-threaded so that runs on a shared machine compare."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model.eval()
+        for _ in range(3):
+            model(batch)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(batch)
+            times.append((time.perf_counter() - start) * 1000)
+    finally:
+        torch.set_num_threads(threads)
+    return statistics.median(times)
+
+
+def measure(fp32_model: nn.Module, served_model: nn.Module, data, batch_size: int) -> dict[str, Any]:
+    """`fp32_model` gives the parameter counts; `served_model` (the same, or its int8 version) everything else."""
+    total = count_parameters(fp32_model)
+    nonzero = sum(int(p.count_nonzero()) for p in {id(p): p for p in fp32_model.parameters()}.values())
+    size, size_gzip = serialized_sizes(served_model)
+    indices = [i % len(data.val) for i in range(batch_size)]
+    batch = torch.stack([data.val[i][0] for i in indices])
+    quality = evaluate_module(served_model, data.val, data.task, batch_size)
+    row: dict[str, Any] = {
+        "parameters": total,
+        "nonzero_parameters": nonzero,
+        "sparsity": 1.0 - nonzero / total if total else 0.0,
+        "size_bytes": size,
+        "size_gzip_bytes": size_gzip,
+        "latency_ms": cpu_latency_ms(served_model, batch),
+    }
+    if data.task == "lm":
+        row["val_perplexity"] = quality["val_perplexity"]
+    else:
+        row["val_accuracy"] = quality["val_accuracy"]
+    return row
+
+
+def stage_row(name: str, kind: str, run_id: str, model_dir: Path, data_cfg: Mapping[str, Any], batch_size: int) -> dict[str, Any]:
+    from orchestrator.train.export import load_exported
+
+    data = instantiate(dict(data_cfg))
+    row = {"stage": name, "kind": kind, "run_id": run_id}
+    row.update(measure(load_exported(model_dir, quantized=False), load_exported(model_dir), data, batch_size))
+    return row
+
+
+def write_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, title: str) -> list[Path]:
+    from orchestrator.track.plots import quality_vs_size
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "compression_report.csv", out_dir / "compression_report.md", out_dir / "accuracy_vs_size.png"]
+    paths[0].write_text(csv_table(rows))
+    paths[1].write_text(f"# {title}\n\n" + markdown_table(rows))
+    figure = quality_vs_size(rows, title)
+    figure.savefig(paths[2], dpi=120)
+    return paths
+
+
+HEADERS = {
+    "parameters": "params",
+    "nonzero_parameters": "non-zero",
+    "size_bytes": "size",
+    "size_gzip_bytes": "gzip",
+    "latency_ms": "latency/batch",
+    "val_accuracy": "accuracy",
+    "val_perplexity": "perplexity",
+}
+
+
+def print_report(rows: Sequence[Mapping[str, Any]], console, title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    columns = [column for column in rows[0] if column != "run_id"]
+    for column in columns:
+        table.add_column(HEADERS.get(column, column), justify="left" if column in ("stage", "kind") else "right")
+    for row in rows:
+        table.add_row(*(_show(column, row[column]) for column in columns))
+    console.print(table)
+
+
+def _show(key: str, value: Any) -> str:
+    if key.startswith("size"):
+        return f"{value / 1024:.1f}K"
+    if key == "latency_ms":
+        return f"{value:.2f} ms"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)

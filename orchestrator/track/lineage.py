@@ -1,0 +1,120 @@
+"""A pipeline's MLflow structure: one parent run, one child run per stage, lineage tags, and the stage cache.
+
+* Parent: tagged orch.run_name=<pipeline run name>, orch.recipe=pipeline; holds the pipeline config, a tag
+  orch.stage.<name>.run_id per stage, and the compression report.
+* Child (one per stage, `mlflow.parentRunId` = parent): orch.stage, orch.kind, orch.<role>_run_id and
+  orch.<role>_stage for every input it read (role: input, teacher), and, once its model is logged, orch.cache_key.
+* Cache: a stage is reused when a FINISHED run carries its cache key (a hash of its resolved config and, recursively,
+  of its inputs' configs: `orchestrator.plan.stage_key`) *and* read the very same input runs. A reused stage that
+  belongs to another pipeline run gets a small FINISHED child here, tagged orch.reused_run_id, so the parent still
+  shows every stage; its model stays in the original run, which is what the next stage reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import yaml
+
+from orchestrator.plan import Plan, StagePlan, TrackingPlan
+from orchestrator.track.mlflow_run import PARENT_TAG, RUN_NAME_TAG, git_commit
+
+CACHE_KEY_TAG = "orch.cache_key"
+REUSED_TAG = "orch.reused_run_id"
+
+
+def input_tags(stage: StagePlan, sources: Mapping[str, Mapping[str, str]], pipeline_run: str) -> dict[str, str]:
+    tags = {"orch.pipeline_run": pipeline_run}
+    for role, source in sources.items():
+        if "run_id" in source:
+            tags[f"orch.{role}_run_id"] = source["run_id"]
+        if "stage" in source:
+            tags[f"orch.{role}_stage"] = source["stage"]
+        if "path" in source:
+            tags[f"orch.{role}_path"] = source["path"]
+    return tags
+
+
+class PipelineRun:
+    def __init__(self, tracking: TrackingPlan) -> None:
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking.uri)
+        experiment = self.client.get_experiment_by_name(tracking.experiment)
+        self.experiment_id = (
+            experiment.experiment_id
+            if experiment is not None
+            else self.client.create_experiment(tracking.experiment, artifact_location=tracking.artifact_location)
+        )
+        self.run_id: Optional[str] = None
+
+    def start(self, plan: Plan) -> str:
+        """Create the parent run, or reopen it for `resume=`."""
+        assert plan.pipeline is not None
+        if plan.resuming:
+            runs = self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{plan.run_name}'", max_results=1
+            )
+            if not runs:
+                raise LookupError(f"resume={plan.run_name}: no pipeline run with that name in MLflow")
+            self.run_id = runs[0].info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            return self.run_id
+        tags = {RUN_NAME_TAG: plan.run_name, "orch.recipe": "pipeline", "orch.pipeline": plan.pipeline.name}
+        commit = git_commit()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        run = self.client.create_run(self.experiment_id, run_name=plan.run_name, tags=tags)
+        self.run_id = run.info.run_id
+        self.client.log_text(self.run_id, yaml.safe_dump(plan.pipeline.config, sort_keys=False), "config/pipeline.yaml")
+        self.client.log_param(self.run_id, "stages", " -> ".join(f"{s.name}:{s.kind}" for s in plan.stages))
+        return self.run_id
+
+    def find_finished(self, stage: StagePlan, sources: Mapping[str, Mapping[str, str]]):
+        """The newest FINISHED run with the stage's cache key that read the same input runs, or None."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{CACHE_KEY_TAG}` = '{stage.key}' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+        )
+        expected = {f"orch.{role}_run_id": source["run_id"] for role, source in sources.items() if "run_id" in source}
+        for run in runs:
+            if all(run.data.tags.get(tag) == run_id for tag, run_id in expected.items()):
+                return run
+        return None
+
+    def has_unfinished(self, stage: StagePlan) -> bool:
+        """Whether this pipeline run already started the stage (same name and key) and did not finish it."""
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{stage.run_name}'", max_results=1
+        )
+        return bool(runs) and runs[0].info.status != "FINISHED"
+
+    def record_reuse(self, stage: StagePlan, run) -> None:
+        """A child here that points at the reused run (unless the run is already a child of this parent)."""
+        if run.data.tags.get(PARENT_TAG) == self.run_id:
+            return
+        tags = {
+            PARENT_TAG: self.run_id,
+            "orch.stage": stage.name,
+            "orch.kind": stage.kind,
+            REUSED_TAG: run.info.run_id,
+        }
+        stub = self.client.create_run(self.experiment_id, run_name=f"{stage.name} (reused)", tags=tags)
+        for key, value in run.data.metrics.items():
+            self.client.log_metric(stub.info.run_id, key, value)
+        self.client.set_terminated(stub.info.run_id, "FINISHED")
+
+    def record_stage(self, stage: StagePlan, run_id: str) -> None:
+        self.client.set_tag(self.run_id, f"orch.stage.{stage.name}.run_id", run_id)
+
+    def log_report(self, directory: str) -> None:
+        self.client.log_artifacts(self.run_id, directory, "report")
+
+    def log_metrics(self, metrics: Mapping[str, Any]) -> None:
+        for key, value in metrics.items():
+            self.client.log_metric(self.run_id, key, float(value))
+
+    def finish(self, status: str) -> None:
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, status)

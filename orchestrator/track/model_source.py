@@ -1,0 +1,91 @@
+"""Where a stage's model comes from: an MLflow run's `model` artifact, an exported model dir, or an orch checkpoint.
+
+The driver turns each reference written in the config (a pipeline stage name, a run id, a `runs:/` URI, a path) into
+a *source*: a small plain dict that crosses into Ray. Workers and the driver then fetch the model from it. Loading
+is always safetensors plus a YAML config (`orchestrator.train.export.load_exported`): no pickle from another run is
+ever executed. On a cluster, a path must be visible to every worker; MLflow sources work anywhere the tracking
+server is reachable.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import yaml
+from torch import nn
+
+from orchestrator.config.validate import RUN_ID, ConfigError
+from orchestrator.train.export import CONFIG_FILE, export_model, load_exported
+from orchestrator.train.engine import MODEL_SPEC_FILE
+
+MODEL_ARTIFACT = "model"
+# a progress bar per download floods the logs of every worker of every stage
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def model_source(reference: str, tracking_uri: str, stage_runs: Mapping[str, str]) -> dict[str, str]:
+    """`stage_runs` maps the pipeline's finished stages to their MLflow run ids."""
+    if reference in stage_runs:
+        return {"run_id": stage_runs[reference], "artifact_path": MODEL_ARTIFACT, "tracking_uri": tracking_uri, "stage": reference}
+    if reference.startswith("runs:/"):
+        run_id, _, path = reference[len("runs:/"):].partition("/")
+        return {"run_id": run_id, "artifact_path": path or MODEL_ARTIFACT, "tracking_uri": tracking_uri}
+    if RUN_ID.fullmatch(reference):
+        return {"run_id": reference, "artifact_path": MODEL_ARTIFACT, "tracking_uri": tracking_uri}
+    return {"path": str(Path(reference).expanduser().resolve())}
+
+
+def fetch_model_dir(source: Mapping[str, str], scratch: str | Path) -> Path:
+    """A local directory with model.yaml + model.safetensors for `source`; downloads or exports into `scratch`."""
+    if "run_id" in source:
+        import mlflow
+
+        local = mlflow.artifacts.download_artifacts(
+            run_id=source["run_id"], artifact_path=source["artifact_path"], dst_path=str(scratch),
+            tracking_uri=source["tracking_uri"],
+        )
+        return Path(local)
+    path = Path(source["path"])
+    if (path / CONFIG_FILE).is_file():
+        return path
+    checkpoint = _latest_checkpoint(path)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{path} holds neither an exported model ({CONFIG_FILE}) nor an orch checkpoint")
+    if not (checkpoint / MODEL_SPEC_FILE).is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} has no {MODEL_SPEC_FILE}: it was not written by orch's loop")
+    return export_model(checkpoint, {}, Path(scratch) / "exported")
+
+
+def _latest_checkpoint(path: Path) -> Optional[Path]:
+    """`path` itself when it is a DeepSpeed checkpoint, else its newest checkpoint_* (a Ray Train run directory)."""
+    if (path / "latest").is_file():
+        return path
+    candidates = sorted(p for p in path.glob("checkpoint_*") if (p / "latest").is_file())
+    return candidates[-1] if candidates else None
+
+
+def load_model(source: Mapping[str, str]) -> nn.Module:
+    """The model `source` names, in eval mode on CPU, in fp32 (or int8 if its stage quantized it)."""
+    with tempfile.TemporaryDirectory(prefix="orch-model-") as scratch:
+        return load_exported(fetch_model_dir(source, scratch))
+
+
+def source_model_config(source: Mapping[str, str], key: str) -> dict[str, Any]:
+    """The config of the model a source names (for checks on the driver); a missing model is a ConfigError on `key`."""
+    try:
+        with tempfile.TemporaryDirectory(prefix="orch-model-") as scratch:
+            if "run_id" in source:
+                import mlflow
+
+                local = mlflow.artifacts.download_artifacts(
+                    run_id=source["run_id"], artifact_path=f"{source['artifact_path']}/{CONFIG_FILE}",
+                    dst_path=scratch, tracking_uri=source["tracking_uri"],
+                )
+                return yaml.safe_load(Path(local).read_text())
+            model_dir = fetch_model_dir(source, scratch)
+            return yaml.safe_load((model_dir / CONFIG_FILE).read_text())
+    except Exception as error:  # noqa: BLE001 - any way of not finding it is the same user error
+        raise ConfigError(key, source.get("run_id") or source.get("path"), f"no model found there ({error})") from error

@@ -1,0 +1,66 @@
+"""Recipe `distill`: a student (under DeepSpeed) learns from a frozen teacher's soft predictions (Hinton et al.).
+
+`train_loop_per_worker` runs on every Ray Train worker, top to bottom:
+  setup    data; the teacher (recipe.distill.teacher: an MLflow run, a pipeline stage, a directory) loaded from
+           safetensors, frozen, in eval mode, fp32 on every rank and NOT wrapped by DeepSpeed; the student from the
+           model group (or from recipe.input); with feature_weight > 0, a projection trained with the student to
+           match the teacher's hidden state; DeepSpeed engine on the student only; optional pruning hook
+  fit      the train recipe's loop with the KD objective:
+           alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, labels) [+ w * feature MSE],
+           token-level for language models (`orchestrator.compress.kd_loss`)
+
+ZeRO and precision: any ZeRO stage (0-3) and precision for the student; the teacher's forward is fp32 under
+torch.no_grad and the logits are compared in fp32. Only the student's weights are exported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from torch import Tensor
+
+from orchestrator.compress import FeatureDistillation, HiddenState, StudentWithProjection, freeze_teacher, kd_loss
+from orchestrator.recipes.train import fit
+from orchestrator.track.model_source import load_model
+from orchestrator.train.compression import pruning_hook
+from orchestrator.train.engine import build_engine
+from orchestrator.train.steps import start_worker, to_engine
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    cfg, trainer, recipe = loop_config["config"], loop_config["config"]["trainer"], loop_config["config"]["recipe"]
+    settings, sources = recipe["distill"], loop_config["sources"]
+    start_worker(trainer)
+    data = instantiate(cfg["data"])
+    teacher = freeze_teacher(load_model(sources["teacher"]))
+    student = load_model(sources["input"]).train() if "input" in sources else instantiate(cfg["model"])
+
+    model, spec = student, {"model": cfg["model"], "state_prefix": ""}
+    if settings["feature_weight"] > 0:
+        layer = settings["feature_layer"] or _output_layer(student)
+        teacher_hidden, student_hidden = HiddenState(teacher, layer), HiddenState(student, layer)
+        with torch.no_grad():  # one forward of each to learn the two hidden widths
+            example = data.train[:2][0]
+            teacher(example), student(example)
+        model = StudentWithProjection(student, FeatureDistillation(student_hidden.value.shape[-1], teacher_hidden.value.shape[-1]))
+        spec["state_prefix"] = StudentWithProjection.STATE_PREFIX
+    engine = build_engine(model, loop_config["deepspeed"], trainer["optimizer"], loop_config["precision_auto"])
+
+    def objective(inputs: Tensor, targets: Tensor) -> Tensor:
+        with torch.no_grad():
+            teacher_logits = teacher(inputs)  # fp32 inputs, before the student's cast to its precision
+        labels = to_engine(engine, targets)
+        loss = kd_loss(engine(to_engine(engine, inputs)), teacher_logits, labels, settings["temperature"], settings["alpha"])
+        if settings["feature_weight"] > 0:
+            loss = loss + settings["feature_weight"] * engine.module.features(student_hidden.value, teacher_hidden.value)
+        return loss
+
+    hook = pruning_hook(student, recipe["pruning"], trainer["max_steps"], engine.optimizer)
+    fit(engine, data, loop_config, objective=objective, hooks={"sparsity": hook} if hook else {}, model_spec=spec)
+
+
+def _output_layer(model: torch.nn.Module) -> str:
+    """The last module with parameters (the output head): its input is the penultimate hidden state."""
+    return [name for name, module in model.named_modules() if name and any(module.parameters(recurse=False))][-1]

@@ -1,0 +1,98 @@
+"""Recipe `pipeline`: run a declared list of stages (conf/pipeline/) in dependency order, on the driver.
+
+`run_pipeline` reads top to bottom:
+  parent   one MLflow parent run for the pipeline (reopened by `resume=<name>`)
+  stages   for each stage, in dependency order:
+             sources  its input/teacher stage names → the MLflow runs whose `model` artifact it will load
+             reuse    a FINISHED run with the same cache key that read the same input runs: nothing to run
+             run      otherwise a child run, through `orchestrator.stage_runner.run_stage`; Ray starts with the first
+                      stage that needs workers and serves all the others (quantize needs none). Under `resume=`, a
+                      stage this pipeline run started and did not finish continues from its last checkpoint.
+  report   every stage's model measured on the driver's CPU (`orchestrator.pipeline.report`): printed, and logged
+           to the parent run as CSV, markdown and a PNG of accuracy vs size
+A failure marks the parent FAILED; running the same pipeline again reuses the finished stages and starts at the
+one that failed.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+
+from rich.console import Console
+
+from orchestrator.pipeline.report import print_report, stage_row, write_report
+from orchestrator.plan import Plan
+from orchestrator.stage_runner import StageResult, cluster_session, needs_ray, resolve_sources, run_stage
+from orchestrator.track.lineage import PipelineRun, input_tags
+from orchestrator.track.model_source import fetch_model_dir, model_source
+
+
+def run_pipeline(plan: Plan, console: Console) -> list[StageResult]:
+    assert plan.pipeline is not None
+    # --- parent ---
+    lineage = PipelineRun(plan.tracking)
+    lineage.start(plan)
+    console.rule(f"[bold]pipeline[/bold] {plan.pipeline.name} · {plan.run_name}")
+    Path(plan.storage_path, plan.run_name).mkdir(parents=True, exist_ok=True)  # what resume= looks for
+    results: dict[str, StageResult] = {}
+    status = "FAILED"
+    try:
+        with ExitStack() as ray:
+            ray_started = False
+            # --- stages ---
+            for stage in plan.stages:
+                stage_runs = {name: result.run_id for name, result in results.items()}
+                sources = resolve_sources(stage, stage_runs, plan.tracking.uri)
+                reusable = lineage.find_finished(stage, sources) if plan.pipeline.cache or plan.resuming else None
+                if reusable is not None:
+                    lineage.record_reuse(stage, reusable)
+                    results[stage.name] = _reused(stage.name, stage.run_name, reusable, plan.tracking.uri)
+                    console.print(f"[green]reused[/green] {stage.name} ({stage.kind}): run {reusable.info.run_id}")
+                else:
+                    if needs_ray(stage) and not ray_started:
+                        ray.enter_context(cluster_session(plan))
+                        ray_started = True
+                    resuming = plan.resuming and lineage.has_unfinished(stage)
+                    tags = input_tags(stage, sources, plan.run_name)
+                    results[stage.name] = run_stage(
+                        plan.tracking, stage, console, resuming, sources, parent_run_id=lineage.run_id, tags=tags
+                    )
+                lineage.record_stage(stage, results[stage.name].run_id)
+
+        # --- report ---
+        rows = []
+        with tempfile.TemporaryDirectory(prefix="orch-report-") as scratch:
+            for stage in plan.stages:
+                source = model_source(results[stage.name].run_id, plan.tracking.uri, {})
+                model_dir = fetch_model_dir(source, Path(scratch) / stage.name)
+                rows.append(
+                    stage_row(stage.name, stage.kind, results[stage.name].run_id, model_dir,
+                              stage.config["data"], plan.pipeline.report_batch_size)
+                )
+            title = f"compression report · {plan.pipeline.name} · {plan.run_name}"
+            write_report(rows, Path(scratch) / "report", title)
+            lineage.log_report(str(Path(scratch) / "report"))
+        print_report(rows, console, title)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        lineage.finish(status)
+    return [results[stage.name] for stage in plan.stages]
+
+
+def _reused(stage: str, run_name: str, run, tracking_uri: str) -> StageResult:
+    return StageResult(
+        stage=stage,
+        run_name=run_name,
+        run_id=run.info.run_id,
+        experiment_id=run.info.experiment_id,
+        tracking_uri=tracking_uri,
+        metrics=dict(run.data.metrics),
+        checkpoint_path=run.data.tags.get("orch.checkpoint"),
+        model_artifact_uri=f"runs:/{run.info.run_id}/model",
+        reused=True,
+    )

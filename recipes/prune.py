@@ -1,0 +1,46 @@
+"""Recipe `prune` (also `finetune`): compress a trained model, then train it further with its masks held.
+
+`train_loop_per_worker` runs on every Ray Train worker, top to bottom:
+  setup    data from config; the input model (recipe.input: an MLflow run, a pipeline stage, a directory), loaded
+           from safetensors; optional structured pruning (whole neurons/channels removed: a physically smaller
+           model, before DeepSpeed sees it); DeepSpeed engine; the unstructured pruning hook
+           (one_shot | gradual | hold: `orchestrator.train.compression`)
+  fit      the train recipe's loop, with the hook: masks enforced after every step and saved in every checkpoint
+The exported model is the smaller architecture (its config written into the checkpoint) with its zeros.
+
+ZeRO and precision: unstructured masks hold at ZeRO 0-2 in fp32/bf16 (gradient hooks + master-copy and moment
+zeroing, see `orchestrator.compress.mask_enforcer`); ZeRO-3 is refused when the plan is built. Structured pruning
+happens on the fp32 model before `deepspeed.initialize`, so any ZeRO stage and precision trains the result.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.utils import instantiate
+
+from orchestrator.compress import prune_structured, pruned_model_config
+from orchestrator.recipes.train import fit
+from orchestrator.track.model_source import load_model
+from orchestrator.train.compression import pruning_hook
+from orchestrator.train.engine import build_engine
+from orchestrator.train.steps import start_worker
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    cfg, trainer, recipe = loop_config["config"], loop_config["config"]["trainer"], loop_config["config"]["recipe"]
+    start_worker(trainer)
+    data = instantiate(cfg["data"])
+    model = load_model(loop_config["sources"]["input"]).train()
+    model_cfg = cfg["model"]
+    structured = recipe["structured"]
+    if structured["ratio"] > 0:
+        # deterministic on every rank: same weights, same magnitude ranking, same example batch
+        example = data.train[:2][0]
+        model = prune_structured(
+            model, example, structured["ratio"], ignored_layers=structured["ignored_layers"], round_to=structured["round_to"]
+        )
+        model_cfg = pruned_model_config(model_cfg, model)
+    engine = build_engine(model, loop_config["deepspeed"], trainer["optimizer"], loop_config["precision_auto"])
+    hook = pruning_hook(engine.module, recipe["pruning"], trainer["max_steps"], engine.optimizer)
+    fit(engine, data, loop_config, hooks={"sparsity": hook} if hook else {}, model_spec={"model": model_cfg})
