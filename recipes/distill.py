@@ -34,10 +34,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     settings, sources = recipe["distill"], loop_config["sources"]
     start_worker(trainer)
     data = instantiate(cfg["data"])
-    teacher = freeze_teacher(load_model(sources["teacher"]))
-    student = load_model(sources["input"]).train() if "input" in sources else instantiate(cfg["model"])
+    teacher = freeze_teacher(load_model(sources["teacher"])[0])
+    student, student_cfg = load_model(sources["input"]) if "input" in sources else (instantiate(cfg["model"]), cfg["model"])
+    student.train()
 
-    model, spec = student, {"model": cfg["model"], "state_prefix": ""}
+    model, spec = student, {"model": student_cfg, "state_prefix": ""}
     if settings["feature_weight"] > 0:
         layer = settings["feature_layer"] or _output_layer(student)
         teacher_hidden, student_hidden = HiddenState(teacher, layer), HiddenState(student, layer)

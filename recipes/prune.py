@@ -31,8 +31,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg, trainer, recipe = loop_config["config"], loop_config["config"]["trainer"], loop_config["config"]["recipe"]
     start_worker(trainer)
     data = instantiate(cfg["data"])
-    model = load_model(loop_config["sources"]["input"]).train()
-    model_cfg = cfg["model"]
+    model, model_cfg = load_model(loop_config["sources"]["input"])
+    model.train()
     structured = recipe["structured"]
     if structured["ratio"] > 0:
         # deterministic on every rank: same weights, same magnitude ranking, same example batch

@@ -197,7 +197,8 @@ def _plan_one(
         section[leaf] = reference
     upstream = references.get("input")
     if upstream in planned:
-        # prune/finetune/quantize (and a distill student started from a model) keep the input's architecture
+        # prune/finetune/quantize (and a distill student started from a model) keep the input's architecture (as
+        # configured: a structured-pruning stage upstream makes it smaller at run time, which its export records)
         config["model"] = dict(planned[upstream].config["model"])
     teacher = references.get("teacher")
     if teacher in planned:

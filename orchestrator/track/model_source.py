@@ -67,10 +67,12 @@ def _latest_checkpoint(path: Path) -> Optional[Path]:
     return candidates[-1] if candidates else None
 
 
-def load_model(source: Mapping[str, str]) -> nn.Module:
-    """The model `source` names, in eval mode on CPU, in fp32 (or int8 if its stage quantized it)."""
+def load_model(source: Mapping[str, str]) -> tuple[nn.Module, dict[str, Any]]:
+    """The model `source` names (eval mode, CPU; fp32, or int8 if its stage quantized it) and its config, which
+    is the architecture it really has (a structured-pruning stage upstream made it smaller than its stage config)."""
     with tempfile.TemporaryDirectory(prefix="orch-model-") as scratch:
-        return load_exported(fetch_model_dir(source, scratch))
+        model_dir = fetch_model_dir(source, scratch)
+        return load_exported(model_dir), yaml.safe_load((model_dir / CONFIG_FILE).read_text())
 
 
 def source_model_config(source: Mapping[str, str], key: str) -> dict[str, Any]:
