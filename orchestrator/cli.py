@@ -3,6 +3,7 @@
     orch run [--plan] [key=value ...]   train (Hydra overrides; -m for multirun; --help lists the config groups)
     orch plan [key=value ...]            validate and print the plan; starts nothing
     orch ui [--port 5000]                MLflow UI for the local store
+    orch submit|status|logs|stop|list    Ray Jobs on a cluster
 """
 
 from __future__ import annotations
@@ -20,15 +21,20 @@ commands:
   run     train a recipe on Ray workers with DeepSpeed, tracked in MLflow (orch run --help lists config groups)
   plan    validate a config and print what `orch run` would do, without starting anything
   ui      start the MLflow UI for the local tracking store
+  submit  ship this directory and `orch run [key=value ...]` to a Ray cluster as a job; prints the job id
+  status  JOB       a job's state          logs JOB [--follow]   its driver's output
+  stop    JOB       stop a job             list                  the cluster's jobs
 
 examples:
   orch run
   orch run model=cnn trainer.zero_stage=2 trainer.max_steps=200
   orch plan trainer.zero_stage=3 trainer.precision=bf16
   orch ui
+  orch submit --address http://HEAD:8265 trainer.num_workers=8 trainer.storage_path=/mnt/shared/orch_runs
 """
 
 HYDRA_COMMANDS = ("run", "plan")
+JOB_COMMANDS = ("submit", "status", "logs", "stop", "list")
 _mode = {"plan_only": False}
 
 
@@ -80,6 +86,10 @@ def _train(plan) -> None:
     except Exception as error:  # noqa: BLE001 - a training failure: one clear line, details are in the logs
         from ray.train import TrainingFailedError
 
+        from orchestrator.train.steps import TrainingDiverged
+
+        if isinstance(error, TrainingDiverged):
+            _fail(f"training diverged: {error}; the run is marked FAILED in MLflow", 1)
         if isinstance(error, TrainingFailedError):
             _fail(f"training failed: {error}\nthe run is marked FAILED in MLflow; fix and continue with resume={plan.run_name}", 1)
         raise
@@ -89,13 +99,13 @@ def _train(plan) -> None:
 def _run_hydra(command: str, argv: list[str]) -> None:
     import hydra
 
-    from orchestrator.config import CONFIG_MODULE
+    from orchestrator.config import CONFIG_MODULE, user_config_dir
 
     _mode["plan_only"] = command == "plan" or "--plan" in argv
     argv = [arg for arg in argv if arg != "--plan"]
-    user_conf = Path.cwd() / "conf"
-    if user_conf.is_dir() and not any(a.startswith(("--config-dir", "-cd")) for a in argv):
-        argv = ["--config-dir", str(user_conf), *argv]  # a project's own conf/ adds options and overrides
+    user_conf = user_config_dir()
+    if user_conf and not any(a.startswith(("--config-dir", "-cd")) for a in argv):
+        argv = ["--config-dir", str(user_conf), *argv]
     sys.argv = [f"orch {command}", *argv]
     main = hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")(_app)
     main()
@@ -122,6 +132,75 @@ def _ui(argv: list[str]) -> None:
         sys.exit(0)
 
 
+def _validate_for_cluster(overrides: list[str]) -> None:
+    """Compose and validate locally so a bad key fails here, in a second, not minutes later on the cluster."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from orchestrator.config import compose
+    from orchestrator.config.validate import ConfigError
+    from orchestrator.plan import build_plan
+
+    try:
+        cfg = compose(["cluster=ray", *overrides])
+        build_plan(cfg)
+    except ConfigError as error:
+        _fail(str(error))
+    except OmegaConfBaseException as error:
+        _fail(str(error).replace("\n", "\n    "))
+    except Exception as error:  # noqa: BLE001 - Hydra composition errors: one line, no traceback
+        _fail(str(error))
+    if cfg.trainer.storage_path is None:
+        _fail("trainer.storage_path=None: a cluster job needs storage every node can reach, e.g. "
+              "trainer.storage_path=/mnt/shared/orch_runs (NFS) or s3://bucket/orch_runs")
+    if cfg.tracking.uri is None and "MLFLOW_TRACKING_URI" not in os.environ:
+        _fail("tracking.uri=None: a cluster job needs a tracking server it can reach, e.g. "
+              "tracking.uri=http://mlflow:5000 (or export MLFLOW_TRACKING_URI)")
+
+
+def _jobs(command: str, argv: list[str]) -> None:
+    from orchestrator.launch import jobs
+
+    parser = argparse.ArgumentParser(prog=f"orch {command}")
+    parser.add_argument("--address", default=None, help="Ray job server, http://HEAD:8265 (default: RAY_ADDRESS)")
+    if command == "submit":
+        parser.add_argument("--env", action="append", default=[], metavar="NAME", help="pass this variable to the job")
+        parser.add_argument("--follow", action="store_true", help="stream the job's output until it ends")
+        parser.add_argument("overrides", nargs="*", help="key=value config overrides, as for orch run")
+    elif command in ("status", "logs", "stop"):
+        parser.add_argument("job_id")
+        if command == "logs":
+            parser.add_argument("--follow", "-f", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if command == "submit":
+            _validate_for_cluster(args.overrides)
+            job_id = jobs.submit(args.address, args.overrides, args.env, Path.cwd())
+            print(job_id)
+            print(f"follow: orch logs {job_id} --follow   status: orch status {job_id}   stop: orch stop {job_id}", file=sys.stderr)
+            if args.follow:
+                jobs.follow_logs(args.address, job_id)
+        elif command == "status":
+            info = jobs.client(args.address).get_job_info(args.job_id)
+            print(f"{args.job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+        elif command == "logs":
+            if args.follow:
+                jobs.follow_logs(args.address, args.job_id)
+            else:
+                print(jobs.client(args.address).get_job_logs(args.job_id), end="")
+        elif command == "stop":
+            stopped = jobs.client(args.address).stop_job(args.job_id)
+            print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
+        else:
+            for info in jobs.client(args.address).list_jobs():
+                print(f"{info.submission_id or info.job_id}\t{info.status.value}\t{info.entrypoint}")
+    except jobs.ClusterUnreachable as error:
+        _fail(str(error))
+    except KeyError as error:
+        _fail(str(error.args[0]))
+    except RuntimeError as error:  # the job server's own errors (unknown job id, ...): its message, no traceback
+        _fail(str(error))
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -132,9 +211,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         _run_hydra(command, rest)
     elif command == "ui":
         _ui(rest)
+    elif command in JOB_COMMANDS:
+        _jobs(command, rest)
     else:
         print(USAGE, file=sys.stderr)
-        _fail(f"unknown command {command!r}; expected one of: run, plan, ui")
+        _fail(f"unknown command {command!r}; expected one of: run, plan, ui, submit, status, logs, stop, list")
 
 
 if __name__ == "__main__":

@@ -186,6 +186,11 @@ def _fit(
     )
     label = f"{stage.name} · {stage.run_name}"
     result = run_with_progress(trainer.fit, board, trainer_cfg["max_steps"], label, console)
+    failure = ray.get(board.failure_reported.remote())
+    if failure is not None and failure["kind"] == "diverged":
+        from orchestrator.train.steps import TrainingDiverged
+
+        raise TrainingDiverged(failure["step"])
     if stage.config["tracking"]["log_model"]:
         from orchestrator.train.export import export_model
 

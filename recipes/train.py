@@ -29,6 +29,8 @@ from orchestrator.train.steps import (
     chaos_kill,
     due,
     evaluate,
+    first_bad_step,
+    is_finite_step,
     mean_across_ranks,
     start_worker,
     to_engine,
@@ -81,6 +83,7 @@ def fit(
     metrics = WorkerMetrics(loop_config, rank=rank, resumed_at=step if restored else None)
 
     # --- loop ---
+    bad_step: Optional[int] = None  # this rank's first step with a non-finite loss or gradient norm
     while step < max_steps:
         chaos_kill(step, rank)
         step_loss = torch.zeros((), dtype=torch.float64)
@@ -92,6 +95,13 @@ def fit(
             step_loss += loss.detach().double().cpu()
         step += 1
         throughput.step_done(step)
+        if bad_step is None and not is_finite_step(step_loss, engine):
+            bad_step = step
+        if due(step, trainer["log_every"], max_steps) or due(step, trainer["checkpoint_every"], max_steps):
+            diverged_at = first_bad_step(bad_step)  # before anything is logged or saved from a broken state
+            if diverged_at is not None:
+                metrics.diverged(diverged_at)
+                break
         step_metrics: dict[str, float] = {}
         for name, hook in hooks.items():
             changed = hook.on_step_end(step)

@@ -6,7 +6,8 @@ Kept free of torch/ray/mlflow imports: composing and validating a config must an
 from __future__ import annotations
 
 from importlib import resources
-from typing import Sequence
+from pathlib import Path
+from typing import Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -24,12 +25,21 @@ if not OmegaConf.has_resolver("orch_resource"):
     OmegaConf.register_new_resolver("orch_resource", resource_path)
 
 
-def compose(overrides: Sequence[str] = (), config_name: str = "config") -> DictConfig:
-    """Compose a config the way `orch run` does, without the command line (tests, notebooks, benchmarks)."""
+def user_config_dir(cwd: Optional[Path] = None) -> Optional[Path]:
+    """A project's own ./conf: its YAMLs add options to any group, or override shipped ones."""
+    conf = (cwd or Path.cwd()) / "conf"
+    shipped = Path(resource_path("conf")).resolve()
+    return conf if conf.is_dir() and conf.resolve() != shipped else None
+
+
+def compose(overrides: Sequence[str] = (), config_name: str = "config", cwd: Optional[Path] = None) -> DictConfig:
+    """Compose a config the way `orch run` does (with ./conf on the search path), without the command line."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
+    extra = user_config_dir(cwd)
+    search = [f"hydra.searchpath=[file://{extra}]"] if extra else []
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides))
+        return hydra_compose(config_name=config_name, overrides=[*search, *overrides])

@@ -19,10 +19,23 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class ProgressBoard:
     def __init__(self) -> None:
         self.step, self.metrics = 0, {}
+        self.attempts = 0
+        self.failure: dict | None = None
+
+    def attempt_started(self) -> int:
+        """Rank 0 calls this when a worker group starts: 1 for the first, +1 for each restart after a failure."""
+        self.attempts += 1
+        return self.attempts
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
         self.step = step
         self.metrics.update(metrics)
+
+    def fail(self, failure: dict) -> None:
+        self.failure = failure
+
+    def failure_reported(self) -> dict | None:
+        return self.failure
 
     def latest(self) -> tuple[int, dict[str, float]]:
         return self.step, self.metrics

@@ -72,11 +72,27 @@ def ray_session(cluster: Mapping[str, Any]) -> Iterator[None]:
             from orchestrator.config.validate import ConfigError
 
             raise ConfigError("cluster.address", None, "cluster=ray needs an address (or RAY_ADDRESS), e.g. 'auto' or 'HOST:6379'")
+        check_gcs_reachable(address)
         ray.init(address=address, logging_level=logging.WARNING)
         try:
             yield
         finally:
             ray.shutdown()
+
+
+def check_gcs_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """An unreachable or stopped cluster fails in seconds with the key to fix, not after Ray's long retries."""
+    from orchestrator.config.validate import ConfigError
+
+    target = address.split("://", 1)[-1]
+    if address in ("auto", "local") or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return
+    except (OSError, ValueError) as error:
+        raise ConfigError("cluster.address", address, f"no Ray cluster answers there ({error}); is it up?") from None
 
 
 def cluster_capacity() -> tuple[float, float]:

@@ -7,6 +7,7 @@ driver restarted with the same name continue the same MLflow run id instead of c
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -44,6 +45,9 @@ class StageRun:
         import mlflow
 
         self.mlflow = mlflow
+        # set_tracking_uri also exports MLFLOW_TRACKING_URI; put it back in finish() so that the next run in this
+        # process (a Hydra multirun job, a notebook cell) resolves its own tracking settings
+        self._previous_uri_env = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(tracking.uri)
         self.client = mlflow.MlflowClient(tracking.uri)
         experiment = self.client.get_experiment_by_name(tracking.experiment)
@@ -134,3 +138,7 @@ class StageRun:
 
     def finish(self, status: str) -> None:
         self.mlflow.end_run(status=status)
+        if self._previous_uri_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = self._previous_uri_env

@@ -25,6 +25,13 @@ class WorkerMetrics:
         self.client = MlflowClient(tracking_uri=loop_config["tracking"]["uri"])
         if resumed_at is not None:
             self.client.set_tag(self.run_id, "orch.resumed_at_step", str(resumed_at))
+        if self.progress is not None:
+            import ray
+
+            restarts = ray.get(self.progress.attempt_started.remote()) - 1
+            if restarts:  # Ray Train restarted the worker group after a failure: on record, at the resumed step
+                self.client.set_tag(self.run_id, "orch.restarts", str(restarts))
+                self.client.log_metric(self.run_id, "restarts", restarts, step=resumed_at or 0)
         if loop_config["tracking"]["system_metrics"]:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -47,6 +54,13 @@ class WorkerMetrics:
         self.client.log_batch(self.run_id, metrics=batch, synchronous=False)  # type: ignore[union-attr]
         if self.progress is not None:
             self.progress.update.remote(step, metrics)
+
+    def diverged(self, step: int) -> None:
+        """Tell the driver, which fails the stage with a typed error (the workers end without saving)."""
+        if self.enabled and self.progress is not None:
+            import ray
+
+            ray.get(self.progress.fail.remote({"kind": "diverged", "step": step}))
 
     def close(self) -> None:
         if not self.enabled:

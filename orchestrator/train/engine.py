@@ -1,8 +1,9 @@
 """DeepSpeed engine set-up and checkpoints, wired to Ray Train's checkpoint reporting.
 
-Every rank saves (ZeRO shards live on every rank) into a local directory and reports it; Ray Train merges the
-ranks' files into one checkpoint in run storage and hands it back through `ray.train.get_checkpoint()` after a
-restart. DeepSpeed's `client_state` carries the step, from which the data position is recomputed.
+Every rank saves (ZeRO shards live on every rank) into a local directory, marks it complete and reports it; Ray
+Train merges the ranks' files into one checkpoint in run storage. A (re)started group resumes from the newest
+complete checkpoint there (`orchestrator.train.checkpoints`). DeepSpeed's `client_state` carries the step, from
+which the data position is recomputed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any, Mapping, Optional
 import torch
 import yaml
 from torch import nn
+
+from orchestrator.train.checkpoints import complete_checkpoints, load_first_good, write_marker
 
 
 def build_engine(model: nn.Module, ds_config: dict[str, Any], optimizer_cfg: Mapping[str, Any], precision_auto: bool):
@@ -64,8 +67,10 @@ def save_and_report(
 
     with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as local_dir:
         engine.save_checkpoint(local_dir, tag=checkpoint_tag(step), client_state={"step": step, **(client_state or {})})
-        if model_spec is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if model_spec is not None and rank == 0:
             (Path(local_dir) / MODEL_SPEC_FILE).write_text(yaml.safe_dump(model_spec, sort_keys=False))
+        write_marker(local_dir, rank, checkpoint_tag(step))
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(local_dir),
@@ -74,14 +79,21 @@ def save_and_report(
 
 
 def restore_latest(engine) -> Optional[dict[str, Any]]:
-    """Load the checkpoint Ray Train hands this attempt (after a failure, or `resume=`); its client state or None."""
+    """Load the newest complete checkpoint of this run (after a failure, or `resume=`); its client state or None."""
     import ray.train
+    import torch
+    import torch.distributed as dist
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as directory:
+    storage = ray.train.get_context().get_storage()
+    candidates = complete_checkpoints(storage.storage_filesystem, storage.experiment_fs_path, dist.get_world_size())
+
+    def load(directory: str) -> Optional[dict[str, Any]]:
         load_path, client_state = engine.load_checkpoint(directory)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed found no loadable checkpoint in {checkpoint.path}")
-    return client_state
+        return client_state if load_path is not None else None
+
+    def agree(ok: bool) -> bool:
+        vote = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        dist.all_reduce(vote, op=dist.ReduceOp.MIN)
+        return bool(vote.item())
+
+    return load_first_good(candidates, load, agree)

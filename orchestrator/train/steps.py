@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import signal
 import time
@@ -101,3 +102,32 @@ class Throughput:
         reading = {"step_time_s": elapsed / self.window_steps, "samples_per_s": self.samples_per_step * self.window_steps / elapsed}
         self.window_start, self.window_steps = time.perf_counter(), 0
         return reading
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or gradient norm) stopped being finite: training stops instead of saving a broken state."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        super().__init__(
+            f"the loss or gradient norm was not finite at step {step} on at least one worker; the last good "
+            "checkpoint is kept. Lower trainer.optimizer.lr, enable trainer.grad_clip, or try trainer.precision=fp32"
+        )
+
+
+NO_BAD_STEP = 2**62
+
+
+def is_finite_step(step_loss: torch.Tensor, engine) -> bool:
+    grad_norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
+    finite = bool(torch.isfinite(step_loss))
+    if grad_norm is not None:
+        finite = finite and math.isfinite(float(grad_norm))
+    return finite
+
+
+def first_bad_step(local_bad_step: Optional[int]) -> Optional[int]:
+    """Collective: the earliest non-finite step on any rank, so every rank stops at the same point."""
+    value = torch.tensor([local_bad_step if local_bad_step is not None else NO_BAD_STEP], dtype=torch.int64)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return None if int(value) == NO_BAD_STEP else int(value)

@@ -110,3 +110,34 @@ def test_orch_ui_shows_the_run_and_its_metrics_in_a_browser(user_run):
             ui.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(ui.pid, signal.SIGKILL)
+
+
+def test_a_killed_driver_is_started_again_with_resume_and_continues_the_same_run(tmp_path):
+    run_args = ["trainer.max_steps=2000", "trainer.checkpoint_every=20", "trainer.eval_every=0", "trainer.log_every=20"]
+    driver = subprocess.Popen(
+        [*ORCH, "run", "name=crash", *run_args],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    run_dir = tmp_path / "orch_runs" / "crash"
+    try:
+        deadline = time.time() + 400
+        while not list(run_dir.glob("checkpoint_step_*/.orch_complete_rank1")):
+            assert driver.poll() is None, "the driver ended before its first checkpoint"
+            assert time.time() < deadline, "no checkpoint within 400 s"
+            time.sleep(0.5)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started die at once, mid-run
+        driver.wait(timeout=60)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [crashed] = client.search_runs(["1"])
+    assert crashed.info.status == "RUNNING"  # nobody was left to close it
+
+    resumed = subprocess.run(
+        [*ORCH, "run", "resume=crash", *run_args],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    [run] = client.search_runs(["1"])
+    assert run.info.run_id == crashed.info.run_id and run.info.status == "FINISHED"
+    assert int(run.data.tags["orch.resumed_at_step"]) >= 20
+    assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == 2000

@@ -88,6 +88,7 @@ def test_one_mlflow_run_with_params_metrics_and_artifacts(reference, client):
     assert len(runs) == 1, "one logical run must be one MLflow run, never one per worker"
     run = runs[0]
     assert run.info.status == "FINISHED"
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # the run's URI does not leak into the next run in this process
     assert run.data.params["trainer.zero_stage"] == "0"
     assert run.data.params["model._target_"] == "orchestrator.models.mlp.MLP"
     assert run.data.tags["orch.recipe"] == "train"
@@ -129,14 +130,47 @@ def test_killed_worker_resumes_at_the_same_step_and_matches_an_uninterrupted_run
     run = client.get_run(resumed.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["orch.resumed_at_step"] == "25"  # the last checkpoint before the kill at step 37
+    assert run.data.tags["orch.restarts"] == "1" and run.data.metrics["restarts"] == 1
 
 
-def test_explicit_resume_continues_the_same_mlflow_run(reference, killed, client, workdir):
+def test_explicit_resume_skips_a_corrupt_latest_checkpoint_and_continues_the_same_run(reference, killed, client, workdir):
     _, first = reference
-    plan, result = fit(workdir, "resume=zero0", "trainer.zero_stage=0", "trainer.precision=fp32", "trainer.max_steps=110")
+    before = loss_by_step(client, first.run_id)
+    latest = workdir / "orch_runs" / "zero0" / "checkpoint_step_00000100" / "step_00000100" / "mp_rank_00_model_states.pt"
+    latest.write_bytes(latest.read_bytes()[:100])  # truncated, as by a full disk
+    # same max_steps: the LR schedule's length is part of the run, so the replay must match exactly
+    plan, result = fit(workdir, "resume=zero0", "trainer.zero_stage=0", "trainer.precision=fp32")
     assert plan.resuming and result.run_id == first.run_id
-    assert result.metrics["step"] == 110
-    steps = loss_by_step(client, result.run_id)
-    assert max(steps) == 110 and len(steps) == 110
+    assert result.metrics["step"] == 100
     run = client.get_run(result.run_id)
+    assert run.data.tags["orch.resumed_at_step"] == "75"  # the previous good checkpoint
     assert run.data.tags["orch.resumes"] == "1" and run.info.status == "FINISHED"
+    after = loss_by_step(client, result.run_id)
+    assert max(after) == 100 and len(after) == 100
+    for step in range(76, 101):  # replayed from step 75: the same data and the same losses as the first time
+        assert after[step] == pytest.approx(before[step], abs=1e-5)
+
+
+def test_non_finite_loss_stops_every_rank_with_a_typed_error_and_keeps_the_last_good_checkpoint(ray_instance, workdir, client):
+    from orchestrator.train.steps import TrainingDiverged
+
+    overrides = [
+        "name=diverges",
+        "trainer.optimizer.name=sgd",
+        "trainer.optimizer.lr=1e30",  # the first update overflows the weights
+        "trainer.grad_clip=0",
+        "trainer.precision=fp32",
+        "trainer.max_steps=60",
+        "trainer.log_every=5",
+        "trainer.checkpoint_every=5",
+    ]
+    plan = build_plan(compose(overrides), cwd=workdir)
+    with pytest.raises(TrainingDiverged) as error:
+        run_plan(plan)
+    step = error.value.step
+    assert 1 <= step < 60 and f"step {step}" in str(error.value)
+    [run] = client.search_runs(["1"], filter_string="tags.`orch.run_name` = 'diverges'")
+    assert run.info.status == "FAILED"
+    assert all(m.step < step for m in client.get_metric_history(run.info.run_id, "loss"))
+    saved = sorted(int(p.name.rsplit("_", 1)[1]) for p in (workdir / "orch_runs" / "diverges").glob("checkpoint_step_*"))
+    assert all(s < step for s in saved), "a checkpoint of the diverged state was saved"

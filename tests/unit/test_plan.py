@@ -59,7 +59,9 @@ def test_memory_estimate_partitions_by_zero_stage(stage, expected):
     assert memory.total == sum(expected)
 
 
-def test_auto_precision_resolves_to_bf16_and_default_run_names_are_unique(tmp_path):
+def test_auto_precision_resolves_to_bf16_and_default_run_names_are_unique(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     first = build_plan(compose([]), cwd=tmp_path)
     second = build_plan(compose([]), cwd=tmp_path)
     assert first.stages[0].precision == "bf16"

@@ -1,0 +1,99 @@
+"""Ray Jobs: ship the user's working directory and the same `orch run` entry point to a cluster, then follow it.
+
+The job's driver runs on the cluster (`python -m orchestrator.cli run ... cluster=ray`), so a laptop can close its
+lid. Authentication uses Ray's own token mechanism (RAY_AUTH_TOKEN / ~/.ray/auth_token, read by Ray's SDK); the
+command line never carries a token. Environment variables named by the user are passed through by name and their
+values are never printed or logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import socket
+import sys
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+from urllib.parse import urlparse
+
+# Always passed to the job when set here: where to track, and the credentials to do so.
+JOB_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_EXPERIMENT_NAME",
+    "MLFLOW_TRACKING_USERNAME",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
+# Never shipped with the working directory: environments, local stores and run outputs.
+UPLOAD_EXCLUDES = [".venv", "venv", ".git", "orch_runs", "mlruns", "mlartifacts", "mlflow.db", "outputs", "multirun", "__pycache__"]
+
+
+class ClusterUnreachable(ConnectionError):
+    pass
+
+
+def resolve_address(address: Optional[str]) -> str:
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ClusterUnreachable(
+            "no cluster address: pass --address http://HEAD:8265 or set RAY_ADDRESS (the Ray dashboard's job API)"
+        )
+    return address if "://" in address else f"http://{address}"
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when nothing listens at the address (a stopped cluster, a typo)."""
+    parsed = urlparse(address)
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or (443 if parsed.scheme == "https" else 8265)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return
+    except OSError as error:
+        raise ClusterUnreachable(f"no Ray job server answers at {address} ({error.strerror or error}); is the cluster up?") from None
+
+
+def client(address: Optional[str]):
+    from ray.job_submission import JobSubmissionClient
+
+    resolved = resolve_address(address)
+    check_reachable(resolved)
+    try:
+        return JobSubmissionClient(resolved)
+    except ConnectionError as error:
+        raise ClusterUnreachable(f"could not reach the Ray job server at {resolved}: {error}") from None
+
+
+def job_env(names: Iterable[str]) -> dict[str, str]:
+    env = {name: os.environ[name] for name in JOB_ENV if name in os.environ}
+    for name in names:
+        if name not in os.environ:
+            raise KeyError(f"--env {name}: not set in this environment")
+        env[name] = os.environ[name]
+    return env
+
+
+def entrypoint(overrides: Sequence[str]) -> str:
+    # the cluster's own python: the image has orchestrator installed; the shipped directory is the job's cwd
+    return shlex.join(["python", "-m", "orchestrator.cli", "run", "cluster=ray", *overrides])
+
+
+def submit(address: Optional[str], overrides: Sequence[str], env_names: Sequence[str], working_dir: Path) -> str:
+    env = job_env(env_names)
+    job_client = client(address)
+    return job_client.submit_job(
+        entrypoint=entrypoint(overrides),
+        runtime_env={"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES, "env_vars": env},
+        metadata={"orch.overrides": " ".join(overrides)},
+    )
+
+
+def follow_logs(address: Optional[str], job_id: str) -> None:
+    job_client = client(address)
+
+    async def tail() -> None:
+        async for chunk in job_client.tail_job_logs(job_id):
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    asyncio.run(tail())

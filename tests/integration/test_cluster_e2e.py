@@ -1,0 +1,216 @@
+"""A real multi-node Ray cluster on this machine (`ray start --head` + `ray start --address`), driven as a user would:
+`orch run cluster=ray` from outside, and `orch submit/status/logs/list/stop` through the Ray Jobs API.
+
+Every node runs in its own process group with its own ports and is stopped by that group, never with `ray stop`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from orchestrator.launch.ray_session import free_port
+
+pytestmark = pytest.mark.slow
+
+ORCH = [sys.executable, "-m", "orchestrator.cli"]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def _node_ports() -> list[str]:
+    return [
+        f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        "--object-store-memory=150000000",
+    ]
+
+
+def _wait_http(url: str, timeout_s: float = 120) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except urllib.error.HTTPError:  # answered (401 without a token): the server is up
+            return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(url)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Head (1 CPU, job server) + one worker node (1 CPU): two nodes, so two workers must land apart."""
+    temp_dir = Path(f"/tmp/orch-cl-{os.getpid()}")  # short: Ray's socket paths live under it
+    gcs_port, dashboard_port = free_port(), free_port()
+    # token authentication, as on a real cluster: every node, driver and client gets the token from Ray's
+    # standard variables, never from a command line
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HYDRA_FULL_ERROR": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    nodes = []
+    try:
+        nodes.append(
+            subprocess.Popen(
+                [RAY, "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=1", f"--temp-dir={temp_dir}",
+                 "--include-dashboard=true", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
+                 "--node-ip-address=127.0.0.1", *_node_ports()],
+                env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        )
+        jobs_url = f"http://127.0.0.1:{dashboard_port}"
+        _wait_http(f"{jobs_url}/api/version")
+        nodes.append(
+            subprocess.Popen(
+                # its own temp dir: two nodes on one machine sharing one would garbage-collect each other's
+                # runtime environments (a job's shipped working directory vanishes under it)
+                [RAY, "start", "--block", f"--address=127.0.0.1:{gcs_port}", "--num-cpus=1", f"--temp-dir={temp_dir}-w",
+                 "--node-ip-address=127.0.0.1", *_node_ports()],
+                env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+        )
+        deadline = time.time() + 120
+        while len(_alive_nodes(jobs_url, env)) < 2:
+            assert time.time() < deadline, "the second node never joined"
+            time.sleep(1)
+        yield {"gcs": f"127.0.0.1:{gcs_port}", "jobs": jobs_url, "shared": tmp_path_factory.mktemp("shared"), "env": env}
+    finally:
+        for node in reversed(nodes):
+            try:
+                os.killpg(node.pid, signal.SIGTERM)
+                node.wait(timeout=15)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(node.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(f"{temp_dir}-w", ignore_errors=True)
+
+
+def _state(jobs_url: str, env: dict[str, str], call: str) -> list[dict]:
+    """Ray's state API, queried from a separate process that holds the cluster's token."""
+    code = f"import json, ray.util.state as s; print(json.dumps([x.__dict__ for x in s.{call}]))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
+
+
+def _alive_nodes(jobs_url: str, env: dict[str, str]) -> list[str]:
+    nodes = _state(jobs_url, env, f"list_nodes(address={jobs_url!r}, filters=[('state', '=', 'ALIVE')])")
+    return [node["node_id"] for node in nodes]
+
+
+def _common(shared: Path, name: str) -> list[str]:
+    return [
+        f"name={name}",
+        f"trainer.storage_path={shared / 'orch_runs'}",
+        f"tracking.uri=sqlite:///{shared / 'mlflow.db'}",
+        f"tracking.artifact_location={(shared / 'mlartifacts').as_uri()}",
+        "trainer.max_steps=20",
+        "trainer.eval_every=0",
+        "trainer.checkpoint_every=10",
+    ]
+
+
+def test_workers_land_on_different_nodes(cluster):
+    out = subprocess.run(
+        [*ORCH, "run", "cluster=ray", f"cluster.address={cluster['gcs']}", "trainer.placement_strategy=STRICT_SPREAD",
+         *_common(cluster["shared"], "spread")],
+        cwd=cluster["shared"], env=cluster["env"], capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    workers = _state(
+        cluster["jobs"],
+        cluster["env"],
+        f"list_actors(address={cluster['jobs']!r}, filters=[('class_name', '=', 'RayTrainWorker')], detail=True, limit=100)",
+    )
+    nodes = {actor["node_id"] for actor in workers}
+    assert len(workers) >= 2 and len(nodes) == 2 and nodes <= set(_alive_nodes(cluster["jobs"], cluster["env"]))
+    run = MlflowClient(f"sqlite:///{cluster['shared'] / 'mlflow.db'}").search_runs(
+        ["1"], filter_string="tags.`orch.run_name` = 'spread'"
+    )[0]
+    assert run.info.status == "FINISHED"
+
+
+def _orch(cluster, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*ORCH, *args], cwd=cluster["shared"], env=cluster["env"], capture_output=True, text=True, timeout=timeout)
+
+
+def test_submit_follow_and_stop_jobs_through_the_jobs_api(cluster):
+    user_dir = cluster["shared"] / "project"
+    (user_dir / "conf" / "model").mkdir(parents=True)
+    # the user's own config option, shipped with the working directory and used on the cluster
+    (user_dir / "conf" / "model" / "tiny.yaml").write_text(
+        "defaults:\n  - /schema/model@_here_: mlp\n  - _self_\ninput_shape: ${data.input_shape}\n"
+        "num_classes: ${data.num_classes}\nhidden_sizes: [16]\n"
+    )
+    env = {**cluster["env"], "ORCH_TEST_SECRET": "s3cr3t-value"}
+    submit = subprocess.run(
+        [*ORCH, "submit", "--address", cluster["jobs"], "--env", "ORCH_TEST_SECRET", "--env", "HYDRA_FULL_ERROR", "model=tiny",
+         *_common(cluster["shared"], "submitted")],
+        cwd=user_dir, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert submit.returncode == 0, submit.stderr
+    job_id = submit.stdout.strip().splitlines()[-1]
+    assert "s3cr3t-value" not in submit.stdout + submit.stderr
+
+    logs = _orch(cluster, "logs", job_id, "--follow", "--address", cluster["jobs"], timeout=600)
+    assert logs.returncode == 0 and "done train" in logs.stdout, logs.stdout[-3000:] + logs.stderr[-2000:]
+    assert "s3cr3t-value" not in logs.stdout
+    status = _orch(cluster, "status", job_id, "--address", cluster["jobs"])
+    assert status.stdout.strip().startswith(f"{job_id}: SUCCEEDED")
+    assert job_id in _orch(cluster, "list", "--address", cluster["jobs"]).stdout
+
+    run = MlflowClient(f"sqlite:///{cluster['shared'] / 'mlflow.db'}").search_runs(
+        ["1"], filter_string="tags.`orch.run_name` = 'submitted'"
+    )[0]
+    assert run.info.status == "FINISHED"
+    assert json.loads(run.data.params["model.hidden_sizes"]) == [16]  # the shipped conf/model/tiny.yaml was used
+    assert "s3cr3t-value" not in json.dumps(run.data.params)
+
+    long_job = subprocess.run(
+        [*ORCH, "submit", "--address", cluster["jobs"], *_common(cluster["shared"], "to-stop"), "trainer.max_steps=100000"],
+        cwd=user_dir, env=cluster["env"], capture_output=True, text=True, timeout=120,
+    ).stdout.strip().splitlines()[-1]
+    stop = _orch(cluster, "stop", long_job, "--address", cluster["jobs"])
+    assert stop.returncode == 0 and "stop requested" in stop.stdout
+    deadline = time.time() + 120
+    while "STOPPED" not in _orch(cluster, "status", long_job, "--address", cluster["jobs"]).stdout:
+        assert time.time() < deadline, "the job did not stop"
+        time.sleep(2)
+
+
+def test_unreachable_cluster_fails_fast_with_a_clear_error(tmp_path):
+    port = free_port()  # nothing listens there
+    started = time.time()
+    out = subprocess.run(
+        [*ORCH, "submit", "--address", f"http://127.0.0.1:{port}", "trainer.storage_path=/tmp/x", "tracking.uri=sqlite:////tmp/x.db"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 2 and "no Ray job server answers" in out.stderr
+    assert time.time() - started < 30
+    run = subprocess.run(
+        [*ORCH, "run", "cluster=ray", f"cluster.address=127.0.0.1:{port}"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert run.returncode == 2 and "cluster.address" in run.stderr
