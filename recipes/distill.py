@@ -64,4 +64,5 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def _output_layer(model: torch.nn.Module) -> str:
     """The last module with parameters (the output head): its input is the penultimate hidden state."""
-    return [name for name, module in model.named_modules() if name and any(module.parameters(recurse=False))][-1]
+    owners = [name for name, module in model.named_modules() if name and list(module.parameters(recurse=False))]
+    return owners[-1]

@@ -13,7 +13,9 @@ Use::
 
 Restoring a checkpoint of a pruned model: rebuild the dense architecture, call ``prune_structured`` with the same
 ``ratio``/``round_to``/``ignored_layers`` (shapes depend only on these, not on the weights, because each layer is
-pruned by the same ratio), then ``load_state_dict``.
+pruned by the same ratio), then ``load_state_dict``. For the built-in MLP and CNN, ``pruned_model_config`` writes
+the smaller architecture as a config, which is how the `prune` recipe exports it (safetensors + model.yaml; no
+pickled module).
 
 Suggested settings: ratio 0.2-0.5 per round, each followed by fine-tuning (iterate for more); ``round_to=8`` on GPUs
 so widths stay tensor-core friendly. Expect accuracy to drop before fine-tuning, far more than unstructured pruning
