@@ -34,8 +34,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     settings, sources = recipe["distill"], loop_config["sources"]
     start_worker(trainer)
     data = instantiate(cfg["data"])
-    teacher = freeze_teacher(load_model(sources["teacher"])[0])
-    student, student_cfg = load_model(sources["input"]) if "input" in sources else (instantiate(cfg["model"]), cfg["model"])
+    teacher, _ = load_model(sources["teacher"])
+    freeze_teacher(teacher)
+    if "input" in sources:  # continue from a trained (e.g. structurally pruned) student
+        student, student_cfg = load_model(sources["input"])
+    else:
+        student, student_cfg = instantiate(cfg["model"]), cfg["model"]
     student.train()
 
     model, spec = student, {"model": student_cfg, "state_prefix": ""}
@@ -45,21 +49,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with torch.no_grad():  # one forward of each to learn the two hidden widths
             example = data.train[:2][0]
             teacher(example), student(example)
-        model = StudentWithProjection(student, FeatureDistillation(student_hidden.value.shape[-1], teacher_hidden.value.shape[-1]))
+        widths = student_hidden.value.shape[-1], teacher_hidden.value.shape[-1]
+        model = StudentWithProjection(student, FeatureDistillation(*widths))
         spec["state_prefix"] = StudentWithProjection.STATE_PREFIX
     engine = build_engine(model, loop_config["deepspeed"], trainer["optimizer"], loop_config["precision_auto"])
 
     def objective(inputs: Tensor, targets: Tensor) -> Tensor:
         with torch.no_grad():
             teacher_logits = teacher(inputs)  # fp32 inputs, before the student's cast to its precision
-        labels = to_engine(engine, targets)
-        loss = kd_loss(engine(to_engine(engine, inputs)), teacher_logits, labels, settings["temperature"], settings["alpha"])
+        logits, labels = engine(to_engine(engine, inputs)), to_engine(engine, targets)
+        loss = kd_loss(logits, teacher_logits, labels, settings["temperature"], settings["alpha"])
         if settings["feature_weight"] > 0:
-            loss = loss + settings["feature_weight"] * engine.module.features(student_hidden.value, teacher_hidden.value)
+            feature_loss = engine.module.features(student_hidden.value, teacher_hidden.value)
+            loss = loss + settings["feature_weight"] * feature_loss
         return loss
 
     hook = pruning_hook(student, recipe["pruning"], trainer["max_steps"], engine.optimizer)
-    fit(engine, data, loop_config, objective=objective, hooks={"sparsity": hook} if hook else {}, model_spec=spec)
+    hooks = {"sparsity": hook} if hook else {}
+    fit(engine, data, loop_config, objective=objective, hooks=hooks, model_spec=spec)
 
 
 def _output_layer(model: torch.nn.Module) -> str:

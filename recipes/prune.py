@@ -38,9 +38,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # deterministic on every rank: same weights, same magnitude ranking, same example batch
         example = data.train[:2][0]
         model = prune_structured(
-            model, example, structured["ratio"], ignored_layers=structured["ignored_layers"], round_to=structured["round_to"]
+            model, example, structured["ratio"],
+            ignored_layers=structured["ignored_layers"], round_to=structured["round_to"],
         )
         model_cfg = pruned_model_config(model_cfg, model)
     engine = build_engine(model, loop_config["deepspeed"], trainer["optimizer"], loop_config["precision_auto"])
     hook = pruning_hook(engine.module, recipe["pruning"], trainer["max_steps"], engine.optimizer)
-    fit(engine, data, loop_config, hooks={"sparsity": hook} if hook else {}, model_spec={"model": model_cfg})
+    hooks = {"sparsity": hook} if hook else {}
+    fit(engine, data, loop_config, hooks=hooks, model_spec={"model": model_cfg})
