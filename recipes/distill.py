@@ -25,6 +25,7 @@ from orchestrator.compress import FeatureDistillation, HiddenState, StudentWithP
 from orchestrator.recipes.train import fit
 from orchestrator.track.model_source import load_model
 from orchestrator.train.compression import pruning_hook
+from orchestrator.train.data_order import example_inputs
 from orchestrator.train.engine import build_engine
 from orchestrator.train.steps import start_worker, to_engine
 
@@ -47,7 +48,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         layer = settings["feature_layer"] or _output_layer(student)
         teacher_hidden, student_hidden = HiddenState(teacher, layer), HiddenState(student, layer)
         with torch.no_grad():  # one forward of each to learn the two hidden widths
-            example = data.train[:2][0]
+            example = example_inputs(data.train)
             teacher(example), student(example)
         widths = student_hidden.value.shape[-1], teacher_hidden.value.shape[-1]
         model = StudentWithProjection(student, FeatureDistillation(*widths))

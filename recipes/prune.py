@@ -23,6 +23,7 @@ from orchestrator.compress import prune_structured, pruned_model_config
 from orchestrator.recipes.train import fit
 from orchestrator.track.model_source import load_model
 from orchestrator.train.compression import pruning_hook
+from orchestrator.train.data_order import example_inputs
 from orchestrator.train.engine import build_engine
 from orchestrator.train.steps import start_worker
 
@@ -36,7 +37,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     structured = recipe["structured"]
     if structured["ratio"] > 0:
         # deterministic on every rank: same weights, same magnitude ranking, same example batch
-        example = data.train[:2][0]
+        example = example_inputs(data.train)
         model = prune_structured(
             model, example, structured["ratio"],
             ignored_layers=structured["ignored_layers"], round_to=structured["round_to"],

@@ -44,3 +44,8 @@ class ShardedBatches:
 def shard_for_eval(dataset: Dataset, rank: int, world_size: int) -> list[int]:
     """Strided, non-padded shard: every example evaluated exactly once across ranks (DistributedSampler pads)."""
     return list(range(rank, len(dataset), world_size))  # type: ignore[arg-type]
+
+
+def example_inputs(dataset: Dataset, count: int = 2) -> torch.Tensor:
+    """The inputs of the first `count` examples as one batch: identical on every rank (tracing, shape probes)."""
+    return torch.stack([dataset[index][0] for index in range(count)])
