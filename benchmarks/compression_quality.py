@@ -286,7 +286,7 @@ def summarize(results: dict, args) -> str:
 
 
 def _percent(value: float) -> str:
-    return "n/a (alone = teacher)" if math.isnan(value) else f"{value:.0%}"
+    return "n/a (alone = teacher)" if math.isnan(value) else f"{round(value, 2) or 0.0:.0%}"
 
 
 def plot_curve(results: dict, args):

@@ -71,7 +71,7 @@ def run_pipeline(plan: Plan, console: Console) -> list[StageResult]:
                     stage_row(stage.name, stage.kind, results[stage.name].run_id, model_dir,
                               stage.config["data"], plan.pipeline.report_batch_size)
                 )
-            title = f"compression report · {plan.pipeline.name} · {plan.run_name}"
+            title = f"compression report · {plan.run_name}"
             write_report(rows, Path(scratch) / "report", title)
             lineage.log_report(str(Path(scratch) / "report"))
         print_report(rows, console, title)

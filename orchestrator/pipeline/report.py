@@ -22,7 +22,7 @@ from orchestrator.compress import count_parameters
 from orchestrator.track.tables import csv_table, markdown_table
 from orchestrator.train.objective import evaluate_module
 
-LATENCY_REPEATS = 20
+LATENCY_REPEATS = 50
 
 
 def serialized_sizes(model: nn.Module) -> tuple[int, int]:
@@ -40,7 +40,7 @@ def cpu_latency_ms(model: nn.Module, batch: torch.Tensor, repeats: int = LATENCY
     torch.set_num_threads(1)
     try:
         model.eval()
-        for _ in range(3):
+        for _ in range(10):  # first calls pick kernels and allocate: not what a served model pays
             model(batch)
         times = []
         for _ in range(repeats):

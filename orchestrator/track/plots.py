@@ -30,26 +30,27 @@ def loss_curve(history: Mapping[str, Sequence[tuple[int, float]]], title: str):
 
 
 def quality_vs_size(rows: Sequence[Mapping], title: str):
-    """Validation accuracy (or perplexity) of every stage against its size on disk, raw and gzip-compressed."""
+    """Validation accuracy (or perplexity) of every stage against its size on disk: as saved (hollow) and gzipped
+    (filled), joined by a line; unstructured sparsity shows as the distance between the two."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     quality = "val_accuracy" if "val_accuracy" in rows[0] else "val_perplexity"
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for size_key, marker, label in (("size_bytes", "o", "torch.save"), ("size_gzip_bytes", "s", "gzip of it")):
-        xs = [row[size_key] / 1024 for row in rows]
-        ys = [row[quality] for row in rows]
-        axis.scatter(xs, ys, marker=marker, label=label, facecolors="none" if marker == "o" else None)
-        if size_key == "size_gzip_bytes":
-            for row, x, y in zip(rows, xs, ys):
-                axis.annotate(row["stage"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    figure, axis = plt.subplots(figsize=(7.5, 4.5))
+    for index, row in enumerate(rows):
+        raw, packed, y = row["size_bytes"] / 1024, row["size_gzip_bytes"] / 1024, row[quality]
+        color = f"C{index % 10}"
+        axis.plot([packed, raw], [y, y], color=color, linewidth=1, alpha=0.6)
+        axis.scatter([raw], [y], facecolors="none", edgecolors=color, s=45)
+        axis.scatter([packed], [y], color=color, marker="s", s=45, label=f"{row['stage']} ({row['kind']})")
+    axis.scatter([], [], facecolors="none", edgecolors="gray", label="hollow: torch.save size")
     axis.set_xscale("log")
-    axis.set_xlabel("serialized size (KiB, log scale)")
+    axis.set_xlabel("serialized size (KiB, log scale); square: gzip of it")
     axis.set_ylabel(quality)
     axis.grid(alpha=0.3)
-    axis.legend()
-    axis.set_title(title)
+    axis.legend(fontsize=8)
+    axis.set_title(title, fontsize=10)
     figure.tight_layout()
     return figure
