@@ -169,7 +169,8 @@ def test_non_finite_loss_stops_every_rank_with_a_typed_error_and_keeps_the_last_
         run_plan(plan)
     step = error.value.step
     assert 1 <= step < 60 and f"step {step}" in str(error.value)
-    [run] = client.search_runs(["1"], filter_string="tags.`orch.run_name` = 'diverges'")
+    experiment = client.get_experiment_by_name(plan.tracking.experiment)
+    [run] = client.search_runs([experiment.experiment_id], filter_string="tags.`orch.run_name` = 'diverges'")
     assert run.info.status == "FAILED"
     assert all(m.step < step for m in client.get_metric_history(run.info.run_id, "loss"))
     saved = sorted(int(p.name.rsplit("_", 1)[1]) for p in (workdir / "orch_runs" / "diverges").glob("checkpoint_step_*"))
