@@ -41,7 +41,7 @@ def _node_ports() -> list[str]:
     ]
 
 
-def _wait_http(url: str, timeout_s: float = 120) -> None:
+def _wait_http(url: str, timeout_s: float = 300) -> None:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         try:
@@ -90,7 +90,7 @@ def cluster(tmp_path_factory):
                 env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
         )
-        deadline = time.time() + 120
+        deadline = time.time() + 300  # a loaded 2-core machine can take minutes to start a node
         while len(_alive_nodes(jobs_url, env)) < 2:
             assert time.time() < deadline, "the second node never joined"
             time.sleep(1)
