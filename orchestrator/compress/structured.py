@@ -26,14 +26,19 @@ fp32 model), never on an engine's module: the optimizer's flat buffers and maste
 shapes. Tracing runs ``example_inputs`` through the model on its device/dtype; use fp32 for tracing, any precision
 for training the result. Any ZeRO stage then works on the smaller model.
 
-Not handled yet: attention. Pruning the q/k/v/out projections of a GPT block requires pruning whole heads
-(``num_heads``/``prune_num_heads`` in torch-pruning) and keeping the head split consistent; until that is built,
-pass attention projections in ``ignored_layers`` or prune only MLP/conv layers.
+Attention (the built-in GPT, or any module with a fused ``qkv`` Linear and ``n_head``/``head_dim`` attributes):
+whole heads are removed, never dimensions inside a head, so every remaining head keeps its trained geometry.
+torch-pruning ranks heads by the mean L2 magnitude of their q/k/v rows (``num_heads`` + ``prune_num_heads``) and
+removes the matching input columns of the output projection; ``n_head`` is updated on the module afterwards. Per
+block ``ceil(ratio * n_head)`` heads go, and ``ratio`` of the MLP's hidden units. The residual stream (``n_embd``,
+shared by every block, the tied embeddings and each LayerNorm) keeps its width: the layers that write into it are
+ignored by default, so the result is a GPT with per-layer ``n_heads``/``mlp_hidden`` (see ``pruned_model_config``).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,7 +48,7 @@ from torch import nn
 
 from orchestrator.compress.pruning import DEFAULT_HEAD_NAMES
 
-__all__ = ["count_parameters", "default_ignored_layers", "prune_structured", "pruned_model_config"]
+__all__ = ["attention_modules", "count_parameters", "default_ignored_layers", "prune_structured", "pruned_model_config"]
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -52,14 +57,38 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in unique.values())
 
 
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Attention blocks whose heads can be pruned: a fused ``qkv`` Linear laid out as [q | k | v], each head-major,
+    with ``n_head`` and ``head_dim`` attributes that the forward pass reads (the built-in GPT's layout)."""
+    return {
+        name: m for name, m in model.named_modules()
+        if isinstance(getattr(m, "qkv", None), nn.Linear) and hasattr(m, "n_head") and hasattr(m, "head_dim")
+    }
+
+
+def _residual_writers(model: nn.Module) -> list[str]:
+    """In a transformer, the attention output projection and the MLP's last Linear add into the residual stream;
+    their output width is the model width, coupled to every block and the embeddings, so it is kept."""
+    names = []
+    for block_name, block in model.named_modules():
+        attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+        if attn is None or not attention_modules(attn) or not isinstance(mlp, nn.Sequential):
+            continue
+        names.append(f"{block_name}.attn.proj")
+        last = max(i for i, m in enumerate(mlp) if isinstance(m, nn.Linear))
+        names.append(f"{block_name}.mlp.{last}")
+    return names
+
+
 def default_ignored_layers(model: nn.Module) -> list[str]:
     """Names of the layers whose output width is the model's output: modules named like a head, else the last
-    Linear/Conv2d registered. A heuristic; ``prune_structured`` verifies the output shape afterwards."""
+    Linear/Conv2d registered; plus, in transformers, the layers that write into the residual stream. A heuristic;
+    ``prune_structured`` verifies the output shape afterwards."""
     prunable = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     heads = [name for name, _ in prunable if name.rsplit(".", 1)[-1] in DEFAULT_HEAD_NAMES]
-    if heads:
-        return heads
-    return [prunable[-1][0]] if prunable else []
+    if not heads and prunable:
+        heads = [prunable[-1][0]]
+    return heads + _residual_writers(model)
 
 
 def _resolve(model: nn.Module, original: nn.Module, layers: Sequence[nn.Module | str]) -> list[nn.Module]:
@@ -100,11 +129,19 @@ def prune_structured(
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio={ratio!r} is outside the allowed range 0 <= ratio < 1")
     pruned = model if inplace else copy.deepcopy(model)
-    layers = default_ignored_layers(model) if ignored_layers is None else list(ignored_layers)
+    # a transformer's residual width is never pruned (see module docstring), whatever else the caller ignores
+    layers = default_ignored_layers(model) if ignored_layers is None else [*ignored_layers, *_residual_writers(model)]
     ignored = _resolve(pruned, model, layers)
     was_training = pruned.training
     pruned.eval()  # tracing must not update BatchNorm running statistics
     shapes_before = _output_shapes(_forward(pruned, example_inputs))
+    attention = attention_modules(pruned)
+    for name, m in attention.items():
+        if math.ceil(ratio * m.n_head) >= m.n_head:
+            raise ValueError(
+                f"ratio={ratio} would remove all {m.n_head} heads of {name} (ceil(ratio * n_head) are removed); "
+                f"use ratio < {(m.n_head - 1) / m.n_head:.3f}"
+            )
     if ratio > 0:
         # no torch.no_grad here: torch-pruning traces the autograd graph to find coupled layers
         pruner = tp.pruner.BasePruner(
@@ -114,8 +151,16 @@ def prune_structured(
             pruning_ratio=ratio,
             ignored_layers=ignored,
             round_to=round_to,
+            num_heads={m.qkv: m.n_head for m in attention.values()},
+            prune_num_heads=bool(attention),
+            prune_head_dims=False,  # whole heads only: every kept head keeps its width
+            head_pruning_ratio=ratio if attention else 0.0,
         )
         pruner.step()
+        for m in attention.values():
+            m.n_head = pruner.num_heads[m.qkv]
+            if m.qkv.out_features != 3 * m.n_head * m.head_dim:
+                raise RuntimeError(f"head pruning left {m.qkv.out_features} qkv outputs for {m.n_head} heads")
     shapes_after = _output_shapes(_forward(pruned, example_inputs))
     pruned.train(was_training)
     if shapes_after != shapes_before:
@@ -134,7 +179,7 @@ def _forward(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Ten
 
 
 def pruned_model_config(model_cfg: dict[str, Any], pruned: nn.Module) -> dict[str, Any]:
-    """The config that rebuilds ``pruned`` (a structurally pruned built-in MLP or CNN) with its smaller widths.
+    """The config that rebuilds ``pruned`` (a structurally pruned built-in MLP, CNN or GPT) with its smaller widths.
 
     Exported models are a config plus safetensors weights, never a pickled module, so the smaller architecture has
     to be expressible as a config. Raises ValueError for other models.
@@ -146,6 +191,10 @@ def pruned_model_config(model_cfg: dict[str, Any], pruned: nn.Module) -> dict[st
     elif target == "orchestrator.models.cnn.CNN":
         config["channels"] = [m.out_channels for m in pruned.features if isinstance(m, nn.Conv2d)]
         config["hidden_size"] = next(m.out_features for m in pruned.body if isinstance(m, nn.Linear))
+    elif target == "orchestrator.models.gpt.GPT":
+        config["head_dim"] = pruned.head_dim
+        config["n_heads"] = [block.attn.n_head for block in pruned.blocks]
+        config["mlp_hidden"] = [block.mlp[0].out_features for block in pruned.blocks]
     else:
         raise ValueError(f"no config can describe a structurally pruned {target or type(pruned).__name__}")
     return config

@@ -244,6 +244,10 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 64
     dropout: float = 0.0
+    # Written by structured pruning for the smaller model it exports (per layer); leave unset otherwise.
+    head_dim: Optional[int] = None
+    n_heads: Optional[List[int]] = None
+    mlp_hidden: Optional[List[int]] = None
 
 
 @dataclass

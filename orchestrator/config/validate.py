@@ -8,6 +8,7 @@ schemas in `orchestrator.config.schema`.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 from pathlib import Path
@@ -109,7 +110,7 @@ def validate_model_and_data(cfg: Mapping[str, Any], choices: Mapping[str, str]) 
             "model", model_name, f"needs image-shaped inputs (C, H, W) but data={data_name} gives input_shape="
             f"{list(data['input_shape'])}; use model=mlp"
         )
-    if "n_head" in model and model["n_embd"] % model["n_head"]:
+    if "n_head" in model and model.get("head_dim") is None and model["n_embd"] % model["n_head"]:
         raise ConfigError("model.n_head", model["n_head"], f"must divide model.n_embd={model['n_embd']}")
     if "val_fraction" in data and not 0 < data["val_fraction"] < 1:
         raise ConfigError("data.val_fraction", data["val_fraction"], "expected a fraction strictly between 0 and 1")
@@ -146,7 +147,7 @@ def local_cpu_count() -> float:
 # --- compression recipes and pipelines ---------------------------------------------------------------------------
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
-STRUCTURED_MODELS = ("orchestrator.models.mlp.MLP", "orchestrator.models.cnn.CNN")
+STRUCTURED_MODELS = ("orchestrator.models.mlp.MLP", "orchestrator.models.cnn.CNN", "orchestrator.models.gpt.GPT")
 REFERENCE_FORMS = (
     "an MLflow run id (32 hex characters), a runs:/<run id>/model URI, or a directory holding an exported model "
     "(model.yaml + model.safetensors) or an orch checkpoint"
@@ -230,6 +231,15 @@ def validate_compression(cfg: Mapping[str, Any]) -> None:
                 f"structured pruning exports the smaller model as a config, which orch can write for "
                 f"{', '.join(STRUCTURED_MODELS)}; the model is {cfg['model'].get('_target_')}",
             )
+        model = cfg["model"]
+        if model.get("_target_") == "orchestrator.models.gpt.GPT":
+            fewest = min(model.get("n_heads") or [model["n_head"]])
+            if math.ceil(structured["ratio"] * fewest) >= fewest:
+                raise ConfigError(
+                    "recipe.structured.ratio", structured["ratio"],
+                    f"ceil(ratio * heads) heads are removed per layer and a layer has {fewest}; expected a ratio "
+                    f"below {(fewest - 1) / fewest:.3f} so each layer keeps a head",
+                )
     distill = recipe.get("distill")
     if distill is not None:
         if distill["temperature"] <= 0:

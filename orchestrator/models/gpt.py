@@ -2,9 +2,16 @@
 
 Pre-norm transformer blocks with fused QKV projection and PyTorch's scaled_dot_product_attention (causal), tied
 input/output embeddings. Sized by n_layer/n_head/n_embd; `estimate_flops_per_token` feeds MFU reporting.
+
+`n_heads` and `mlp_hidden` (one entry per layer) and `head_dim` describe non-uniform widths. Nobody writes those by
+hand: structured pruning removes attention heads and MLP units layer by layer (orchestrator.compress.structured),
+and the exported smaller model is rebuilt from its config, so the config must be able to say what each layer kept.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -12,30 +19,30 @@ from torch.nn import functional as F
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, dropout: float) -> None:
+    """`n_head` heads of width `head_dim`; q, k and v lie side by side in `qkv`'s output, each head-major."""
+
+    def __init__(self, n_embd: int, n_head: int, head_dim: int, dropout: float) -> None:
         super().__init__()
-        if n_embd % n_head:
-            raise ValueError(f"model.n_embd ({n_embd}) must be divisible by model.n_head ({n_head})")
-        self.n_head = n_head
-        self.qkv = nn.Linear(n_embd, 3 * n_embd)
-        self.proj = nn.Linear(n_embd, n_embd)
+        self.n_head, self.head_dim = n_head, head_dim
+        self.qkv = nn.Linear(n_embd, 3 * n_head * head_dim)
+        self.proj = nn.Linear(n_head * head_dim, n_embd)
         self.dropout = dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        batch, length, width = x.shape
-        q, k, v = self.qkv(x).split(width, dim=2)
-        q, k, v = (t.view(batch, length, self.n_head, width // self.n_head).transpose(1, 2) for t in (q, k, v))
+        batch, length, _ = x.shape
+        qkv = self.qkv(x).reshape(batch, length, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each (batch, head, position, head_dim)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(batch, length, width))
+        return self.proj(y.transpose(1, 2).reshape(batch, length, self.n_head * self.head_dim))
 
 
 class Block(nn.Module):
-    def __init__(self, n_embd: int, n_head: int, dropout: float) -> None:
+    def __init__(self, n_embd: int, n_head: int, head_dim: int, mlp_hidden: int, dropout: float) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(n_embd)
-        self.attn = CausalSelfAttention(n_embd, n_head, dropout)
+        self.attn = CausalSelfAttention(n_embd, n_head, head_dim, dropout)
         self.ln2 = nn.LayerNorm(n_embd)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(nn.Linear(n_embd, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, n_embd), nn.Dropout(dropout))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln1(x))
@@ -44,15 +51,33 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     def __init__(
-        self, vocab_size: int, block_size: int, n_layer: int = 2, n_head: int = 4, n_embd: int = 64, dropout: float = 0.0
+        self,
+        vocab_size: int,
+        block_size: int,
+        n_layer: int = 2,
+        n_head: int = 4,
+        n_embd: int = 64,
+        dropout: float = 0.0,
+        head_dim: Optional[int] = None,
+        n_heads: Optional[Sequence[int]] = None,
+        mlp_hidden: Optional[Sequence[int]] = None,
     ) -> None:
         super().__init__()
+        if head_dim is None:
+            if n_embd % n_head:
+                raise ValueError(f"model.n_embd ({n_embd}) must be divisible by model.n_head ({n_head})")
+            head_dim = n_embd // n_head
+        n_heads = list(n_heads) if n_heads is not None else [n_head] * n_layer
+        mlp_hidden = list(mlp_hidden) if mlp_hidden is not None else [4 * n_embd] * n_layer
+        for key, values in (("model.n_heads", n_heads), ("model.mlp_hidden", mlp_hidden)):
+            if len(values) != n_layer or min(values, default=1) < 1:
+                raise ValueError(f"{key}={values} must hold n_layer={n_layer} positive widths, one per layer")
         self.block_size = block_size
-        self.n_layer, self.n_head, self.n_embd = n_layer, n_head, n_embd
+        self.n_layer, self.n_head, self.n_embd, self.head_dim = n_layer, n_head, n_embd, head_dim
         self.tok_emb = nn.Embedding(vocab_size, n_embd)
         self.pos_emb = nn.Embedding(block_size, n_embd)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(n_embd, n_head, dropout) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(Block(n_embd, heads, head_dim, hidden, dropout) for heads, hidden in zip(n_heads, mlp_hidden))
         self.ln_f = nn.LayerNorm(n_embd)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying: fewer parameters, better small-data perplexity
@@ -78,5 +103,5 @@ class GPT(nn.Module):
     def estimate_flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix: 6N + 12·L·H·Q·T."""
         non_embedding = sum(p.numel() for p in self.parameters()) - self.pos_emb.weight.numel()
-        head_dim = self.n_embd // self.n_head
-        return 6 * non_embedding + 12 * self.n_layer * self.n_head * head_dim * self.block_size
+        attention_width = sum(block.attn.n_head * block.attn.head_dim for block in self.blocks)
+        return 6 * non_embedding + 12 * attention_width * self.block_size

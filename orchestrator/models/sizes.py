@@ -26,9 +26,15 @@ def _cnn(cfg: Mapping[str, Any]) -> int:
 
 
 def _gpt(cfg: Mapping[str, Any]) -> int:
-    d, vocab, block = cfg.get("n_embd", 64), cfg["vocab_size"], cfg["block_size"]
-    per_block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (4 * d * d + 4 * d) + (4 * d * d + d)
-    return vocab * d + block * d + cfg.get("n_layer", 2) * per_block + 2 * d  # lm_head is tied to tok_emb
+    d, vocab, block, layers = cfg.get("n_embd", 64), cfg["vocab_size"], cfg["block_size"], cfg.get("n_layer", 2)
+    head_dim = cfg.get("head_dim") or d // cfg.get("n_head", 4)
+    heads = cfg.get("n_heads") or [cfg.get("n_head", 4)] * layers
+    hidden = cfg.get("mlp_hidden") or [4 * d] * layers
+    total = vocab * d + block * d + 2 * d  # embeddings (lm_head is tied to tok_emb) and the final LayerNorm
+    for h, m in zip(heads, hidden):
+        attention = h * head_dim
+        total += 2 * 2 * d + (3 * attention * d + 3 * attention) + (attention * d + d) + (m * d + m) + (m * d + d)
+    return total
 
 
 _FORMULAS: dict[str, Callable[[Mapping[str, Any]], int]] = {

@@ -133,7 +133,7 @@ def test_bad_pipelines_fail_before_anything_runs_naming_the_key(tmp_path, stages
         (["recipe=distill", "recipe.distill.teacher=0123456789abcdef0123456789abcdef", "recipe.distill.alpha=2"],
          "recipe.distill.alpha", "alpha"),
         (["recipe=prune", "recipe.input=0123456789abcdef0123456789abcdef", "model=gpt", "data=text",
-          "recipe.structured.ratio=0.5"], "recipe.structured.ratio", "MLP"),
+          "recipe.structured.ratio=0.8"], "recipe.structured.ratio", "each layer keeps a head"),
     ],
 )
 def test_bad_standalone_compression_configs_name_the_key(tmp_path, overrides, key, message):
