@@ -137,8 +137,10 @@ def load_text_splits(
     kind = file_format(files[0])
     options: dict[str, Any] = {"keep_linebreaks": True} if kind == "text" else {}
     raw = datasets.load_dataset(kind, data_files=files, split="train", streaming=streaming, **options)
-    if text_field not in (raw.column_names or [text_field]):
-        raise ValueError(f"data.text_field={text_field!r}: the files in {path} have fields {raw.column_names}")
+    # a stream may not know its columns before reading: its first example tells
+    columns = raw.column_names or list(next(iter(raw)).keys())
+    if text_field not in columns:
+        raise ValueError(f"data.text_field={text_field!r}: the files in {path} have fields {columns}")
 
     def tokenize_and_pack(batch: dict[str, list]) -> dict[str, list]:
         token_lists = [codec.encode(text) + ([codec.eos_token_id] if codec.eos_token_id is not None and kind == "json" else [])
@@ -146,7 +148,6 @@ def load_text_splits(
         return {"block": pack(token_lists, block_size)}
 
     # a batch of lines is packed together; the remainder of each batch is dropped (<= block_size tokens per 1000 lines)
-    columns = raw.column_names
     blocks = raw.map(tokenize_and_pack, batched=True, batch_size=1000, remove_columns=columns)
     if streaming:
         held_out = list(blocks.take(val_blocks))
