@@ -125,8 +125,16 @@ def validate_model_and_data(cfg: Mapping[str, Any], choices: Mapping[str, str]) 
         reason = missing_pretrained_reason(str(model["pretrained_path"]))
         if reason:
             raise ConfigError("model.pretrained_path", str(model["pretrained_path"]), reason)
-    if data.get("tokenizer") and not Path(str(data["tokenizer"])).expanduser().is_dir():
-        raise ConfigError("data.tokenizer", str(data["tokenizer"]), "no such directory; expected a local tokenizer directory (or null for bytes)")
+    if data.get("tokenizer"):
+        tokenizer = Path(str(data["tokenizer"])).expanduser()
+        if not tokenizer.is_dir():
+            raise ConfigError("data.tokenizer", str(data["tokenizer"]), "no such directory; expected a local tokenizer directory (or null for bytes)")
+        if not any((tokenizer / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+            raise ConfigError(
+                "data.tokenizer", str(data["tokenizer"]),
+                "the directory holds no tokenizer (tokenizer.json / tokenizer_config.json); set data.tokenizer=null "
+                "for bytes, or point it at a tokenizer directory",
+            )
 
 
 def validate_recipe(cfg: Mapping[str, Any]) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from torch import Tensor, nn
 
 # keys of a config's to_dict() that describe the file, not the architecture
@@ -57,7 +58,11 @@ class HFCausalLM(nn.Module):
             reason = missing_pretrained_reason(pretrained_path)
             if reason:
                 raise FileNotFoundError(f"model.pretrained_path={pretrained_path}: {reason}")
-            self.hf = AutoModelForCausalLM.from_pretrained(str(Path(pretrained_path).expanduser()), local_files_only=True)
+            directory = str(Path(pretrained_path).expanduser())
+            if torch.empty(0).device.type == "meta":  # sizing (orch plan): the architecture, without its weights
+                self.hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory, local_files_only=True))
+            else:
+                self.hf = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
         else:
             if not model_type:
                 raise ValueError("model.model_type is required when model.pretrained_path is not set")

@@ -185,3 +185,16 @@ def test_head_pruning_of_gpt2_is_refused_when_planned(tmp_path):
                    "recipe.lm_structured.mlp_ratio=0.5"])
     with pytest.raises(ConfigError, match="recipe.lm_structured"):
         build_plan(cfg, cwd=tmp_path)
+
+
+def test_a_local_pretrained_directory_loads_its_weights_and_plans(llama, tmp_path):
+    llama.hf.save_pretrained(str(tmp_path / "pretrained"))
+    overrides = ["model=hf_causal_lm", "data=text", f"model.pretrained_path={tmp_path / 'pretrained'}"]
+    with pytest.raises(ConfigError, match="data.tokenizer=.*holds no tokenizer"):  # defaults to the model's directory
+        build_plan(compose(overrides), cwd=tmp_path)
+    cfg = compose([*overrides, "data.tokenizer=null"])
+    plan = build_plan(cfg, cwd=tmp_path)
+    assert plan.stages[0].memory.parameters == sum(p.numel() for p in llama.parameters())
+    loaded = instantiate(container(cfg.model))
+    tokens = torch.randint(0, 256, (1, 8))
+    assert torch.allclose(loaded(tokens), llama(tokens), atol=1e-5)
