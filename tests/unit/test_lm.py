@@ -169,7 +169,7 @@ def test_a_teacher_with_another_vocabulary_is_refused_before_anything_runs(tmp_p
     narrow = instantiate(container(compose(["model=gpt", "data=text"]).model))
     (tmp_path / "gpt").mkdir()
     (tmp_path / "gpt" / "model.yaml").write_text(yaml.safe_dump(container(compose(["model=gpt", "data=text"]).model)))
-    cfg = compose(["recipe=distill", "model=hf_causal_lm", "data=text", f"model.pretrained_path={tmp_path / 'student'}",
+    cfg = compose(["recipe=distill", "model=hf_causal_lm", "data=text", f"model.pretrained_path={tmp_path / 'student'}", "data.tokenizer=null",
                    f"recipe.distill.teacher={tmp_path / 'gpt'}"])
     with pytest.raises(ConfigError, match=r"recipe.distill.teacher=256.*300"):
         build_plan(cfg, cwd=tmp_path)
