@@ -95,7 +95,7 @@ def pipeline_run(ray_instance, workdir, corpus):
     for stage in OmegaConf.to_container(shipped.stages):
         kept = [o for o in stage["overrides"] if not o.startswith("trainer.max_steps=")]
         stages.append({**stage, "overrides": [*kept, f"trainer.max_steps={steps[stage['name']]}"]})
-    command_line = [*COMMON, f"data.path={corpus}", "data.block_size=32", "trainer.eval_every=0",
+    command_line = [*COMMON, "model=hf_llama", f"data.path={corpus}", "data.block_size=32", "trainer.eval_every=0",
                     "trainer.checkpoint_every=0", "tracking.experiment=lm-pipeline-e2e"]
     cfg = compose(["recipe=pipeline", "pipeline=lm_compress", "name=lm-pipe", *command_line])
     cfg.pipeline.stages = [OmegaConf.merge(OmegaConf.structured(PipelineStageConfig), s) for s in stages]
