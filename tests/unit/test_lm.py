@@ -138,9 +138,10 @@ def test_pruning_keeps_the_most_important_units():
 def test_greedy_samples_continue_a_prompt():
     from orchestrator.train.samples import greedy_continuation
 
-    model = instantiate(container(compose(["model=hf_causal_lm", "data=text"]).model)).eval()
-    continuation = greedy_continuation(model, [84, 104, 101, 32], new_tokens=70, block_size=64)
-    assert len(continuation) == 70 and all(0 <= t < 256 for t in continuation)
+    for option in ("hf_causal_lm", "gpt"):  # Hugging Face and built-in models alike
+        model = instantiate(container(compose([f"model={option}", "data=text"]).model)).eval()
+        continuation = greedy_continuation(model, [84, 104, 101, 32], new_tokens=70, block_size=64)
+        assert len(continuation) == 70 and all(0 <= t < 256 for t in continuation)
 
 
 def test_a_missing_local_model_is_an_error_naming_the_key(tmp_path):
