@@ -5,6 +5,7 @@
            from safetensors; optional structured pruning (whole neurons/channels removed: a physically smaller
            model, before DeepSpeed sees it); DeepSpeed engine; the unstructured pruning hook
            (one_shot | gradual | hold: `orchestrator.train.compression`)
+           or, for Hugging Face LMs, attention heads and MLP units removed (recipe.lm_structured)
   fit      the train recipe's loop, with the hook: masks enforced after every step and saved in every checkpoint
 The exported model is the smaller architecture (its config written into the checkpoint) with its zeros.
 
@@ -20,6 +21,8 @@ from typing import Any
 from hydra.utils import instantiate
 
 from orchestrator.compress import prune_structured, pruned_model_config
+from orchestrator.compress.lm_structured import prune_causal_lm
+from orchestrator.models.hf_causal_lm import hf_model_config
 from orchestrator.recipes.train import fit
 from orchestrator.track.model_source import load_model
 from orchestrator.train.compression import pruning_hook
@@ -43,6 +46,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ignored_layers=structured["ignored_layers"], round_to=structured["round_to"],
         )
         model_cfg = pruned_model_config(model_cfg, model)
+    lm_structured = recipe.get("lm_structured") or {}
+    if lm_structured.get("heads_ratio", 0) > 0 or lm_structured.get("mlp_ratio", 0) > 0:
+        # Hugging Face LMs: heads and MLP units removed by weight magnitude (the same choice on every rank)
+        model = prune_causal_lm(model, lm_structured["heads_ratio"], lm_structured["mlp_ratio"])
+        model_cfg = hf_model_config(model)
     engine = build_engine(model, loop_config["deepspeed"], trainer["optimizer"], loop_config["precision_auto"])
     hook = pruning_hook(engine.module, recipe["pruning"], trainer["max_steps"], engine.optimizer)
     hooks = {"sparsity": hook} if hook else {}

@@ -21,9 +21,10 @@ from torch import Tensor
 from orchestrator.compress import StepEndHook
 from orchestrator.track.worker_metrics import WorkerMetrics
 from orchestrator.train.compression import pruning_hook
-from orchestrator.train.data_order import ShardedBatches
+from orchestrator.train.data_order import training_batches
 from orchestrator.train.engine import build_engine, restore_latest, save_and_report
 from orchestrator.train.objective import task_loss
+from orchestrator.train.samples import generate_samples
 from orchestrator.train.steps import (
     Throughput,
     chaos_kill,
@@ -77,7 +78,7 @@ def fit(
             hook.load_state_dict(restored["hooks"][name])
 
     grad_accum, max_steps = trainer["grad_accum_steps"], trainer["max_steps"]
-    batches = ShardedBatches(data.train, trainer["micro_batch_size"], rank, world_size, trainer["seed"])
+    batches = training_batches(data.train, trainer["micro_batch_size"], rank, world_size, trainer["seed"])
     stream = batches.iterate_from(step * grad_accum)  # the exact data position of the restored step
     throughput = Throughput(trainer["micro_batch_size"] * grad_accum * world_size, start_step=step)
     metrics = WorkerMetrics(loop_config, rank=rank, resumed_at=step if restored else None)
@@ -116,6 +117,8 @@ def fit(
                 step_metrics["tokens_per_s"] = step_metrics["samples_per_s"] * cfg["data"]["block_size"]
         if due(step, trainer["eval_every"], max_steps):
             step_metrics.update(evaluate(engine, data.val, data.task, trainer["micro_batch_size"], rank, world_size))
+            if getattr(data, "codec", None) is not None:  # language models: what it writes, from a fixed prompt
+                metrics.log_text(generate_samples(engine, data.codec, data.block_size), f"samples/step_{step:06d}.txt")
         if step_metrics:
             metrics.log(step_metrics, step)
 

@@ -154,6 +154,14 @@ class StructuredConfig:
 
 
 @dataclass
+class LMStructuredConfig:
+    """Structured pruning of Hugging Face causal LMs (orchestrator.compress.lm_structured), before training."""
+
+    heads_ratio: float = 0.0  # fraction of every layer's attention heads removed (Llama-style models); 0 = off
+    mlp_ratio: float = 0.0  # fraction of every layer's MLP hidden units removed; 0 = off
+
+
+@dataclass
 class DistillConfig:
     """Knowledge distillation (orchestrator.compress.distill); the teacher is never wrapped by DeepSpeed."""
 
@@ -175,6 +183,7 @@ class PruneRecipeConfig(TrainRecipeConfig):
     name: str = "prune"
     input: Optional[str] = None  # the model to compress: an MLflow run id/URI, a pipeline stage name, or a dir
     structured: StructuredConfig = field(default_factory=StructuredConfig)
+    lm_structured: LMStructuredConfig = field(default_factory=LMStructuredConfig)
 
 
 @dataclass
@@ -251,6 +260,18 @@ class GPTConfig:
 
 
 @dataclass
+class HFCausalLMConfig:
+    """A transformers causal LM (orchestrator.models.hf_causal_lm): from model_type + config, or a local directory."""
+
+    _target_: str = "orchestrator.models.hf_causal_lm.HFCausalLM"
+    model_type: Optional[str] = "gpt2"  # any AutoConfig model type; ignored with pretrained_path
+    config: Dict[str, Any] = field(default_factory=dict)  # that architecture's own config keys (sizes, dropout)
+    vocab_size: Optional[int] = None  # overrides config.vocab_size (null: the config's or the pretrained model's)
+    block_size: Optional[int] = None  # overrides the maximum positions
+    pretrained_path: Optional[str] = None  # a local save_pretrained directory; never downloaded
+
+
+@dataclass
 class DigitsConfig:
     _target_: str = "orchestrator.data.digits.load_digits_splits"
     task: str = "classification"
@@ -281,6 +302,11 @@ class TextConfig:
     block_size: int = 64
     vocab_size: int = 256  # byte-level: every byte is a token
     val_fraction: float = 0.1
+    tokenizer: Optional[str] = None  # a local Hugging Face tokenizer directory; null = bytes (vocabulary 256)
+    text_field: str = "text"  # .jsonl files: the field that holds the text
+    streaming: bool = False  # read the files as a stream (larger than memory); validation = the first val_blocks
+    val_blocks: int = 64  # streaming only: blocks held out for validation
+    shuffle_buffer: int = 1000  # streaming only: examples in the shuffle buffer (0 = file order)
 
 
 @dataclass
@@ -312,6 +338,7 @@ def register_schemas() -> None:
     cs.store(group="schema/model", name="mlp", node=MLPConfig)
     cs.store(group="schema/model", name="cnn", node=CNNConfig)
     cs.store(group="schema/model", name="gpt", node=GPTConfig)
+    cs.store(group="schema/model", name="hf_causal_lm", node=HFCausalLMConfig)
     cs.store(group="schema/data", name="digits", node=DigitsConfig)
     cs.store(group="schema/data", name="synthetic", node=SyntheticConfig)
     cs.store(group="schema/data", name="text", node=TextConfig)

@@ -115,9 +115,27 @@ def validate_model_and_data(cfg: Mapping[str, Any], choices: Mapping[str, str]) 
     if "val_fraction" in data and not 0 < data["val_fraction"] < 1:
         raise ConfigError("data.val_fraction", data["val_fraction"], "expected a fraction strictly between 0 and 1")
     if "path" in data:
-        path = Path(str(data["path"])).expanduser()
-        if not path.is_file():
-            raise ConfigError("data.path", str(data["path"]), "no such file; expected a readable text file")
+        import glob
+
+        path = str(Path(str(data["path"])).expanduser())
+        if not any(Path(match).is_file() for match in glob.glob(path, recursive=True)):
+            raise ConfigError("data.path", str(data["path"]), "no such file; expected a readable text/JSONL file or a glob of them")
+    if model.get("pretrained_path"):
+        from orchestrator.models.hf_causal_lm import missing_pretrained_reason
+
+        reason = missing_pretrained_reason(str(model["pretrained_path"]))
+        if reason:
+            raise ConfigError("model.pretrained_path", str(model["pretrained_path"]), reason)
+    if data.get("tokenizer"):
+        tokenizer = Path(str(data["tokenizer"])).expanduser()
+        if not tokenizer.is_dir():
+            raise ConfigError("data.tokenizer", str(data["tokenizer"]), "no such directory; expected a local tokenizer directory (or null for bytes)")
+        if not any((tokenizer / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+            raise ConfigError(
+                "data.tokenizer", str(data["tokenizer"]),
+                "the directory holds no tokenizer (tokenizer.json / tokenizer_config.json); set data.tokenizer=null "
+                "for bytes, or point it at a tokenizer directory",
+            )
 
 
 def validate_recipe(cfg: Mapping[str, Any]) -> None:
@@ -148,6 +166,7 @@ def local_cpu_count() -> float:
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
 STRUCTURED_MODELS = ("orchestrator.models.mlp.MLP", "orchestrator.models.cnn.CNN", "orchestrator.models.gpt.GPT")
+HF_MODEL = "orchestrator.models.hf_causal_lm.HFCausalLM"
 REFERENCE_FORMS = (
     "an MLflow run id (32 hex characters), a runs:/<run id>/model URI, or a directory holding an exported model "
     "(model.yaml + model.safetensors) or an orch checkpoint"
@@ -178,8 +197,16 @@ def validate_reference(key: str, value: Optional[str], stage_names: Sequence[str
 
 def output_size(model: Mapping[str, Any]) -> Optional[int]:
     """Width of a model's output (classes or vocabulary), from its config; None for a model that has neither key."""
+    if model.get("pretrained_path"):  # a pretrained model's vocabulary is its own (config.json), not the YAML's
+        import json
+
+        config_file = Path(str(model["pretrained_path"])).expanduser() / "config.json"
+        if config_file.is_file():
+            return int(json.loads(config_file.read_text())["vocab_size"])
+    if model.get("vocab_size") is None and isinstance(model.get("config"), Mapping) and "vocab_size" in model["config"]:
+        return int(model["config"]["vocab_size"])  # an exported Hugging Face model (model.yaml)
     for key in ("num_classes", "vocab_size"):
-        if key in model:
+        if model.get(key) is not None:
             return int(model[key])
     return None
 
@@ -240,6 +267,23 @@ def validate_compression(cfg: Mapping[str, Any]) -> None:
                     f"ceil(ratio * heads) heads are removed per layer and a layer has {fewest}; expected a ratio "
                     f"below {(fewest - 1) / fewest:.3f} so each layer keeps a head",
                 )
+    lm_structured = recipe.get("lm_structured")
+    if lm_structured is not None and (lm_structured["heads_ratio"] > 0 or lm_structured["mlp_ratio"] > 0):
+        _fraction("recipe.lm_structured.heads_ratio", lm_structured["heads_ratio"], False, "heads_ratio")
+        _fraction("recipe.lm_structured.mlp_ratio", lm_structured["mlp_ratio"], False, "mlp_ratio")
+        model = cfg["model"]
+        if model.get("_target_") != HF_MODEL:
+            raise ConfigError(
+                "recipe.lm_structured", dict(lm_structured),
+                f"removes heads/MLP units of Hugging Face models (model=hf_causal_lm or hf_llama); the model is "
+                f"{model.get('_target_')}",
+            )
+        if lm_structured["heads_ratio"] > 0 and model.get("model_type") == "gpt2" and not model.get("pretrained_path"):
+            raise ConfigError(
+                "recipe.lm_structured.heads_ratio", lm_structured["heads_ratio"],
+                "GPT-2 heads cannot be removed in a form transformers 5 loads back; use 0 (MLP units only) or a "
+                "Llama-style model (model=hf_llama)",
+            )
     distill = recipe.get("distill")
     if distill is not None:
         if distill["temperature"] <= 0:

@@ -70,6 +70,7 @@ def measure(fp32_model: nn.Module, served_model: nn.Module, data, batch_size: in
     }
     if data.task == "lm":
         row["val_perplexity"] = quality["val_perplexity"]
+        row["tokens_per_s"] = batch.numel() / (row["latency_ms"] / 1000)  # CPU, one thread: comparable across stages
     else:
         row["val_accuracy"] = quality["val_accuracy"]
     return row
@@ -104,6 +105,7 @@ HEADERS = {
     "latency_ms": "latency/batch",
     "val_accuracy": "accuracy",
     "val_perplexity": "perplexity",
+    "tokens_per_s": "tokens/s",
 }
 
 
@@ -124,6 +126,8 @@ def _show(key: str, value: Any) -> str:
         return f"{value / 1024:.1f}K"
     if key == "latency_ms":
         return f"{value:.2f} ms"
+    if key == "tokens_per_s":
+        return f"{value:,.0f}"
     if isinstance(value, float):
         return f"{value:.4f}"
     if isinstance(value, int):

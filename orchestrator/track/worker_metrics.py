@@ -55,6 +55,10 @@ class WorkerMetrics:
         if self.progress is not None:
             self.progress.update.remote(step, metrics)
 
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.enabled:
+            self.client.log_text(self.run_id, text, artifact_file)  # type: ignore[union-attr]
+
     def diverged(self, step: int) -> None:
         """Tell the driver, which fails the stage with a typed error (the workers end without saving)."""
         if self.enabled and self.progress is not None:

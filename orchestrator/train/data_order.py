@@ -49,3 +49,53 @@ def shard_for_eval(dataset: Dataset, rank: int, world_size: int) -> list[int]:
 def example_inputs(dataset: Dataset, count: int = 2) -> torch.Tensor:
     """The inputs of the first `count` examples as one batch: identical on every rank (tracing, shape probes)."""
     return torch.stack([dataset[index][0] for index in range(count)])
+
+
+class StreamBatches:
+    """Batches of a streamed (iterable) training set: this worker's shard, reshuffled every epoch, resumable.
+
+    Each rank reads its own shard (`split_dataset_by_node`: whole files when their number divides the world size,
+    else every rank reads all and keeps every world_size-th example). A stream has no length, so ranks may reach an
+    epoch's end at different steps; each just starts its next epoch, and no rank ever runs dry. Resuming at a
+    micro-step replays the stream from the start and discards that many batches: the position is exact (the order
+    is a pure function of seed, epoch and rank) but costs a re-read of what was already trained on.
+    """
+
+    def __init__(self, dataset, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+        from datasets.distributed import split_dataset_by_node
+
+        self.shard = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+        self.batch_size, self.seed = batch_size, seed
+
+    def _epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        self.shard.set_epoch(self.seed + epoch)
+        blocks: list[torch.Tensor] = []
+        for example in self.shard:
+            blocks.append(torch.as_tensor(example["block"]))
+            if len(blocks) == self.batch_size:
+                batch = torch.stack(blocks)
+                yield batch[:, :-1], batch[:, 1:]
+                blocks = []
+
+    def iterate_from(self, micro_step: int) -> Iterator[tuple[torch.Tensor, ...]]:
+        epoch, produced = 0, 0
+        while True:
+            empty = True
+            for batch in self._epoch(epoch):
+                empty = False
+                if produced >= micro_step:
+                    yield batch
+                produced += 1
+            if empty:
+                raise ValueError(
+                    f"this worker's shard of the stream holds fewer than trainer.micro_batch_size={self.batch_size} "
+                    "blocks; lower the batch size or the number of workers"
+                )
+            epoch += 1
+
+
+def training_batches(dataset, batch_size: int, rank: int, world_size: int, seed: int):
+    """ShardedBatches for a map-style dataset, StreamBatches for a streamed one (`datasets.IterableDataset`)."""
+    if hasattr(dataset, "__len__"):
+        return ShardedBatches(dataset, batch_size, rank, world_size, seed)
+    return StreamBatches(dataset, batch_size, rank, world_size, seed)

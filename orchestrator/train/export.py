@@ -54,8 +54,53 @@ def export_model(checkpoint_dir: str | Path, model_cfg: Mapping[str, Any], out_d
     model: nn.Module = instantiate(dict(model_cfg))
     model.load_state_dict(state)
     save_model(model, str(out_dir / WEIGHTS_FILE))  # handles tied weights (GPT's lm_head ↔ tok_emb)
+    if is_hf_model(model):
+        model_cfg = export_hf_model(model, model_cfg, out_dir)
     (out_dir / CONFIG_FILE).write_text(yaml.safe_dump(dict(model_cfg), sort_keys=False))
     return out_dir
+
+
+HF_DIR = "hf"  # beside model.safetensors: the same weights as a Hugging Face model directory
+
+
+def is_hf_model(model: nn.Module) -> bool:
+    from orchestrator.models.hf_causal_lm import HFCausalLM
+
+    return isinstance(model, HFCausalLM)
+
+
+def export_hf_model(model: nn.Module, model_cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Hugging Face LMs also go out as `save_pretrained` (plus the tokenizer of a pretrained source), so that
+    `AutoModelForCausalLM.from_pretrained(<model>/hf)` loads them anywhere. Returns the model.yaml to write: the full
+    architecture, independent of the pretrained directory it may have started from."""
+    from orchestrator.models.hf_causal_lm import hf_model_config
+
+    hf_dir = out_dir / HF_DIR
+    model.hf.save_pretrained(str(hf_dir))  # type: ignore[union-attr, operator]
+    source = model_cfg.get("pretrained_path")
+    if source and any(Path(source, name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(source, local_files_only=True).save_pretrained(str(hf_dir))
+    save_mlflow_model(model.hf, out_dir / MLFLOW_MODEL_DIR)  # type: ignore[union-attr, arg-type]
+    return hf_model_config(model)  # type: ignore[arg-type]
+
+
+MLFLOW_MODEL_DIR = "mlflow_model"  # an MLflow Model (pytorch flavour): `mlflow.register_model("runs:/<id>/model/mlflow_model", ...)`
+
+
+def save_mlflow_model(hf_model: nn.Module, path: Path) -> None:
+    """The transformers model as an MLflow Model, so that the run's model can be registered and served.
+
+    pytorch flavour, because MLflow's transformers flavour needs a tokenizer to build a pipeline and byte-level
+    models have none; "pickle" serialization, because "pt2" traces one fixed input shape. Loading it unpickles:
+    the pickle-free ways to the same weights are `hf/` (from_pretrained) and model.safetensors (load_exported).
+    Requirements are given, not inferred: inference imports the model in a subprocess (slow)."""
+    import mlflow.pytorch
+    import transformers
+
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]
+    mlflow.pytorch.save_model(hf_model, str(path), pip_requirements=requirements, serialization_format="pickle")
 
 
 def mark_quantized(model_dir: str | Path, skip: list[str]) -> None:

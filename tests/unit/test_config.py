@@ -38,7 +38,7 @@ def plan(tmp_path: Path, *overrides: str):
 
 @pytest.mark.parametrize(
     "overrides",
-    [[f"model={m}", f"data={d}"] for m, d in [("mlp", "digits"), ("cnn", "digits"), ("mlp", "synthetic"), ("gpt", "text")]]
+    [[f"model={m}", f"data={d}"] for m, d in [("mlp", "digits"), ("cnn", "digits"), ("mlp", "synthetic"), ("gpt", "text"), ("hf_causal_lm", "text"), ("hf_llama", "text")]]
     + [[f"trainer={t}"] for t in options("trainer")]
     + [[f"cluster={c}"] for c in options("cluster")]
     + [[f"tracking={t}"] for t in options("tracking")]
@@ -157,5 +157,5 @@ def test_run_help_lists_config_groups():
         [sys.executable, "-m", "orchestrator.cli", "run", "--help"], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0
-    for group in ("model: cnn, gpt, mlp", "data: digits, synthetic, text", "trainer: default, gpu", "cluster: local, ray"):
+    for group in ("model: cnn, gpt, hf_causal_lm, hf_llama, mlp", "data: digits, synthetic, text", "trainer: default, gpu", "cluster: local, ray"):
         assert group in out.stdout

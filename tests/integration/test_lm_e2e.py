@@ -1,0 +1,127 @@
+"""Language models end to end on real Ray workers, DeepSpeed engines and an MLflow store, on generated text.
+
+Two module-scoped runs: a Hugging Face GPT-2-architecture model trained by 2 DeepSpeed workers (perplexity drops,
+samples logged, exported in Hugging Face format), and the shipped lm_compress pipeline on tiny settings (Llama-style
+teacher -> heads and MLP units pruned -> distilled), whose report and final model are checked.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+from omegaconf import OmegaConf
+
+from orchestrator.config import compose
+from orchestrator.config.schema import PipelineStageConfig
+from orchestrator.plan import build_plan
+from orchestrator.stage_runner import run_plan
+
+pytestmark = pytest.mark.slow
+
+WORDS = "the a cat dog sat ran on under mat log and then".split()
+COMMON = ["data=text", "trainer.log_every=5", "tracking.system_metrics=false", "trainer.precision=fp32"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("lm-text") / "corpus.txt"
+    path.write_text("".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 8))) + ".\n" for _ in range(1500)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def client(workdir) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def gpt2_run(ray_instance, workdir, corpus):
+    overrides = [
+        *COMMON, "model=hf_causal_lm", f"data.path={corpus}", "data.block_size=32", "name=hf-gpt2",
+        "model.config.n_embd=96", "trainer.num_workers=2", "trainer.micro_batch_size=16", "trainer.max_steps=60",
+        "trainer.eval_every=20", "trainer.checkpoint_every=0", "trainer.optimizer.lr=3e-3", "tracking.experiment=lm-e2e",
+    ]
+    plan = build_plan(compose(overrides), cwd=workdir)
+    [result] = run_plan(plan)
+    return plan, result
+
+
+def test_a_hugging_face_gpt2_trains_on_two_deepspeed_workers_and_perplexity_drops(gpt2_run, client):
+    plan, result = gpt2_run
+    assert plan.stages[0].num_workers == 2 and 200_000 < plan.stages[0].memory.parameters < 500_000
+    perplexity = sorted(client.get_metric_history(result.run_id, "val_perplexity"), key=lambda m: m.step)
+    assert [m.step for m in perplexity] == [20, 40, 60]
+    assert perplexity[-1].value < perplexity[0].value and perplexity[-1].value < 256 / 4  # uniform over bytes: 256
+    assert client.get_metric_history(result.run_id, "tokens_per_s")
+
+
+def test_samples_from_a_fixed_prompt_are_logged_at_every_evaluation(gpt2_run, client, tmp_path):
+    _, result = gpt2_run
+    files = sorted(a.path for a in client.list_artifacts(result.run_id, "samples"))
+    assert files == ["samples/step_000020.txt", "samples/step_000040.txt", "samples/step_000060.txt"]
+    text = Path(client.download_artifacts(result.run_id, files[-1], str(tmp_path))).read_text()
+    assert "--- prompt: 'The '" in text and len(text) > 60
+
+
+def test_the_exported_model_is_a_hugging_face_directory(gpt2_run, client, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from orchestrator.train.export import load_exported
+
+    _, result = gpt2_run
+    local = Path(client.download_artifacts(result.run_id, "model", str(tmp_path)))
+    hf = AutoModelForCausalLM.from_pretrained(str(local / "hf"), local_files_only=True)
+    ours = load_exported(local)
+    tokens = torch.randint(0, 256, (1, 16))
+    assert torch.allclose(hf(input_ids=tokens).logits, ours(tokens), atol=1e-5)
+    assert yaml.safe_load((local / "model.yaml").read_text())["config"]["n_embd"] == 96
+    # an MLflow Model beside it, so the run's model can be registered
+    client.create_registered_model("lm-e2e-gpt2")
+    version = client.create_model_version("lm-e2e-gpt2", f"runs:/{result.run_id}/model/mlflow_model", run_id=result.run_id)
+    assert version.status == "READY" and (local / "mlflow_model" / "MLmodel").is_file()
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(ray_instance, workdir, corpus):
+    shipped = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "pipeline" / "lm_compress.yaml")
+    steps = {"teacher": 60, "pruned": 10, "student": 30}
+    stages = []
+    for stage in OmegaConf.to_container(shipped.stages):
+        kept = [o for o in stage["overrides"] if not o.startswith("trainer.max_steps=")]
+        stages.append({**stage, "overrides": [*kept, f"trainer.max_steps={steps[stage['name']]}"]})
+    command_line = [*COMMON, "model=hf_llama", f"data.path={corpus}", "data.block_size=32", "trainer.eval_every=0",
+                    "trainer.checkpoint_every=0", "tracking.experiment=lm-pipeline-e2e"]
+    cfg = compose(["recipe=pipeline", "pipeline=lm_compress", "name=lm-pipe", *command_line])
+    cfg.pipeline.stages = [OmegaConf.merge(OmegaConf.structured(PipelineStageConfig), s) for s in stages]
+    plan = build_plan(cfg, cwd=workdir, overrides=command_line)
+    return plan, run_plan(plan)
+
+
+def test_the_lm_pipeline_prunes_distills_and_reports_every_stage(pipeline_run, client, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    plan, results = pipeline_run
+    ids = {result.stage: result.run_id for result in results}
+    assert sorted(ids) == ["pruned", "student", "teacher"]
+    [parent] = client.search_runs(
+        [client.get_experiment_by_name("lm-pipeline-e2e").experiment_id],
+        filter_string=f"tags.`orch.run_name` = '{plan.run_name}'",
+    )
+    report_file = client.download_artifacts(parent.info.run_id, "report/compression_report.csv", str(tmp_path))
+    header, *rows = [line.split(",") for line in Path(report_file).read_text().splitlines()]
+    table = {row[0]: dict(zip(header, row)) for row in rows}
+    assert {"val_perplexity", "parameters", "size_bytes", "tokens_per_s"} <= set(header)
+    assert int(table["pruned"]["parameters"]) < int(table["teacher"]["parameters"])
+    assert table["student"]["parameters"] == table["pruned"]["parameters"]
+    assert float(table["teacher"]["val_perplexity"]) < 256 / 4 and float(table["student"]["val_perplexity"]) < 256 / 2
+    # the final model loads with transformers alone, smaller by its saved config
+    local = Path(client.download_artifacts(ids["student"], "model", str(tmp_path / "student")))
+    student = AutoModelForCausalLM.from_pretrained(str(local / "hf"), local_files_only=True)
+    assert student.config.num_attention_heads == 2 and student.config.intermediate_size == 128
+    assert torch.isfinite(student(input_ids=torch.randint(0, 256, (1, 16))).logits).all()
