@@ -42,7 +42,7 @@ def comm_share(output: str, warmup: int) -> Optional[float]:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    steps, warmup = (60, 10) if quick else (150, 20)
+    steps, warmup = (40, 10) if quick else (150, 20)
     tokens = MODELS[MODEL]["tokens"]
     out: dict[str, Any] = {"settings": {"model": MODEL, "steps": steps, "warmup": warmup, "cpus_per_worker": 0.5, "threads_per_worker": 1}}
     with Workdir() as workdir:
