@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import tempfile
 import time
 from typing import Any
@@ -83,7 +84,18 @@ def main(argv: list[str] | None = None) -> None:
     import json
 
     temp_dir = tempfile.mkdtemp(prefix="bench-ray-", dir="/tmp")
-    ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING, _temp_dir=temp_dir)
+    # A private local Ray with its dashboard, as ray.init() gives by default (and as orch starts it), on a free port
+    # and in its own temp dir so it never meets another Ray on a shared machine.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dashboard_port = probe.getsockname()[1]
+    ray.init(
+        address="local",
+        include_dashboard=True,
+        dashboard_port=dashboard_port,
+        logging_level=logging.WARNING,
+        _temp_dir=temp_dir,
+    )
     mark(args.timeline, "ray_ready")
     try:
         trainer = TorchTrainer(
