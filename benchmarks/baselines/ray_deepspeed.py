@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         _temp_dir=temp_dir,
     )
     mark(args.timeline, "ray_ready")
+    storage = tempfile.mkdtemp(prefix="bench-ray-storage-")
     try:
         trainer = TorchTrainer(
             train_loop,
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
             },
             scaling_config=ray.train.ScalingConfig(num_workers=args.workers, resources_per_worker={"CPU": args.cpus_per_worker}),
             run_config=ray.train.RunConfig(
-                storage_path=tempfile.mkdtemp(prefix="bench-ray-storage-"),
+                storage_path=storage,
                 worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}},
             ),
         )
@@ -120,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result.metrics))
     finally:
         ray.shutdown()
+        for directory in (temp_dir, storage):
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 if __name__ == "__main__":
