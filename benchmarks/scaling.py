@@ -48,7 +48,7 @@ def run(quick: bool) -> dict[str, Any]:
     with Workdir() as workdir:
         for workers in (1, 2, 4):
             print(f"  scaling workers={workers}", flush=True)
-            breakdown = ["trainer.deepspeed={wall_clock_breakdown: true}"] if quick and workers > 1 else []
+            breakdown = ["+trainer.deepspeed.wall_clock_breakdown=true"] if quick and workers > 1 else []
             timeline = run_process(orch_command([*overrides(workers, steps), *breakdown]), workdir)
             median = summarize(timeline.steady(warmup))["median"]
             entry: dict[str, Any] = {"step_time_median_s": median, "failed": timeline.returncode != 0}
@@ -60,7 +60,7 @@ def run(quick: bool) -> dict[str, Any]:
             elif workers > 1:
                 print(f"  scaling workers={workers} (DeepSpeed wall-clock breakdown)", flush=True)
                 profiled = run_process(
-                    orch_command([*overrides(workers, steps), "trainer.deepspeed={wall_clock_breakdown: true}"]), workdir
+                    orch_command([*overrides(workers, steps), "+trainer.deepspeed.wall_clock_breakdown=true"]), workdir
                 )
                 entry["comm_share"] = comm_share(profiled.output, warmup)
             out[f"w{workers}"] = entry
