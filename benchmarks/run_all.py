@@ -1,7 +1,7 @@
 """Run the performance benchmarks and write benchmarks/results/<timestamp>.json and .md (figures + machine).
 
-    python -m benchmarks.run_all                  # everything, full settings (~1 h on a loaded 2-core machine)
-    python -m benchmarks.run_all --quick          # fewer repeats and steps (~25 min there)
+    python -m benchmarks.run_all                  # everything, full settings (several times the quick run's fits)
+    python -m benchmarks.run_all --quick          # fewer repeats and steps (~55 min on 2 cores at load ~20)
     python -m benchmarks.run_all --only step_overhead startup
     python -m benchmarks.run_all --list
 
