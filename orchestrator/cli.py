@@ -101,6 +101,9 @@ def _run_hydra(command: str, argv: list[str]) -> None:
 
     from orchestrator.config import CONFIG_MODULE, user_config_dir
 
+    if argv and argv[0] in ("--help", "-h"):
+        _print_run_help(command)
+        return
     _mode["plan_only"] = command == "plan" or "--plan" in argv
     argv = [arg for arg in argv if arg != "--plan"]
     user_conf = user_config_dir()
@@ -109,6 +112,16 @@ def _run_hydra(command: str, argv: list[str]) -> None:
     sys.argv = [f"orch {command}", *argv]
     main = hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")(_app)
     main()
+
+
+def _print_run_help(command: str) -> None:
+    from orchestrator.config import config_groups
+
+    print(f"usage: orch {command} [--plan] [-m] [key=value ...]   (Hydra overrides; `orch plan` prints the resolved config)\n")
+    print("config groups (choose one option each, e.g. model=cnn):")
+    for group, options in config_groups().items():
+        print(f"  {group}: {', '.join(options)}")
+    print("\nHydra's own flags (--cfg job, --info, --hydra-help, -m ...) work as usual.")
 
 
 def _ui(argv: list[str]) -> None:

@@ -21,6 +21,7 @@ from rich.console import Console
 from orchestrator.launch.ray_session import cluster_capacity, ray_session, worker_env
 from orchestrator.plan import Plan, StagePlan, TrackingPlan
 from orchestrator.track.lineage import CACHE_KEY_TAG
+from orchestrator.train import timeline
 
 if TYPE_CHECKING:
     from orchestrator.track.mlflow_run import StageRun
@@ -185,6 +186,7 @@ def _fit(
         ),
     )
     label = f"{stage.name} · {stage.run_name}"
+    timeline.mark("fit_start")
     result = run_with_progress(trainer.fit, board, trainer_cfg["max_steps"], label, console)
     failure = ray.get(board.failure_reported.remote())
     if failure is not None and failure["kind"] == "diverged":

@@ -20,9 +20,11 @@ from torch import Tensor
 
 from orchestrator.compress import StepEndHook
 from orchestrator.track.worker_metrics import WorkerMetrics
+from orchestrator.train import timeline
 from orchestrator.train.compression import pruning_hook
 from orchestrator.train.data_order import training_batches
 from orchestrator.train.engine import build_engine, restore_latest, save_and_report
+from orchestrator.train.mfu import flops_per_sample, mfu, peak_flops_for
 from orchestrator.train.objective import task_loss
 from orchestrator.train.samples import generate_samples
 from orchestrator.train.steps import (
@@ -43,10 +45,14 @@ Objective = Callable[[Tensor, Tensor], Tensor]  # (inputs, targets) as the data 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg, trainer = loop_config["config"], loop_config["config"]["trainer"]
-    start_worker(trainer)
+    rank, _ = start_worker(trainer)
+    if rank == 0:
+        timeline.mark("worker_start")
     data = instantiate(cfg["data"])
     model = instantiate(cfg["model"])
     engine = build_engine(model, loop_config["deepspeed"], trainer["optimizer"], loop_config["precision_auto"])
+    if rank == 0:
+        timeline.mark("engine_ready")
     hook = pruning_hook(engine.module, cfg["recipe"]["pruning"], trainer["max_steps"], engine.optimizer)
     fit(engine, data, loop_config, hooks={"sparsity": hook} if hook else {})
 
@@ -82,6 +88,9 @@ def fit(
     stream = batches.iterate_from(step * grad_accum)  # the exact data position of the restored step
     throughput = Throughput(trainer["micro_batch_size"] * grad_accum * world_size, start_step=step)
     metrics = WorkerMetrics(loop_config, rank=rank, resumed_at=step if restored else None)
+    clock = timeline.StepClock(rank)
+    peak = peak_flops_for(torch.cuda.get_device_name(), trainer.get("peak_tflops")) if torch.device(engine.device).type == "cuda" else None
+    sample_flops = flops_per_sample(engine.module, cfg["data"].get("block_size", 1) if data.task == "lm" else 1)
 
     # --- loop ---
     bad_step: Optional[int] = None  # this rank's first step with a non-finite loss or gradient norm
@@ -95,6 +104,7 @@ def fit(
             engine.step()
             step_loss += loss.detach().double().cpu()
         step += 1
+        clock.tick(step)
         throughput.step_done(step)
         if bad_step is None and not is_finite_step(step_loss, engine):
             bad_step = step
@@ -115,6 +125,8 @@ def fit(
             step_metrics.update(throughput.read())
             if data.task == "lm" and "samples_per_s" in step_metrics:
                 step_metrics["tokens_per_s"] = step_metrics["samples_per_s"] * cfg["data"]["block_size"]
+            if peak and "samples_per_s" in step_metrics:
+                step_metrics["mfu"] = mfu(step_metrics["samples_per_s"], sample_flops, world_size, peak)
         if due(step, trainer["eval_every"], max_steps):
             step_metrics.update(evaluate(engine, data.val, data.task, trainer["micro_batch_size"], rank, world_size))
             if getattr(data, "codec", None) is not None:  # language models: what it writes, from a fixed prompt
@@ -130,7 +142,9 @@ def fit(
                 dist.all_gather_object(digests, weights_digest(engine))
                 report["rank_weight_digests"] = ",".join(d or "" for d in digests)
             hook_states = {name: hook.state_dict() for name, hook in hooks.items()}
+            metrics.flush()
             save_and_report(engine, step, report, client_state={"hooks": hook_states}, model_spec=model_spec)
 
     # --- cleanup ---
+    clock.close()
     metrics.close()

@@ -83,6 +83,8 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     max_failures: int = 2  # worker-group restarts Ray Train may make before the run fails
     seed: int = 0
+    # GPU only: peak TFLOP/s of one device for the `mfu` metric; null = looked up by device name (orchestrator/train/mfu.py)
+    peak_tflops: Optional[float] = None
     storage_path: Optional[str] = None  # checkpoints; null = ./orch_runs (use shared storage on a cluster)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -14,6 +14,8 @@ import tempfile
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Optional
 
+from orchestrator.train import timeline
+
 # Variables a worker needs to reach MLflow and find compiled ops; read from the driver's environment.
 FORWARDED_ENV = (
     "MLFLOW_TRACKING_URI",
@@ -24,6 +26,7 @@ FORWARDED_ENV = (
     "MLFLOW_ALLOW_FILE_STORE",
     "TORCH_EXTENSIONS_DIR",
     "ORCH_CHAOS_KILL",
+    "ORCH_TIMELINE",
 )
 
 
@@ -62,6 +65,7 @@ def ray_session(cluster: Mapping[str, Any]) -> Iterator[None]:
                 logging_level=logging.WARNING,
                 _temp_dir=temp_dir,
             )
+            timeline.mark("ray_ready")
             yield
         finally:
             ray.shutdown()

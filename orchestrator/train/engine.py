@@ -16,6 +16,7 @@ import torch
 import yaml
 from torch import nn
 
+from orchestrator.train import timeline
 from orchestrator.train.checkpoints import complete_checkpoints, load_first_good, write_marker
 
 
@@ -65,17 +66,23 @@ def save_and_report(
     import ray.train
     import torch.distributed as dist
 
+    rank = dist.get_rank() if dist.is_initialized() else 0
     with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as local_dir:
+        if rank == 0:
+            timeline.mark("checkpoint_start", step=step)
         engine.save_checkpoint(local_dir, tag=checkpoint_tag(step), client_state={"step": step, **(client_state or {})})
-        rank = dist.get_rank() if dist.is_initialized() else 0
         if model_spec is not None and rank == 0:
             (Path(local_dir) / MODEL_SPEC_FILE).write_text(yaml.safe_dump(model_spec, sort_keys=False))
         write_marker(local_dir, rank, checkpoint_tag(step))
+        if rank == 0:
+            timeline.mark("checkpoint_saved", step=step)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(local_dir),
             checkpoint_dir_name=f"checkpoint_{checkpoint_tag(step)}",
         )
+        if rank == 0:
+            timeline.mark("checkpoint_reported", step=step)
 
 
 def restore_latest(engine) -> Optional[dict[str, Any]]:

@@ -1,0 +1,1 @@
+"""Reference implementations the orchestrator is measured against; they import no orchestrator code."""
