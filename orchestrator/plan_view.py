@@ -49,7 +49,7 @@ def print_plan(plan: Plan, console: Optional[Console] = None) -> None:
             resources,
             stage.placement_strategy,
             stage.backend,
-            stage.precision,
+            f"auto: {stage.precision} (fp32 on CPUs without bf16)" if stage.config["trainer"]["precision"] == "auto" else stage.precision,
             str(stage.deepspeed["zero_optimization"]["stage"]),
         )
     console.print(table)

@@ -23,7 +23,7 @@ from orchestrator.track.worker_metrics import WorkerMetrics
 from orchestrator.train import timeline
 from orchestrator.train.compression import pruning_hook
 from orchestrator.train.data_order import training_batches
-from orchestrator.train.engine import build_engine, restore_latest, save_and_report
+from orchestrator.train.engine import build_engine, engine_precision, restore_latest, save_and_report
 from orchestrator.train.mfu import flops_per_sample, mfu, peak_flops_for
 from orchestrator.train.objective import task_loss
 from orchestrator.train.samples import generate_samples
@@ -88,6 +88,7 @@ def fit(
     stream = batches.iterate_from(step * grad_accum)  # the exact data position of the restored step
     throughput = Throughput(trainer["micro_batch_size"] * grad_accum * world_size, start_step=step)
     metrics = WorkerMetrics(loop_config, rank=rank, resumed_at=step if restored else None)
+    metrics.set_tag("orch.precision", engine_precision(engine))  # what precision=auto became on this device
     clock = timeline.StepClock(rank)
     peak = peak_flops_for(torch.cuda.get_device_name(), trainer.get("peak_tflops")) if torch.device(engine.device).type == "cuda" else None
     sample_flops = flops_per_sample(engine.module, cfg["data"].get("block_size", 1) if data.task == "lm" else 1)

@@ -68,6 +68,10 @@ class WorkerMetrics:
         if self.progress is not None:
             self.progress.update.remote(step, metrics)
 
+    def set_tag(self, key: str, value: str) -> None:
+        if self.enabled:
+            self.client.set_tag(self.run_id, key, value)  # type: ignore[union-attr]
+
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.enabled:
             self.client.log_text(self.run_id, text, artifact_file)  # type: ignore[union-attr]

@@ -20,13 +20,49 @@ from orchestrator.train import timeline
 from orchestrator.train.checkpoints import complete_checkpoints, load_first_good, write_marker
 
 
+CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 (AVX512-BF16, AMX) and Arm ("bf16" in Features)
+
+
+def cpu_has_native_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU computes in bf16 natively. Without it PyTorch emulates bf16 matmuls, measured ~9x slower
+    than fp32 on an AVX2 server (benchmarks/zero_precision.py), so precision=auto must not pick bf16 there."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flags = set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return bool(flags & CPU_BF16_FLAGS)
+
+
+def auto_precision_config(ds_config: dict[str, Any]) -> dict[str, Any]:
+    """precision=auto, decided on the worker where the device is known: the plan's bf16 stays on Ampere-or-newer
+    GPUs and CPUs with native bf16; older GPUs get fp16 with dynamic loss scaling, other CPUs fp32."""
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return ds_config
+        ds_config = {key: value for key, value in ds_config.items() if key != "bf16"}
+        ds_config["fp16"] = {"enabled": True, "auto_cast": True, "loss_scale": 0, "initial_scale_power": 16}
+        return ds_config
+    if cpu_has_native_bf16():
+        return ds_config
+    return {key: value for key, value in ds_config.items() if key != "bf16"}
+
+
+def engine_precision(engine) -> str:
+    if engine.bfloat16_enabled():
+        return "bf16"
+    return "fp16" if engine.fp16_enabled() else "fp32"
+
+
 def build_engine(model: nn.Module, ds_config: dict[str, Any], optimizer_cfg: Mapping[str, Any], precision_auto: bool):
     import deepspeed
 
-    if precision_auto and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        # precision=auto on a pre-Ampere GPU: fp16 with the dynamic loss scaling already in the generated config
-        ds_config = {key: value for key, value in ds_config.items() if key != "bf16"}
-        ds_config["fp16"] = {"enabled": True, "auto_cast": True, "loss_scale": 0, "initial_scale_power": 16}
+    if precision_auto:
+        ds_config = auto_precision_config(ds_config)
     client_optimizer: Optional[torch.optim.Optimizer] = None
     if optimizer_cfg["name"] == "sgd":
         client_optimizer = torch.optim.SGD(

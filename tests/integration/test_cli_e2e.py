@@ -16,6 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from orchestrator.launch.ray_session import free_port
+from orchestrator.train.engine import cpu_has_native_bf16
 
 pytestmark = pytest.mark.slow
 
@@ -56,6 +57,8 @@ def test_orch_run_prints_progress_and_a_summary_and_writes_the_local_store(user_
     run = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}").search_runs(["1"])[0]
     assert run.info.run_name == "first" and run.info.status == "FINISHED"
     assert run.data.metrics["val_accuracy"] > 0.5
+    # precision=auto (the default) became bf16 only where the CPU computes bf16 natively
+    assert run.data.tags["orch.precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
 
 
 def test_a_second_run_with_the_same_name_is_refused_and_nothing_is_touched(user_run):
