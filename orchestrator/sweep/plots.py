@@ -81,3 +81,25 @@ def parallel_coordinates(rows: Sequence[Mapping[str, Any]], dimensions: Sequence
     axis.set_title(f"{len(scored)} trials (dashed: stopped early or failed)", fontsize=9)
     figure.tight_layout()
     return figure
+
+
+def metric_vs_size(rows: Sequence[Mapping[str, Any]], metric: str):
+    """A compression sweep's trade-off: the metric of every trial against its model's non-zero parameters."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    sized = [row for row in rows if row.get("nonzero_parameters") and row.get(metric) is not None]
+    axis.scatter([row["nonzero_parameters"] for row in sized], [row[metric] for row in sized])
+    for row in sized:
+        sparsity = row.get("final_sparsity")
+        label = f"{row['trial_id']}" + (f" ({sparsity:.0%} sparse)" if sparsity is not None else "")
+        axis.annotate(label, (row["nonzero_parameters"], row[metric]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axis.set_xscale("log")
+    axis.set_xlabel("non-zero parameters (log scale)")
+    axis.set_ylabel(metric)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure

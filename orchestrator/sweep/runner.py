@@ -34,6 +34,7 @@ from orchestrator.track.tables import csv_table, markdown_table
 # reserve the CPUs/GPUs in their own placement group. Tune needs a non-empty request: one byte of Ray's memory
 # resource, so that the trial holds nothing its workers need.
 TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 1}
+SIZE_METRICS = ("nonzero_parameters", "parameters", "final_sparsity")
 
 
 @dataclass
@@ -150,21 +151,30 @@ def trial_state(result, max_steps: int) -> str:
     return "completed" if step >= max_steps else "early_stopped"
 
 
+def _trial_id(result) -> str:
+    """Tune's trial id: in every report, else (a trial that failed before reporting) in its folder's name."""
+    reported = (result.metrics or {}).get("trial_id")
+    return reported or Path(result.path).name.split("_")[2]  # run_trial_<id>_<n>_<params>
+
+
 def _record_outcome(plan: SweepPlan, parent: SweepRun, grid, cwd: Path) -> SweepOutcome:
     children = parent.trial_runs()
     rows: list[dict[str, Any]] = []
     for result in grid:
-        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.split("_")[-2:]
+        trial_id = _trial_id(result)
         params = decode(plan.dimensions, {k: result.config[k] for k in (d.key for d in plan.dimensions)})
         max_steps = int(params.get("trainer.max_steps", plan.base_plan.stages[0].config["trainer"]["max_steps"]))
         state = trial_state(result, max_steps)
-        run = children.get(trial_id) if isinstance(trial_id, str) else None
+        run = children.get(trial_id)
         row: dict[str, Any] = {"trial_id": trial_id, "run_id": run.info.run_id if run else None, "state": state, **params}
         row[plan.metric] = (result.metrics or {}).get(plan.metric)
         row["step"] = (result.metrics or {}).get("step")
         row["trial_wall_s"] = (result.metrics or {}).get("trial_wall_s")
         if run is not None:
             parent.close_trial(run.info.run_id, state, str(result.error) if result.error else None)
+            for key in SIZE_METRICS:  # logged by a trial that pruned (its exported model measured)
+                if key in run.data.metrics:
+                    row[key] = run.data.metrics[key]
         rows.append(row)
     scored = [row for row in rows if row[plan.metric] is not None and row["state"] == "completed"]
     best = (max if plan.mode == "max" else min)(scored, key=lambda row: row[plan.metric]) if scored else None
@@ -194,7 +204,7 @@ def _record_outcome(plan: SweepPlan, parent: SweepRun, grid, cwd: Path) -> Sweep
 
 
 def _write_tables_and_plots(plan: SweepPlan, rows: list[dict[str, Any]], out: Path) -> None:
-    from orchestrator.sweep.plots import metric_vs_key, parallel_coordinates
+    from orchestrator.sweep.plots import metric_vs_key, metric_vs_size, parallel_coordinates
 
     (out / "sweep").mkdir(parents=True, exist_ok=True)
     (out / "plots").mkdir(parents=True, exist_ok=True)
@@ -203,6 +213,8 @@ def _write_tables_and_plots(plan: SweepPlan, rows: list[dict[str, Any]], out: Pa
     for dim in plan.dimensions:
         metric_vs_key(rows, dim, plan.metric).savefig(out / "plots" / f"{plan.metric}_vs_{dim.key}.png", dpi=110)
     parallel_coordinates(rows, plan.dimensions, plan.metric, plan.mode).savefig(out / "plots" / "parallel_coordinates.png", dpi=110)
+    if any(row.get("nonzero_parameters") for row in rows):
+        metric_vs_size(rows, plan.metric).savefig(out / "plots" / "accuracy_vs_size.png", dpi=110)
 
 
 def print_outcome(outcome: SweepOutcome, metric: str, console: Console) -> None:
