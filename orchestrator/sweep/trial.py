@@ -48,6 +48,7 @@ def run_trial(config: dict[str, Any], spec: Mapping[str, Any]) -> None:
     cfg: DictConfig = apply(spec["base"], {**params, **spec["fixed"]}, name=trial_run_name(spec["sweep_run"], trial_id))
     plan = build_plan(cfg, spec["choices"], cwd=Path(spec["cwd"]), overrides=[])
     [stage] = plan.stages
+    stage.name = f"trial-{trial_id}"  # the child run's name in the MLflow UI, under the sweep's parent run
     max_steps = stage.config["trainer"]["max_steps"]
     tags = {SWEEP_TAG: spec["sweep_run"], TRIAL_TAG: trial_id}
     quiet = Console(file=io.StringIO())  # Tune prints the trials' progress; per-trial bars would interleave

@@ -122,3 +122,33 @@ def test_orch_sweep_error_from_a_project_sweep_is_one_line_and_starts_nothing(tm
     assert "sweep.space.trainer.warmup" in out.stderr and "no such key" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "orch_runs").exists()
+
+
+def test_sweep_level_arguments_are_split_from_the_trials_overrides():
+    from orchestrator.sweep.plan import split_sweep_overrides
+
+    sweep_level, rest = split_sweep_overrides(
+        ["sweep=digits_compress", "sweep.num_samples=8", "--config-dir", "/x", "recipe.distill.teacher=abc", "trainer.seed=1"]
+    )
+    assert sweep_level == ["sweep=digits_compress", "sweep.num_samples=8", "--config-dir", "/x"]
+    assert rest == ["recipe.distill.teacher=abc", "trainer.seed=1"]
+    assert split_sweep_overrides(["trainer.seed=1"]) == (["sweep=default"], ["trainer.seed=1"])
+
+
+def test_a_submitted_sweep_runs_orch_sweep_on_the_cluster():
+    from orchestrator.launch.jobs import entrypoint
+
+    assert entrypoint(["sweep=default", "trainer.seed=1"], "sweep") == (
+        "python -m orchestrator.cli sweep cluster=ray sweep=default trainer.seed=1"
+    )
+    assert entrypoint(["trainer.seed=1"]).startswith("python -m orchestrator.cli run cluster=ray")
+
+
+def test_submit_validates_a_sweep_locally_first(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "submit", "--sweep", "--address", "http://127.0.0.1:1",
+         "sweep.metric=val_f1", "trainer.storage_path=/tmp/x", "tracking.uri=http://mlflow:5000"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2
+    assert "sweep.metric='val_f1'" in out.stderr and "Traceback" not in out.stderr
