@@ -13,9 +13,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional
 
-from orchestrator.plan import TrackingPlan
 from orchestrator.sweep.plan import SweepPlan
 from orchestrator.sweep.trial import BEST_TAG, STATE_TAG, TRIAL_TAG
 from orchestrator.track.lineage import PipelineRun
@@ -26,9 +25,6 @@ STATUS_OF_STATE = {"completed": "FINISHED", "early_stopped": "KILLED", "failed":
 
 class SweepRun(PipelineRun):
     """The parent run: experiment lookup, artifacts, metrics and closing are the pipeline parent's."""
-
-    def __init__(self, tracking: TrackingPlan) -> None:
-        super().__init__(tracking)
 
     def start_sweep(self, plan: SweepPlan, max_concurrent: int) -> str:
         tags = {RUN_NAME_TAG: plan.run_name, "orch.recipe": "sweep", "orch.sweep": plan.name}
@@ -68,13 +64,11 @@ class SweepRun(PipelineRun):
         self.client.set_tag(run_id, STATE_TAG, state)
         if error:
             self.client.set_tag(run_id, "orch.trial_error", error[:4000])
-        if self.client.get_run(run_id).info.status == "RUNNING":
+        # a stopped trial may have closed its own run as FAILED while Tune tore it down: its outcome is Tune's
+        if state != "completed" or self.client.get_run(run_id).info.status == "RUNNING":
             self.client.set_terminated(run_id, STATUS_OF_STATE[state])
 
     def mark_best(self, run_id: str, metric: str, value: float) -> None:
         self.client.set_tag(run_id, BEST_TAG, "true")
         self.client.set_tag(self.run_id, "orch.best_trial_run_id", run_id)
         self.client.log_metric(self.run_id, f"best_{metric}", value)
-
-    def log_trials(self, rows: Sequence[Mapping[str, Any]], directory: str) -> None:
-        self.client.log_artifacts(self.run_id, directory)
