@@ -62,7 +62,7 @@ def max_concurrent(plan: SweepPlan) -> int:
     return min(plan.max_concurrent_trials or fit, fit)
 
 
-def _search_algorithm(plan: SweepPlan):
+def _search_algorithm(plan: SweepPlan, concurrency: int):
     points = [{k: encode_options([v])[0] for k, v in point.items()} for point in plan.points_to_evaluate] or None
     if plan.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -70,7 +70,8 @@ def _search_algorithm(plan: SweepPlan):
         return OptunaSearch(seed=plan.seed, points_to_evaluate=points)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=plan.seed, points_to_evaluate=points)
+    # a generator instance ignores TuneConfig.max_concurrent_trials: it is given the limit itself
+    return BasicVariantGenerator(random_state=plan.seed, points_to_evaluate=points, max_concurrent=concurrency)
 
 
 def _scheduler(plan: SweepPlan):
@@ -123,7 +124,7 @@ def run_sweep(plan: SweepPlan, console: Optional[Console] = None, cwd: Optional[
                 tune_config=ray.tune.TuneConfig(
                     metric=plan.metric,
                     mode=plan.mode,
-                    search_alg=_search_algorithm(plan),
+                    search_alg=_search_algorithm(plan, concurrency),
                     scheduler=_scheduler(plan),
                     num_samples=plan.num_samples,
                     max_concurrent_trials=concurrency,
