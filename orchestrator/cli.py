@@ -2,6 +2,7 @@
 
     orch run [--plan] [key=value ...]   train (Hydra overrides; -m for multirun; --help lists the config groups)
     orch plan [key=value ...]            validate and print the plan; starts nothing
+    orch sweep [sweep=NAME] [key=value ...]  hyperparameter search on Ray Tune (conf/sweep/)
     orch ui [--port 5000]                MLflow UI for the local store
     orch submit|status|logs|stop|list    Ray Jobs on a cluster
 """
@@ -20,6 +21,7 @@ USAGE = """usage: orch <command> [options] [key=value ...]
 commands:
   run     train a recipe on Ray workers with DeepSpeed, tracked in MLflow (orch run --help lists config groups)
   plan    validate a config and print what `orch run` would do, without starting anything
+  sweep   hyperparameter search (Ray Tune): sweep=<name> from conf/sweep/, each trial a run and an MLflow child run
   ui      start the MLflow UI for the local tracking store
   submit  ship this directory and `orch run [key=value ...]` to a Ray cluster as a job; prints the job id
   status  JOB       a job's state          logs JOB [--follow]   its driver's output
@@ -29,13 +31,15 @@ examples:
   orch run
   orch run model=cnn trainer.zero_stage=2 trainer.max_steps=200
   orch plan trainer.zero_stage=3 trainer.precision=bf16
+  orch sweep                                   # the demo search on digits (conf/sweep/default.yaml)
+  orch sweep sweep.num_samples=8 sweep.search=random
   orch ui
   orch submit --address http://HEAD:8265 trainer.num_workers=8 trainer.storage_path=/mnt/shared/orch_runs
 """
 
-HYDRA_COMMANDS = ("run", "plan")
+HYDRA_COMMANDS = ("run", "plan", "sweep")
 JOB_COMMANDS = ("submit", "status", "logs", "stop", "list")
-_mode = {"plan_only": False}
+_mode: dict = {"plan_only": False, "sweep": False, "sweep_overrides": []}
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -56,6 +60,9 @@ def _app(cfg) -> None:  # the Hydra task function
         choices = dict(HydraConfig.get().runtime.choices)
     except ValueError:
         choices = {}
+    if _mode["sweep"]:
+        _sweep(cfg)
+        return
     try:
         plan = build_plan(cfg, choices)
     except ConfigError as error:
@@ -96,6 +103,41 @@ def _train(plan) -> None:
     print_summary(results, console)
 
 
+def _sweep(cfg) -> None:
+    from omegaconf import OmegaConf
+    from rich.console import Console
+
+    from orchestrator.config.validate import ConfigError
+    from orchestrator.sweep.plan import plan_sweep
+
+    if cfg.get("sweep") is None:
+        _fail("sweep=None: pick a sweep with sweep=<name> (conf/sweep/)")
+    sweep = OmegaConf.to_container(cfg.sweep, resolve=True, enum_to_str=True)
+    try:
+        plan = plan_sweep(sweep, _mode["sweep_overrides"])
+    except ConfigError as error:
+        _fail(str(error))
+    if _mode["plan_only"]:
+        print(f"sweep {plan.name}: {plan.num_samples} trial(s), search={plan.search}, scheduler={plan.scheduler['name']}, "
+              f"metric={plan.metric} ({plan.mode})")
+        for dim in plan.dimensions:
+            print(f"  {dim.key}: {dim.describe()}")
+        print("base recipe: orch run " + " ".join(plan.overrides))
+        return
+    from orchestrator.sweep.runner import print_outcome, run_sweep
+
+    console = Console(soft_wrap=True)
+    try:
+        outcome = run_sweep(plan, console)
+    except ConfigError as error:
+        _fail(str(error))
+    except KeyboardInterrupt:
+        _fail("interrupted; the sweep's parent run is marked KILLED in MLflow", 130)
+    print_outcome(outcome, plan.metric, console)
+    if outcome.best is None:
+        sys.exit(1)
+
+
 def _run_hydra(command: str, argv: list[str]) -> None:
     import hydra
 
@@ -105,7 +147,14 @@ def _run_hydra(command: str, argv: list[str]) -> None:
         _print_run_help(command)
         return
     _mode["plan_only"] = command == "plan" or "--plan" in argv
+    _mode["sweep"] = command == "sweep"
     argv = [arg for arg in argv if arg != "--plan"]
+    if command == "sweep":
+        # Hydra composes the sweep section only; the trials' overrides (recipe=distill recipe.distill.teacher=...)
+        # make sense on the sweep's base recipe, which the sweep composes itself
+        from orchestrator.sweep.plan import split_sweep_overrides
+
+        argv, _mode["sweep_overrides"] = split_sweep_overrides(argv)
     user_conf = user_config_dir()
     if user_conf and not any(a.startswith(("--config-dir", "-cd")) for a in argv):
         argv = ["--config-dir", str(user_conf), *argv]
@@ -145,7 +194,7 @@ def _ui(argv: list[str]) -> None:
         sys.exit(0)
 
 
-def _validate_for_cluster(overrides: list[str]) -> None:
+def _validate_for_cluster(overrides: list[str], sweep: bool = False) -> None:
     """Compose and validate locally so a bad key fails here, in a second, not minutes later on the cluster."""
     from omegaconf.errors import OmegaConfBaseException
 
@@ -154,8 +203,13 @@ def _validate_for_cluster(overrides: list[str]) -> None:
     from orchestrator.plan import build_plan
 
     try:
-        cfg = compose(["cluster=ray", *overrides])
-        build_plan(cfg)
+        if sweep:
+            from orchestrator.sweep.plan import plan_sweep_from_overrides
+
+            cfg = plan_sweep_from_overrides(["cluster=ray", *overrides]).base
+        else:
+            cfg = compose(["cluster=ray", *overrides])
+            build_plan(cfg)
     except ConfigError as error:
         _fail(str(error))
     except OmegaConfBaseException as error:
@@ -178,6 +232,7 @@ def _jobs(command: str, argv: list[str]) -> None:
     if command == "submit":
         parser.add_argument("--env", action="append", default=[], metavar="NAME", help="pass this variable to the job")
         parser.add_argument("--follow", action="store_true", help="stream the job's output until it ends")
+        parser.add_argument("--sweep", action="store_true", help="run `orch sweep` (conf/sweep/) instead of `orch run`")
         parser.add_argument("overrides", nargs="*", help="key=value config overrides, as for orch run")
     elif command in ("status", "logs", "stop"):
         parser.add_argument("job_id")
@@ -186,8 +241,8 @@ def _jobs(command: str, argv: list[str]) -> None:
     args = parser.parse_args(argv)
     try:
         if command == "submit":
-            _validate_for_cluster(args.overrides)
-            job_id = jobs.submit(args.address, args.overrides, args.env, Path.cwd())
+            _validate_for_cluster(args.overrides, sweep=args.sweep)
+            job_id = jobs.submit(args.address, args.overrides, args.env, Path.cwd(), command="sweep" if args.sweep else "run")
             print(job_id)
             print(f"follow: orch logs {job_id} --follow   status: orch status {job_id}   stop: orch stop {job_id}", file=sys.stderr)
             if args.follow:

@@ -203,7 +203,7 @@ def new_run_name(recipe: str) -> str:
 
 
 # Keys that change where or how a run is tracked and scheduled, never the model it produces.
-_NOT_IN_KEY = {"name", "resume", "tracking", "cluster", "pipeline"}
+_NOT_IN_KEY = {"name", "resume", "tracking", "cluster", "pipeline", "sweep"}
 _TRAINER_NOT_IN_KEY = {"storage_path", "max_failures", "keep_checkpoints", "log_every", "peak_tflops"}
 
 

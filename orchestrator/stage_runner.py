@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
 
 from rich.console import Console
 
@@ -99,7 +99,9 @@ def run_stage(
     sources: Mapping[str, Mapping[str, str]],
     parent_run_id: Optional[str] = None,
     tags: Optional[Mapping[str, str]] = None,
+    train_callbacks: Sequence[Any] = (),
 ) -> StageResult:
+    """`train_callbacks`: Ray Train callbacks added to the fit (a sweep's trial forwards reports to Tune with one)."""
     from orchestrator.track.mlflow_run import StageRun
 
     recipe = recipe_module(stage)
@@ -114,7 +116,7 @@ def run_stage(
                 tracking.mlflow.log_metrics(metrics)
                 checkpoint_path = None
             else:
-                metrics, checkpoint_path = _fit(recipe, stage, sources, tracking, console, model_dir)
+                metrics, checkpoint_path = _fit(recipe, stage, sources, tracking, console, model_dir, train_callbacks)
             model_uri = None
             if model_dir.is_dir():
                 tracking.mlflow.log_artifacts(str(model_dir), "model")
@@ -146,6 +148,7 @@ def _fit(
     tracking: "StageRun",
     console: Console,
     model_dir: Path,
+    callbacks: Sequence[Any] = (),
 ) -> tuple[dict[str, Any], str]:
     """One Ray Train fit of the recipe's worker loop; exports the final model into `model_dir` when tracked."""
     import ray.train
@@ -183,6 +186,7 @@ def _fit(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=trainer_cfg["keep_checkpoints"]),
             worker_runtime_env={"env_vars": worker_env(stage.config["cluster"], stage.use_gpu)},
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            callbacks=list(callbacks) or None,
         ),
     )
     label = f"{stage.name} · {stage.run_name}"

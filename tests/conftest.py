@@ -19,22 +19,24 @@ def ray_instance() -> Iterator[None]:
     """A Ray of our own (address="local", own temp dir), never one another process started; shut down at the end."""
     import ray
 
-    from orchestrator.launch.ray_session import free_port
+    from orchestrator.launch.ray_session import findable_by_ray_helpers, free_port, record_address
 
     temp_dir = tempfile.mkdtemp(prefix="orch-test-ray-", dir="/tmp")
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=True,
-        dashboard_port=free_port(),
-        logging_level=logging.WARNING,
-        _temp_dir=temp_dir,
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with findable_by_ray_helpers(temp_dir):
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=True,
+            dashboard_port=free_port(),
+            logging_level=logging.WARNING,
+            _temp_dir=temp_dir,
+        )
+        record_address(temp_dir)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -226,6 +226,43 @@ class PipelineConfig:
     report_batch_size: int = 256  # batch of the CPU latency measurement in the compression report
 
 
+class SearchAlgorithm(str, Enum):
+    random = "random"  # Ray Tune's BasicVariantGenerator: independent samples (and every grid combination)
+    grid = "grid"  # the same generator; every dimension must be a grid or a choice (expanded as a grid)
+    optuna = "optuna"  # Optuna TPE through ray.tune.search.optuna.OptunaSearch (no grid dimensions)
+
+
+class SweepMode(str, Enum):
+    min = "min"
+    max = "max"
+
+
+@dataclass
+class SweepSchedulerConfig:
+    name: str = "none"  # "none" (every trial runs to trainer.max_steps) or "asha" (early stopping)
+    grace_period: Optional[int] = None  # asha: steps before a trial can be stopped; null = trainer.checkpoint_every
+    reduction_factor: float = 2.0  # asha: keep the best 1/reduction_factor of the trials at each rung
+
+
+@dataclass
+class SweepConfig:
+    """A Ray Tune search over any config keys; every trial is a full `orch run` of the base recipe."""
+
+    name: str = MISSING
+    overrides: List[str] = field(default_factory=list)  # Hydra overrides every trial starts from (the base recipe)
+    # dotted config key -> one distribution: {loguniform: [lo, hi]}, {uniform: [lo, hi]}, {int: [lo, hi]}
+    # (inclusive), {choice: [a, b, ...]} or {grid: [a, b, ...]}
+    space: Dict[str, Any] = field(default_factory=dict)
+    metric: str = "val_accuracy"  # a metric the recipe reports at its checkpoints (val_accuracy, val_loss, loss, ...)
+    mode: SweepMode = SweepMode.max
+    num_samples: int = 4  # trials (with grid dimensions: repeats of the whole grid)
+    max_concurrent_trials: Optional[int] = None  # null = as many as the cluster's CPUs/GPUs hold at once
+    search: SearchAlgorithm = SearchAlgorithm.random
+    seed: Optional[int] = 0  # seeds the search algorithm, so a sweep's trial configs repeat
+    points_to_evaluate: List[Dict[str, Any]] = field(default_factory=list)  # configs tried first (key -> value)
+    scheduler: SweepSchedulerConfig = field(default_factory=SweepSchedulerConfig)
+
+
 # Models and data: one schema per built-in option, so each option's own keys are checked.
 @dataclass
 class MLPConfig:
@@ -322,6 +359,7 @@ class OrchConfig:
     name: Optional[str] = None  # run name; null = <recipe>-<timestamp>; a name already used is refused
     resume: Optional[str] = None  # name of an earlier run to continue from its last checkpoint
     pipeline: Optional[PipelineConfig] = None  # recipe=pipeline only (conf/pipeline/)
+    sweep: Optional[SweepConfig] = None  # `orch sweep` only (conf/sweep/)
 
 
 def register_schemas() -> None:
@@ -334,6 +372,7 @@ def register_schemas() -> None:
     cs.store(group="schema/recipe", name="quantize", node=QuantizeRecipeConfig)
     cs.store(group="schema/recipe", name="pipeline", node=PipelineRecipeConfig)
     cs.store(group="schema/pipeline", name="pipeline", node=PipelineConfig)
+    cs.store(group="schema/sweep", name="sweep", node=SweepConfig)
     cs.store(group="schema/trainer", name="trainer", node=TrainerConfig)
     cs.store(group="schema/cluster", name="cluster", node=ClusterConfig)
     cs.store(group="schema/tracking", name="tracking", node=TrackingConfig)

@@ -73,16 +73,18 @@ def job_env(names: Iterable[str]) -> dict[str, str]:
     return env
 
 
-def entrypoint(overrides: Sequence[str]) -> str:
+def entrypoint(overrides: Sequence[str], command: str = "run") -> str:
     # the cluster's own python: the image has orchestrator installed; the shipped directory is the job's cwd
-    return shlex.join(["python", "-m", "orchestrator.cli", "run", "cluster=ray", *overrides])
+    return shlex.join(["python", "-m", "orchestrator.cli", command, "cluster=ray", *overrides])
 
 
-def submit(address: Optional[str], overrides: Sequence[str], env_names: Sequence[str], working_dir: Path) -> str:
+def submit(
+    address: Optional[str], overrides: Sequence[str], env_names: Sequence[str], working_dir: Path, command: str = "run"
+) -> str:
     env = job_env(env_names)
     job_client = client(address)
     return job_client.submit_job(
-        entrypoint=entrypoint(overrides),
+        entrypoint=entrypoint(overrides, command),
         runtime_env={"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES, "env_vars": env},
         metadata={"orch.overrides": " ".join(overrides)},
     )

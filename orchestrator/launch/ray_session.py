@@ -45,6 +45,37 @@ def worker_env(cluster: Mapping[str, Any], use_gpu: bool) -> dict[str, str]:
 
 
 @contextmanager
+def findable_by_ray_helpers(temp_dir: str) -> Iterator[None]:
+    """Make a private local Ray the one its own helper processes find.
+
+    Some of Ray's helpers locate "the" cluster by auto-detection (Train V2's placement-group cleaner, which frees a
+    run's CPUs when its controller dies abruptly, e.g. a sweep trial that Tune stops). With several Ray instances on
+    one machine that detection fails and the CPUs stay reserved. Every process of the instance inherits
+    RAY_TMPDIR from the process that starts it, and Ray reads the cluster's address from RAY_TMPDIR/ray/
+    ray_current_cluster: point both at this instance. Use around `ray.init(address="local", _temp_dir=temp_dir)`,
+    then call `record_address(temp_dir)`.
+    """
+    previous = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = temp_dir
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = previous
+
+
+def record_address(temp_dir: str) -> None:
+    import ray
+
+    folder = os.path.join(temp_dir, "ray")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "ray_current_cluster"), "w") as handle:
+        handle.write(ray.get_runtime_context().gcs_address)
+
+
+@contextmanager
 def ray_session(cluster: Mapping[str, Any]) -> Iterator[None]:
     import ray
 
@@ -56,17 +87,19 @@ def ray_session(cluster: Mapping[str, Any]) -> Iterator[None]:
         # Short path: Ray's Unix sockets live under the temp dir and socket paths are limited to ~107 bytes.
         temp_dir = tempfile.mkdtemp(prefix="orch-ray-", dir="/tmp")
         try:
-            ray.init(
-                address="local",
-                num_cpus=cluster.get("num_cpus"),
-                num_gpus=cluster.get("num_gpus"),
-                include_dashboard=True,
-                dashboard_port=free_port(),
-                logging_level=logging.WARNING,
-                _temp_dir=temp_dir,
-            )
-            timeline.mark("ray_ready")
-            yield
+            with findable_by_ray_helpers(temp_dir):
+                ray.init(
+                    address="local",
+                    num_cpus=cluster.get("num_cpus"),
+                    num_gpus=cluster.get("num_gpus"),
+                    include_dashboard=True,
+                    dashboard_port=free_port(),
+                    logging_level=logging.WARNING,
+                    _temp_dir=temp_dir,
+                )
+                record_address(temp_dir)
+                timeline.mark("ray_ready")
+                yield
         finally:
             ray.shutdown()
             shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,0 +1,328 @@
+"""Sweep config → SweepPlan, with every check done before Ray starts.
+
+The base recipe is composed from conf/ like a run of its own: `sweep.overrides`, then the command line's overrides
+(which win). A trial is that config with the trial's values set on its keys (`apply`), planned by the same
+`build_plan` as `orch run`. Checked here, each a ConfigError naming the key:
+  * the space: every key a leaf of the composed config, every distribution well-formed, and every probe value (the
+    bounds of a range, every option of a choice) set on the base config still composes and plans;
+  * the metric: one the recipe reports to Ray Train at its checkpoints (what Tune sees), at every checkpoint;
+  * the search algorithm against the space (Optuna has no grid), the ASHA settings against trainer.max_steps,
+    points_to_evaluate against the space, concurrency against this machine.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from orchestrator.config import validate
+from orchestrator.config.validate import ConfigError
+from orchestrator.plan import Plan, build_plan
+from orchestrator.sweep.space import LISTS, Dimension, parse_space
+
+# Metrics every training recipe reports with its checkpoints (orchestrator.train.engine.save_and_report), by task.
+# val_* come from validation (trainer.eval_every); the others from the log step (trainer.log_every).
+LOGGED = ("loss", "lr", "samples_per_s")
+VALIDATED = {"classification": ("val_loss", "val_accuracy"), "lm": ("val_loss", "val_perplexity")}
+TRAINING_RECIPES = ("train", "prune", "finetune", "distill")
+
+
+@dataclass
+class SweepPlan:
+    name: str  # the sweep config's name (conf/sweep/<name>.yaml)
+    run_name: str  # the parent MLflow run's orch.run_name; trials' checkpoints live under storage_path/run_name
+    dimensions: list[Dimension]
+    metric: str
+    mode: str
+    num_samples: int
+    search: str
+    seed: Optional[int]
+    points_to_evaluate: list[dict[str, Any]]
+    scheduler: dict[str, Any]  # name, grace_period (resolved), reduction_factor, max_t
+    max_concurrent_trials: Optional[int]  # None: decided when Ray is up, from the cluster's capacity
+    base: DictConfig  # the composed base config: trials set their values on a copy of it
+    choices: dict[str, str]  # group options of the base config (recipe=..., model=...)
+    base_plan: Plan  # the base config planned: tracking, storage, cluster, resources per trial
+    overrides: list[str]  # sweep.overrides + command line: the base recipe as `orch run` arguments
+    config: dict[str, Any] = field(default_factory=dict)  # the sweep section, logged with the parent run
+
+
+def new_sweep_name(name: str) -> str:
+    return f"sweep-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+def _leaf(container: Mapping[str, Any], key: str) -> tuple[bool, Any]:
+    node: Any = container
+    for part in key.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def apply(base: DictConfig, params: Mapping[str, Any], name: Optional[str] = None) -> DictConfig:
+    """The base config with `params` (dotted key -> value) set; types are checked against the schemas."""
+    cfg = copy.deepcopy(base)
+    for key, value in params.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    if name is not None:
+        cfg.name = name
+    return cfg
+
+
+def _check_keys(base: DictConfig, dimensions: Sequence[Dimension], recipe: str) -> None:
+    container = OmegaConf.to_container(base, resolve=False)
+    assert isinstance(container, dict)
+    for dim in dimensions:
+        found, value = _leaf(container, dim.key)
+        if not found:
+            section = dim.key.rsplit(".", 1)[0] if "." in dim.key else ""
+            _, parent = _leaf(container, section) if section else (True, container)
+            near = sorted(parent) if isinstance(parent, Mapping) else []
+            hint = f"; keys of {section}: {', '.join(near)}" if section and near else ""
+            raise ConfigError(f"sweep.space.{dim.key}", dim.describe(), f"no such key in the composed config (recipe={recipe}){hint}")
+        if isinstance(value, Mapping):
+            raise ConfigError(
+                f"sweep.space.{dim.key}", dim.describe(),
+                "this is a config section; search its leaf keys (or pick group options in sweep.overrides)",
+            )
+        if dim.key.split(".", 1)[0] in ("name", "resume", "sweep", "pipeline", "cluster", "tracking"):
+            raise ConfigError(f"sweep.space.{dim.key}", dim.describe(), "expected a key that shapes training, not naming, tracking or placement")
+
+
+def _check_probes(base: DictConfig, dimensions: Sequence[Dimension], choices: Mapping[str, str], cwd: Path) -> None:
+    """Each dimension's bounds/options set one at a time on the base config must compose and plan."""
+    for dim in dimensions:
+        for value in dim.probes():
+            try:
+                build_plan(apply(base, {dim.key: value}), choices, cwd=cwd, overrides=[])
+            except ConfigError as error:
+                raise ConfigError(
+                    f"sweep.space.{dim.key}", value, f"this value fails the recipe's own checks: {error}"
+                ) from error
+            except OmegaConfBaseException as error:
+                message = str(error).splitlines()[0]
+                raise ConfigError(f"sweep.space.{dim.key}", value, f"this value does not fit the config: {message}") from error
+
+
+def reported_metrics(config: Mapping[str, Any]) -> tuple[str, ...]:
+    task = config["data"].get("task", "classification")
+    metrics = (*LOGGED, *VALIDATED.get(task, ()))
+    if task == "lm":
+        metrics += ("tokens_per_s",)
+    if ((config["recipe"].get("pruning") or {}).get("schedule", "none")) != "none":
+        metrics += ("sparsity",)
+    return metrics
+
+
+def _check_metric(sweep: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    metric, trainer = sweep["metric"], config["trainer"]
+    reported = reported_metrics(config)
+    if metric not in reported:
+        raise ConfigError(
+            "sweep.metric", metric,
+            f"recipe={config['recipe']['name']} on data with task={config['data'].get('task')} reports "
+            f"{', '.join(reported)} (the metric is read from what trials report at their checkpoints)",
+        )
+    every = trainer["checkpoint_every"]
+    if every == 0 or every >= trainer["max_steps"]:
+        return  # one report, at the last step, which carries everything
+    cadence_key = "trainer.eval_every" if metric.startswith("val_") else "trainer.log_every"
+    cadence = trainer[cadence_key.split(".")[1]]
+    if cadence == 0 or every % cadence:
+        raise ConfigError(
+            cadence_key, cadence,
+            f"trials report to Tune at every checkpoint (trainer.checkpoint_every={every}); for {metric} to be in "
+            f"each report, {cadence_key} must divide {every} (e.g. set both to {every})",
+        )
+
+
+def _check_search(sweep: Mapping[str, Any], dimensions: Sequence[Dimension], max_steps: int, trainer: Mapping[str, Any]) -> dict[str, Any]:
+    search = sweep["search"]
+    grids = [d.key for d in dimensions if d.kind == "grid"]
+    if search == "optuna" and grids:
+        raise ConfigError("sweep.search", "optuna", f"Optuna samples, it does not enumerate: write {grids[0]} as a choice, or use sweep.search=grid")
+    if search == "grid":
+        ranges = [d.key for d in dimensions if d.kind not in LISTS]
+        if ranges:
+            raise ConfigError("sweep.search", "grid", f"a grid needs listed values; {ranges[0]} is a range (use choice/grid, or sweep.search=random)")
+    if sweep["num_samples"] < 1:
+        raise ConfigError("sweep.num_samples", sweep["num_samples"], "expected at least 1 trial")
+    if sweep["max_concurrent_trials"] is not None and sweep["max_concurrent_trials"] < 1:
+        raise ConfigError("sweep.max_concurrent_trials", sweep["max_concurrent_trials"], "expected at least 1, or null for as many as fit")
+    keys = {d.key for d in dimensions}
+    for index, point in enumerate(sweep["points_to_evaluate"]):
+        unknown = set(point) - keys
+        if unknown or set(point) != keys:
+            raise ConfigError(
+                f"sweep.points_to_evaluate[{index}]", dict(point),
+                f"expected a value for every key of sweep.space ({', '.join(sorted(keys))}) and no other",
+            )
+    scheduler = dict(sweep["scheduler"])
+    if scheduler["name"] not in ("none", "asha"):
+        raise ConfigError("sweep.scheduler.name", scheduler["name"], "expected 'none' or 'asha'")
+    scheduler["max_t"] = max_steps
+    if scheduler["name"] == "asha":
+        every = trainer["checkpoint_every"]
+        grace = scheduler["grace_period"] if scheduler["grace_period"] is not None else every
+        if every == 0 or every >= max_steps:
+            raise ConfigError(
+                "trainer.checkpoint_every", every,
+                f"ASHA stops trials on their intermediate reports, which trials send at checkpoints; expected "
+                f"0 < checkpoint_every < trainer.max_steps={max_steps}",
+            )
+        if not 1 <= grace < max_steps:
+            raise ConfigError("sweep.scheduler.grace_period", grace, f"expected 1 <= grace_period < trainer.max_steps={max_steps}")
+        if scheduler["reduction_factor"] <= 1:
+            raise ConfigError("sweep.scheduler.reduction_factor", scheduler["reduction_factor"], "expected a factor > 1")
+        scheduler["grace_period"] = grace
+    return scheduler
+
+
+def _check_concurrency(sweep: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    if config["cluster"]["kind"] != "local" or sweep["max_concurrent_trials"] is None:
+        return
+    cpus = config["cluster"]["num_cpus"] or validate.local_cpu_count()
+    per_trial = config["trainer"]["num_workers"] * config["trainer"]["cpus_per_worker"]
+    fit = int(cpus // per_trial)
+    if sweep["max_concurrent_trials"] > fit:
+        raise ConfigError(
+            "sweep.max_concurrent_trials", sweep["max_concurrent_trials"],
+            f"each trial reserves {per_trial:g} CPUs (trainer.num_workers x trainer.cpus_per_worker) and this machine "
+            f"has {cpus:g}: at most {fit} at once, or set it to null",
+        )
+
+
+def build_sweep_plan(
+    sweep: Mapping[str, Any],
+    base: DictConfig,
+    choices: Mapping[str, str],
+    overrides: Sequence[str],
+    cwd: Optional[Path] = None,
+) -> SweepPlan:
+    """`sweep` is the composed sweep section; `base` the base recipe composed with sweep.overrides + command line."""
+    cwd = cwd or Path.cwd()
+    dimensions = parse_space(sweep["space"])
+    with open_dict(base):
+        base.sweep = None
+    base_plan = build_plan(base, choices, cwd=cwd, overrides=[])
+    if base_plan.pipeline is not None or len(base_plan.stages) != 1:
+        raise ConfigError("sweep.overrides", list(sweep["overrides"]), "a sweep searches one training recipe; recipe=pipeline is not supported (sweep a pipeline's stage as its recipe, with its input/teacher as a run id)")
+    stage = base_plan.stages[0]
+    recipe = stage.config["recipe"]["name"]
+    if recipe not in TRAINING_RECIPES:
+        raise ConfigError("sweep.overrides", f"recipe={recipe}", f"expected a training recipe ({', '.join(TRAINING_RECIPES)}): trials report metrics while they train")
+    _check_keys(base, dimensions, recipe)
+    _check_metric(sweep, stage.config)
+    max_steps = stage.config["trainer"]["max_steps"]
+    steps_dim = next((d for d in dimensions if d.key == "trainer.max_steps"), None)
+    if steps_dim is not None:
+        max_steps = max(int(v) for v in steps_dim.values)
+    scheduler = _check_search(sweep, dimensions, max_steps, stage.config["trainer"])
+    _check_concurrency(sweep, stage.config)
+    _check_probes(base, dimensions, choices, cwd)
+    return SweepPlan(
+        name=sweep["name"],
+        run_name=new_sweep_name(sweep["name"]),
+        dimensions=dimensions,
+        metric=sweep["metric"],
+        mode=sweep["mode"],
+        num_samples=sweep["num_samples"],
+        search=sweep["search"],
+        seed=sweep["seed"],
+        points_to_evaluate=[dict(p) for p in sweep["points_to_evaluate"]],
+        scheduler=scheduler,
+        max_concurrent_trials=sweep["max_concurrent_trials"],
+        base=base,
+        choices=dict(choices),
+        base_plan=base_plan,
+        overrides=list(overrides),
+        config=dict(sweep),
+    )
+
+
+SWEEP_LEVEL = ("sweep", "hydra", "name", "resume")  # command-line keys that pick or name the sweep, not its trials
+
+
+def base_overrides(sweep: Mapping[str, Any], command_line: Sequence[str]) -> list[str]:
+    """The base recipe's overrides: sweep.overrides, then the command line's (which win), minus sweep-level keys."""
+    kept = [o for o in command_line if _top_key(o) not in SWEEP_LEVEL]
+    return [*sweep["overrides"], *kept]
+
+
+def plan_sweep(sweep: Mapping[str, Any], command_line: Sequence[str], cwd: Optional[Path] = None) -> SweepPlan:
+    """Compose the base recipe (inside `orch sweep`, with its search path; elsewhere from conf/) and plan the sweep."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    from orchestrator.pipeline.plan import compose_stage
+
+    overrides = base_overrides(sweep, command_line)
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside `orch sweep`: its search path, a project's conf/ too
+            base, choices = compose_stage(overrides)
+        else:
+            base, choices = _compose_with_choices(overrides, cwd)
+    except (OmegaConfBaseException, HydraException) as error:
+        raise ConfigError("sweep.overrides", overrides, str(error).splitlines()[0]) from error
+    return build_sweep_plan(sweep, base, choices, overrides, cwd)
+
+
+def _compose_with_choices(overrides: Sequence[str], cwd: Optional[Path]) -> tuple[DictConfig, dict[str, str]]:
+    """Outside `orch` (tests, notebooks, `orch submit`): compose from conf/ and read the group options Hydra chose."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from orchestrator.config import CONFIG_MODULE, user_config_dir
+
+    extra = user_config_dir(cwd)
+    search = [f"hydra.searchpath=[file://{extra}]"] if extra else []
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*search, *overrides], return_hydra_config=True)
+    choices = {str(k): str(v) for k, v in cfg.hydra.runtime.choices.items()}
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg, choices
+
+
+HYDRA_FLAGS_WITH_VALUE = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp")
+
+
+def split_sweep_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """`orch sweep` arguments → (what composes the sweep section: flags, sweep=..., sweep.*; with sweep=default
+    unless one is named) and (the base recipe's overrides)."""
+    sweep_level, rest = [], []
+    arguments = iter(argv)
+    for argument in arguments:
+        if argument in HYDRA_FLAGS_WITH_VALUE:
+            sweep_level += [argument, next(arguments, "")]
+        elif argument.startswith("-") or _top_key(argument) in ("sweep", "hydra"):
+            sweep_level.append(argument)
+        else:
+            rest.append(argument)
+    if not any(_top_key(a) == "sweep" and "=" in a and a.split("=", 1)[0].lstrip("+~") == "sweep" for a in sweep_level):
+        sweep_level.append("sweep=default")
+    return sweep_level, rest
+
+
+def _top_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~").split(".", 1)[0]
+
+
+def plan_sweep_from_overrides(overrides: Sequence[str], cwd: Optional[Path] = None) -> SweepPlan:
+    """`orch sweep [overrides]` without the command line: picks sweep=default unless an override names one."""
+    sweep_level, overrides = split_sweep_overrides(overrides)
+    cfg, _ = _compose_with_choices(sweep_level, cwd)
+    if cfg.sweep is None:
+        raise ConfigError("sweep", None, "pick a sweep: sweep=<name> (conf/sweep/)")
+    sweep = OmegaConf.to_container(cfg.sweep, resolve=True, enum_to_str=True)
+    assert isinstance(sweep, dict)
+    return plan_sweep(sweep, overrides, cwd)

@@ -1,0 +1,242 @@
+"""Driver of a sweep: one Ray, one MLflow parent run, a Ray Tune Tuner whose trials are `orch run`s.
+
+`run_sweep` reads top to bottom:
+  ray       the base plan's cluster session (a private local Ray, or the cluster)
+  parent    the sweep's MLflow parent run (search space, algorithm, scheduler as params)
+  tune      Tuner(with_resources(run_trial, 0 CPU), search algorithm, ASHA, max_concurrent_trials): the trial
+            function holds no CPU itself; its Ray Train workers reserve theirs, and at most as many trials run at
+            once as the cluster holds workers for, so concurrent trials never oversubscribe it
+  outcome   every trial's MLflow child closed with its Tune state; the best tagged; trials table, plots, the
+            best config as a YAML `orch run` accepts, all logged to the parent
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from rich.console import Console
+
+from orchestrator.stage_runner import cluster_session
+from orchestrator.sweep.best import write_best
+from orchestrator.sweep.plan import SweepPlan, apply
+from orchestrator.sweep.space import decode, encode_options, to_tune
+from orchestrator.sweep.tracking import SweepRun
+from orchestrator.sweep.trial import run_trial
+from orchestrator.track.tables import csv_table, markdown_table
+
+
+# The trial's own process only drives its Ray Train run (whose controller asks for no CPU either); the workers
+# reserve the CPUs/GPUs in their own placement group. Tune needs a non-empty request: one byte of Ray's memory
+# resource, so that the trial holds nothing its workers need.
+TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 1}
+SIZE_METRICS = ("nonzero_parameters", "parameters", "final_sparsity")
+
+
+@dataclass
+class SweepOutcome:
+    run_name: str
+    parent_run_id: str
+    experiment_id: str
+    tracking_uri: str
+    trials: list[dict[str, Any]]  # one row per trial: trial_id, run_id, state, params, metric, step
+    best: Optional[dict[str, Any]]
+    best_config_dir: Optional[Path]  # holds best.yaml
+    rerun_command: Optional[str]
+    tune_wall_s: float = 0.0  # wall time of Tuner.fit(): every trial, from the first start to the last end
+    concurrency: int = 1
+
+
+def max_concurrent(plan: SweepPlan) -> int:
+    """As many trials as the cluster holds workers for (never more than asked)."""
+    import ray
+
+    stage = plan.base_plan.stages[0]
+    resources = ray.cluster_resources()
+    fits = [int(resources.get(name, 0) // (amount * stage.num_workers)) for name, amount in stage.resources_per_worker.items() if amount]
+    fit = max(1, min(fits)) if fits else 1
+    return min(plan.max_concurrent_trials or fit, fit)
+
+
+def _search_algorithm(plan: SweepPlan, concurrency: int):
+    points = [{k: encode_options([v])[0] for k, v in point.items()} for point in plan.points_to_evaluate] or None
+    if plan.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=plan.seed, points_to_evaluate=points)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # a generator instance ignores TuneConfig.max_concurrent_trials: it is given the limit itself
+    return BasicVariantGenerator(random_state=plan.seed, points_to_evaluate=points, max_concurrent=concurrency)
+
+
+def _scheduler(plan: SweepPlan):
+    if plan.scheduler["name"] != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        time_attr="step",  # the optimizer step trials report, so rungs are in training steps
+        max_t=plan.scheduler["max_t"],
+        grace_period=plan.scheduler["grace_period"],
+        reduction_factor=plan.scheduler["reduction_factor"],
+    )
+
+
+def run_sweep(plan: SweepPlan, console: Optional[Console] = None, cwd: Optional[Path] = None) -> SweepOutcome:
+    import ray.tune
+
+    console = console or Console()
+    cwd = cwd or Path.cwd()
+    base = plan.base_plan
+    sweep_dir = Path(base.storage_path, plan.run_name)
+    # --- ray ---
+    with cluster_session(base):
+        concurrency = max_concurrent(plan)
+        # --- parent ---
+        parent = SweepRun(base.tracking)
+        parent.start_sweep(plan, concurrency)
+        console.rule(f"[bold]sweep[/bold] {plan.name} · {plan.run_name} · {concurrency} trial(s) at a time")
+        status = "FAILED"
+        try:
+            # --- tune ---
+            spec = {
+                "base": plan.base,
+                "choices": plan.choices,
+                "dimensions": plan.dimensions,
+                "fixed": {  # where trials write: the sweep's folder and the parent's MLflow store, as resolved here
+                    "trainer.storage_path": str(sweep_dir),
+                    "tracking.uri": base.tracking.uri,
+                    "tracking.experiment": base.tracking.experiment,
+                    "tracking.artifact_location": base.tracking.artifact_location,
+                },
+                "sweep_run": plan.run_name,
+                "parent_run_id": parent.run_id,
+                "cwd": str(cwd),
+            }
+            tuner = ray.tune.Tuner(
+                ray.tune.with_resources(ray.tune.with_parameters(run_trial, spec=spec), TRIAL_DRIVER_RESOURCES),
+                param_space=to_tune(plan.dimensions),
+                tune_config=ray.tune.TuneConfig(
+                    metric=plan.metric,
+                    mode=plan.mode,
+                    search_alg=_search_algorithm(plan, concurrency),
+                    scheduler=_scheduler(plan),
+                    num_samples=plan.num_samples,
+                    max_concurrent_trials=concurrency,
+                ),
+                run_config=ray.tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1),
+            )
+            started = time.monotonic()
+            grid = tuner.fit()
+            # --- outcome ---
+            outcome = _record_outcome(plan, parent, grid, cwd)
+            outcome.tune_wall_s, outcome.concurrency = time.monotonic() - started, concurrency
+            status = "FINISHED"
+            return outcome
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            parent.finish(status)
+
+
+def trial_state(result, max_steps: int) -> str:
+    if result.error is not None:
+        return "failed"
+    step = (result.metrics or {}).get("step", 0)
+    return "completed" if step >= max_steps else "early_stopped"
+
+
+def _trial_id(result) -> str:
+    """Tune's trial id: in every report, else (a trial that failed before reporting) in its folder's name."""
+    reported = (result.metrics or {}).get("trial_id")
+    return reported or Path(result.path).name.split("_")[2]  # run_trial_<id>_<n>_<params>
+
+
+def _record_outcome(plan: SweepPlan, parent: SweepRun, grid, cwd: Path) -> SweepOutcome:
+    children = parent.trial_runs()
+    rows: list[dict[str, Any]] = []
+    for result in grid:
+        trial_id = _trial_id(result)
+        params = decode(plan.dimensions, {k: result.config[k] for k in (d.key for d in plan.dimensions)})
+        max_steps = int(params.get("trainer.max_steps", plan.base_plan.stages[0].config["trainer"]["max_steps"]))
+        state = trial_state(result, max_steps)
+        run = children.get(trial_id)
+        row: dict[str, Any] = {"trial_id": trial_id, "run_id": run.info.run_id if run else None, "state": state, **params}
+        row[plan.metric] = (result.metrics or {}).get(plan.metric)
+        row["step"] = (result.metrics or {}).get("step")
+        row["trial_wall_s"] = (result.metrics or {}).get("trial_wall_s")
+        if run is not None:
+            parent.close_trial(run.info.run_id, state, str(result.error) if result.error else None)
+            for key in SIZE_METRICS:  # logged by a trial that pruned (its exported model measured)
+                if key in run.data.metrics:
+                    row[key] = run.data.metrics[key]
+        rows.append(row)
+    scored = [row for row in rows if row[plan.metric] is not None and row["state"] == "completed"]
+    best = (max if plan.mode == "max" else min)(scored, key=lambda row: row[plan.metric]) if scored else None
+    out = Path(tempfile.mkdtemp(prefix="orch-sweep-"))
+    best_dir, command = None, None
+    if best is not None:
+        if best["run_id"]:
+            parent.mark_best(best["run_id"], plan.metric, best[plan.metric])
+        params = {dim.key: best[dim.key] for dim in plan.dimensions}
+        best_dir = Path(plan.base_plan.storage_path, plan.run_name, "best")
+        command = write_best(apply(plan.base, params), plan, best, best_dir)
+        parent.client.log_artifacts(parent.run_id, str(best_dir), "best")
+    _write_tables_and_plots(plan, rows, out)
+    parent.client.log_artifacts(parent.run_id, str(out))
+    parent.log_metrics({"trials": len(rows), "trials_early_stopped": sum(r["state"] == "early_stopped" for r in rows),
+                        "trials_failed": sum(r["state"] == "failed" for r in rows)})
+    return SweepOutcome(
+        run_name=plan.run_name,
+        parent_run_id=parent.run_id,
+        experiment_id=parent.experiment_id,
+        tracking_uri=plan.base_plan.tracking.uri,
+        trials=rows,
+        best=best,
+        best_config_dir=best_dir,
+        rerun_command=command,
+    )
+
+
+def _write_tables_and_plots(plan: SweepPlan, rows: list[dict[str, Any]], out: Path) -> None:
+    from orchestrator.sweep.plots import metric_vs_key, metric_vs_size, parallel_coordinates
+
+    (out / "sweep").mkdir(parents=True, exist_ok=True)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    (out / "sweep" / "trials.csv").write_text(csv_table(rows))
+    (out / "sweep" / "trials.md").write_text(f"# {plan.run_name}\n\n" + markdown_table(rows))
+    for dim in plan.dimensions:
+        metric_vs_key(rows, dim, plan.metric).savefig(out / "plots" / f"{plan.metric}_vs_{dim.key}.png", dpi=110)
+    parallel_coordinates(rows, plan.dimensions, plan.metric, plan.mode).savefig(out / "plots" / "parallel_coordinates.png", dpi=110)
+    if any(row.get("nonzero_parameters") for row in rows):
+        metric_vs_size(rows, plan.metric).savefig(out / "plots" / "accuracy_vs_size.png", dpi=110)
+
+
+def print_outcome(outcome: SweepOutcome, metric: str, console: Console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"sweep {outcome.run_name}")
+    columns = [key for key in outcome.trials[0] if key != "run_id"] if outcome.trials else []
+    for column in columns:
+        table.add_column(column)
+    for row in outcome.trials:
+        table.add_row(*(_cell(row[c]) for c in columns), style="bold green" if row is outcome.best else None)
+    console.print(table)
+    console.print(f"MLflow parent run {outcome.parent_run_id} ({outcome.tracking_uri}); one child run per trial")
+    if outcome.best is None:
+        console.print("[red]no trial completed[/red]: no best configuration")
+        return
+    console.print(f"best {metric}: {outcome.best[metric]:.4f} (trial {outcome.best['trial_id']}, run {outcome.best['run_id']})")
+    console.print(f"best config: {outcome.best_config_dir}/best.yaml\nrerun it:\n  {outcome.rerun_command}")
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float) and not math.isnan(value):
+        return f"{value:.4g}"
+    return str(value)

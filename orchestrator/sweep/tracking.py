@@ -1,0 +1,74 @@
+"""A sweep's MLflow structure, on the pipeline's parent/child machinery (`orchestrator.track.lineage.PipelineRun`).
+
+* Parent: tagged orch.run_name=<sweep run name>, orch.recipe=sweep; params: the search space (one param per key,
+  e.g. space.trainer.optimizer.lr = loguniform(0.0001, 0.03)), search algorithm, scheduler, metric, mode, trial
+  counts; artifacts: sweep/trials.csv, plots/<metric>_vs_<key>.png, plots/parallel_coordinates.png (and
+  plots/accuracy_vs_size.png when trials pruned), best/best.yaml; tag orch.best_trial_run_id and metric best_<metric>.
+* Child (one per trial, written by the trial through `run_stage`): mlflow.parentRunId, orch.trial_id,
+  orch.sweep_run, the trial's full config as params, its metric history; closed here with its Tune outcome
+  (orch.trial_state = completed | early_stopped | failed; an early-stopped trial's status is KILLED, a failed one's
+  FAILED) and the best one tagged orch.best_trial=true.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+from orchestrator.sweep.plan import SweepPlan
+from orchestrator.sweep.trial import BEST_TAG, STATE_TAG, TRIAL_TAG
+from orchestrator.track.lineage import PipelineRun
+from orchestrator.track.mlflow_run import PARENT_TAG, RUN_NAME_TAG, git_commit
+
+STATUS_OF_STATE = {"completed": "FINISHED", "early_stopped": "KILLED", "failed": "FAILED"}
+
+
+class SweepRun(PipelineRun):
+    """The parent run: experiment lookup, artifacts, metrics and closing are the pipeline parent's."""
+
+    def start_sweep(self, plan: SweepPlan, max_concurrent: int) -> str:
+        tags = {RUN_NAME_TAG: plan.run_name, "orch.recipe": "sweep", "orch.sweep": plan.name}
+        commit = git_commit()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        run = self.client.create_run(self.experiment_id, run_name=plan.run_name, tags=tags)
+        self.run_id = run.info.run_id
+        params = {f"space.{dim.key}": dim.describe() for dim in plan.dimensions}
+        params.update(
+            {
+                "search": plan.search,
+                "scheduler": plan.scheduler["name"],
+                "metric": plan.metric,
+                "mode": plan.mode,
+                "num_samples": plan.num_samples,
+                "max_concurrent_trials": max_concurrent,
+                "seed": plan.seed,
+                "base_recipe": plan.base_plan.stages[0].recipe,
+                "base_overrides": " ".join(plan.overrides),
+            }
+        )
+        if plan.scheduler["name"] == "asha":
+            params.update({f"asha.{k}": plan.scheduler[k] for k in ("grace_period", "reduction_factor", "max_t")})
+        for key, value in params.items():
+            self.client.log_param(self.run_id, key, value)
+        self.client.log_text(self.run_id, json.dumps(plan.config, indent=2, default=str), "config/sweep.json")
+        return self.run_id
+
+    def trial_runs(self) -> dict[str, Any]:
+        """Trial id -> its MLflow child run."""
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.run_id}'")
+        return {run.data.tags[TRIAL_TAG]: run for run in runs if TRIAL_TAG in run.data.tags}
+
+    def close_trial(self, run_id: str, state: str, error: Optional[str]) -> None:
+        """Record Tune's outcome on the child; a trial Tune stopped or lost never closed its own run."""
+        self.client.set_tag(run_id, STATE_TAG, state)
+        if error:
+            self.client.set_tag(run_id, "orch.trial_error", error[:4000])
+        # a stopped trial may have closed its own run as FAILED while Tune tore it down: its outcome is Tune's
+        if state != "completed" or self.client.get_run(run_id).info.status == "RUNNING":
+            self.client.set_terminated(run_id, STATUS_OF_STATE[state])
+
+    def mark_best(self, run_id: str, metric: str, value: float) -> None:
+        self.client.set_tag(run_id, BEST_TAG, "true")
+        self.client.set_tag(self.run_id, "orch.best_trial_run_id", run_id)
+        self.client.log_metric(self.run_id, f"best_{metric}", value)

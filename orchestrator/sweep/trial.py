@@ -1,0 +1,75 @@
+"""One trial: a Ray Tune function trainable whose body is a full `orch run` of the base recipe with the trial's values.
+
+Ray Train inside Ray Tune, as Ray documents it for Train V2: the trial's function plans the run, builds the
+TorchTrainer (through `orchestrator.stage_runner.run_stage`, so the MLflow run, export and plots are those of any
+run) and calls fit(); a Train callback forwards the workers' checkpoint reports to Tune, where the scheduler (ASHA)
+reads them. The trial's MLflow run is a child of the sweep's parent run.
+
+The final report is held back until the run is closed: ASHA may stop a trial on any report, including the last
+one, and a trial stopped while it exports its model would leave its MLflow run half-written. So the callback
+forwards every report before the last step, and the function reports the final metrics itself once `run_stage`
+has returned.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import DictConfig
+
+from orchestrator.sweep.space import Dimension, decode
+
+TRIAL_TAG = "orch.trial_id"
+SWEEP_TAG = "orch.sweep_run"
+STATE_TAG = "orch.trial_state"  # completed | early_stopped | failed
+BEST_TAG = "orch.best_trial"
+
+
+def trial_run_name(sweep_run: str, trial_id: str) -> str:
+    return f"{sweep_run}-{trial_id}"
+
+
+def run_trial(config: dict[str, Any], spec: Mapping[str, Any]) -> None:
+    """Tune's trainable. `spec`: base config, choices, dimensions, sweep run name and id, tracking, storage."""
+    import ray.tune
+    from rich.console import Console
+
+    from orchestrator.plan import build_plan
+    from orchestrator.stage_runner import resolve_sources, run_stage
+    from orchestrator.sweep.plan import apply
+
+    started = time.monotonic()
+    trial_id = ray.tune.get_context().get_trial_id()
+    dimensions: list[Dimension] = spec["dimensions"]
+    params = decode(dimensions, config)
+    cfg: DictConfig = apply(spec["base"], {**params, **spec["fixed"]}, name=trial_run_name(spec["sweep_run"], trial_id))
+    plan = build_plan(cfg, spec["choices"], cwd=Path(spec["cwd"]), overrides=[])
+    [stage] = plan.stages
+    stage.name = f"trial-{trial_id}"  # the child run's name in the MLflow UI, under the sweep's parent run
+    max_steps = stage.config["trainer"]["max_steps"]
+    tags = {SWEEP_TAG: spec["sweep_run"], TRIAL_TAG: trial_id}
+    quiet = Console(file=io.StringIO())  # Tune prints the trials' progress; per-trial bars would interleave
+    sources = resolve_sources(stage, {}, plan.tracking.uri)
+    result = run_stage(
+        plan.tracking, stage, quiet, resuming=False, sources=sources, parent_run_id=spec["parent_run_id"],
+        tags=tags, train_callbacks=[_forward_reports_before(max_steps)],
+    )
+    final = {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
+    # trial_wall_s: the whole trial as its function saw it (plan, Ray Train fit, export), for the overhead benchmark
+    final.update(step=max_steps, mlflow_run_id=result.run_id, trial_wall_s=time.monotonic() - started)
+    ray.tune.report(final)
+
+
+def _forward_reports_before(max_steps: int):
+    """Ray's TuneReportCallback, minus the last step's report (the trial sends that one itself, see above)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class ForwardIntermediateReports(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and metrics[0].get("step", 0) < max_steps:
+                super().after_report(run_context, metrics, checkpoint)
+
+    return ForwardIntermediateReports()

@@ -1,0 +1,154 @@
+"""Sweep planning: the shipped sweeps plan; every bad input is a ConfigError naming the key, before Ray starts."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.config import compose
+from orchestrator.config.validate import ConfigError
+from orchestrator.sweep.best import best_config
+from orchestrator.sweep.plan import apply, plan_sweep, plan_sweep_from_overrides
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+RUN_ID = "0123456789abcdef0123456789abcdef"
+
+
+def default_sweep() -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(compose(["sweep=default"]).sweep, resolve=True, enum_to_str=True)
+
+
+def test_shipped_default_sweep_plans_with_asha_on_steps(tmp_path):
+    plan = plan_sweep_from_overrides([], cwd=tmp_path)
+    assert plan.search == "optuna" and plan.metric == "val_accuracy" and plan.mode == "max"
+    assert {d.key for d in plan.dimensions} == {"trainer.optimizer.lr", "model.hidden_sizes", "trainer.micro_batch_size"}
+    assert plan.scheduler == {"name": "asha", "grace_period": 20, "reduction_factor": 2.0, "max_t": 80}
+    assert plan.base_plan.stages[0].recipe == "train"
+    assert not (tmp_path / "orch_runs").exists()
+
+
+def test_shipped_compression_sweep_plans_given_a_teacher(tmp_path):
+    plan = plan_sweep_from_overrides(["sweep=digits_compress", f"recipe.distill.teacher={RUN_ID}"], cwd=tmp_path)
+    assert plan.base_plan.stages[0].recipe == "distill"
+    assert plan.search == "grid" and plan.choices["recipe"] == "distill"
+
+
+def test_command_line_overrides_reach_the_base_recipe_and_win(tmp_path):
+    plan = plan_sweep(default_sweep(), ["sweep=default", "trainer.max_steps=40", "trainer.seed=3"], cwd=tmp_path)
+    trainer = plan.base_plan.stages[0].config["trainer"]
+    assert trainer["max_steps"] == 40 and trainer["seed"] == 3
+    assert plan.scheduler["max_t"] == 40
+
+
+def with_changes(**changes) -> dict:
+    sweep = copy.deepcopy(default_sweep())
+    for key, value in changes.items():
+        target = sweep
+        *parents, leaf = key.split("__")
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    return sweep
+
+
+@pytest.mark.parametrize(
+    "sweep, command_line, key, expected",
+    [
+        (with_changes(space={"trainer.optimizer.lrr": {"loguniform": [1e-4, 1e-2]}}), [], "sweep.space.trainer.optimizer.lrr", "no such key"),
+        (with_changes(space={"trainer.optimizer": {"choice": [1]}}), [], "sweep.space.trainer.optimizer", "config section"),
+        (with_changes(space={"model.hidden_sizes": {"choice": []}}), [], "sweep.space.model.hidden_sizes.choice", "at least one value"),
+        (with_changes(metric="val_f1"), [], "sweep.metric", "val_accuracy"),
+        (with_changes(metric="val_perplexity"), [], "sweep.metric", "reports"),
+        (with_changes(space={"trainer.zero_stage": {"choice": [0, 4]}}), [], "sweep.space.trainer.zero_stage", "0, 1, 2, 3"),
+        (with_changes(space={"trainer.micro_batch_size": {"choice": [16, "big"]}}), [], "sweep.space.trainer.micro_batch_size", "does not fit"),
+        (with_changes(space={"trainer.zero_stage": {"grid": [0, 2]}}), [], "sweep.search", "Optuna"),
+        (with_changes(search="grid"), [], "sweep.search", "range"),
+        (with_changes(scheduler__grace_period=500), [], "sweep.scheduler.grace_period", "max_steps"),
+        (default_sweep(), ["trainer.eval_every=30"], "trainer.eval_every", "must divide"),
+        (default_sweep(), ["trainer.checkpoint_every=0"], "trainer.checkpoint_every", "ASHA"),
+        (with_changes(max_concurrent_trials=4), ["cluster.num_cpus=2"], "sweep.max_concurrent_trials", "at most 1"),
+        (with_changes(points_to_evaluate=[{"trainer.optimizer.lr": 0.01}]), [], "sweep.points_to_evaluate[0]", "every key"),
+        (with_changes(overrides=["recipe=quantize", f"recipe.input={RUN_ID}"]), [], "sweep.overrides", "training recipe"),
+    ],
+)
+def test_bad_sweeps_fail_before_ray_naming_the_key(tmp_path, sweep, command_line, key, expected):
+    with pytest.raises(ConfigError) as error:
+        plan_sweep(sweep, command_line, cwd=tmp_path)
+    assert error.value.key == key
+    assert expected in str(error.value)
+
+
+def test_trial_values_are_set_on_a_copy_and_type_checked():
+    base = compose(["trainer.max_steps=40"])
+    trial = apply(base, {"trainer.optimizer.lr": 0.01, "model.hidden_sizes": [32]}, name="t1")
+    assert trial.trainer.optimizer.lr == 0.01 and list(trial.model.hidden_sizes) == [32] and trial.name == "t1"
+    assert base.trainer.optimizer.lr != 0.01 and base.name is None
+    from omegaconf.errors import ValidationError
+
+    with pytest.raises(ValidationError):
+        apply(base, {"trainer.max_steps": "many"})
+
+
+def test_best_yaml_reruns_through_orch_plan(tmp_path):
+    cfg = apply(compose(["recipe=distill", f"recipe.distill.teacher={RUN_ID}"]), {"recipe.distill.temperature": 7.5})
+    choices = {"recipe": "distill", "model": "mlp", "data": "digits", "trainer": "default", "cluster": "local", "tracking": "local"}
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "best.yaml").write_text(yaml.safe_dump(best_config(cfg, choices), sort_keys=False))
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "plan", "--config-dir", str(tmp_path / "best"), "--config-name", "best"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "distill" in out.stdout and "7.5" in out.stdout
+
+
+def test_orch_sweep_error_from_a_project_sweep_is_one_line_and_starts_nothing(tmp_path):
+    (tmp_path / "conf" / "sweep").mkdir(parents=True)
+    bad = yaml.safe_load((CONF / "sweep" / "default.yaml").read_text())
+    bad["name"] = "bad"
+    bad["space"] = {"trainer.optimizer.lr": {"loguniform": [1e-4, 1e-2]}, "trainer.warmup": {"choice": [1, 2]}}
+    (tmp_path / "conf" / "sweep" / "bad.yaml").write_text("# orch sweep sweep=bad\n" + yaml.safe_dump(bad))
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "sweep", "sweep=bad"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2
+    assert "sweep.space.trainer.warmup" in out.stderr and "no such key" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "orch_runs").exists()
+
+
+def test_sweep_level_arguments_are_split_from_the_trials_overrides():
+    from orchestrator.sweep.plan import split_sweep_overrides
+
+    sweep_level, rest = split_sweep_overrides(
+        ["sweep=digits_compress", "sweep.num_samples=8", "--config-dir", "/x", "recipe.distill.teacher=abc", "trainer.seed=1"]
+    )
+    assert sweep_level == ["sweep=digits_compress", "sweep.num_samples=8", "--config-dir", "/x"]
+    assert rest == ["recipe.distill.teacher=abc", "trainer.seed=1"]
+    assert split_sweep_overrides(["trainer.seed=1"]) == (["sweep=default"], ["trainer.seed=1"])
+
+
+def test_a_submitted_sweep_runs_orch_sweep_on_the_cluster():
+    from orchestrator.launch.jobs import entrypoint
+
+    assert entrypoint(["sweep=default", "trainer.seed=1"], "sweep") == (
+        "python -m orchestrator.cli sweep cluster=ray sweep=default trainer.seed=1"
+    )
+    assert entrypoint(["trainer.seed=1"]).startswith("python -m orchestrator.cli run cluster=ray")
+
+
+def test_submit_validates_a_sweep_locally_first(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "submit", "--sweep", "--address", "http://127.0.0.1:1",
+         "sweep.metric=val_f1", "trainer.storage_path=/tmp/x", "tracking.uri=http://mlflow:5000"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2
+    assert "sweep.metric='val_f1'" in out.stderr and "Traceback" not in out.stderr
