@@ -33,6 +33,7 @@ REGISTRY: list[tuple[str, str]] = [
     ("scaling", "benchmarks.scaling"),
     ("gpu_mfu", "benchmarks.gpu_mfu"),
     ("sweep_overhead", "benchmarks.sweep_overhead"),
+    ("gpt_head_pruning", "benchmarks.gpt_head_pruning"),
 ]
 
 
