@@ -143,7 +143,7 @@ def fit(
                 dist.all_gather_object(digests, weights_digest(engine))
                 report["rank_weight_digests"] = ",".join(d or "" for d in digests)
             hook_states = {name: hook.state_dict() for name, hook in hooks.items()}
-            metrics.flush()
+            metrics.flush(wait=True)
             save_and_report(engine, step, report, client_state={"hooks": hook_states}, model_spec=model_spec)
 
     # --- cleanup ---

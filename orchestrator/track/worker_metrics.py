@@ -25,6 +25,7 @@ class WorkerMetrics:
     def __init__(self, loop_config: dict[str, Any], rank: int, resumed_at: Optional[int]) -> None:
         self.enabled = rank == 0
         self.pending: list[Any] = []
+        self.in_flight: list[Any] = []  # RunOperations of batches sent asynchronously, not yet known to be stored
         self.last_flush = time.monotonic()
         self.progress = loop_config.get("progress")
         self.run_id = loop_config["tracking"]["run_id"]
@@ -76,18 +77,23 @@ class WorkerMetrics:
         if self.enabled:
             self.client.log_text(self.run_id, text, artifact_file)  # type: ignore[union-attr]
 
-    def flush(self) -> None:
-        """Send the buffered metrics (call before a checkpoint: a restart resumes there and must find them logged)."""
-        if not self.enabled or not self.pending:
-            return
-        for start in range(0, len(self.pending), MAX_BATCH):
-            chunk = self.pending[start : start + MAX_BATCH]
-            self.client.log_batch(self.run_id, metrics=chunk, synchronous=False)  # type: ignore[union-attr]
-        self.pending, self.last_flush = [], time.monotonic()
+    def flush(self, wait: bool = False) -> None:
+        """Send the buffered metrics; `wait=True` returns once they are stored (before a checkpoint: a restart
+        resumes there and must find them logged). Waits on the batches' own handles: `mlflow.flush_async_logging()`
+        flushes the default store's queue, which need not be this client's."""
+        if self.enabled and self.pending:
+            for start in range(0, len(self.pending), MAX_BATCH):
+                chunk = self.pending[start : start + MAX_BATCH]
+                self.in_flight.append(self.client.log_batch(self.run_id, metrics=chunk, synchronous=False))  # type: ignore[union-attr]
+            self.pending, self.last_flush = [], time.monotonic()
+        if wait:
+            for operation in self.in_flight:
+                operation.wait()
+            self.in_flight = []
 
     def diverged(self, step: int) -> None:
         """Tell the driver, which fails the stage with a typed error (the workers end without saving)."""
-        self.flush()
+        self.flush(wait=True)
         if self.enabled and self.progress is not None:
             import ray
 
@@ -96,7 +102,7 @@ class WorkerMetrics:
     def close(self) -> None:
         if not self.enabled:
             return
-        self.flush()
+        self.flush(wait=True)
         if self.system_monitor is not None:
             self.system_monitor.finish()
         import mlflow
