@@ -47,19 +47,20 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def _app(cfg) -> None:  # the Hydra task function
+def _app(cfg, choices: Optional[dict] = None) -> None:  # the Hydra task function
     from omegaconf.errors import OmegaConfBaseException
 
     from orchestrator.config.validate import ConfigError
     from orchestrator.plan import build_plan
     from orchestrator.plan_view import print_plan
 
-    try:
-        from hydra.core.hydra_config import HydraConfig
+    if choices is None:
+        try:
+            from hydra.core.hydra_config import HydraConfig
 
-        choices = dict(HydraConfig.get().runtime.choices)
-    except ValueError:
-        choices = {}
+            choices = dict(HydraConfig.get().runtime.choices)
+        except ValueError:
+            choices = {}
     if _mode["sweep"]:
         _sweep(cfg)
         return
@@ -73,6 +74,28 @@ def _app(cfg) -> None:  # the Hydra task function
         print_plan(plan)
         return
     _train(plan)
+
+
+def _plan(overrides: list[str]) -> None:
+    """`orch plan` through Hydra's compose API: the same config, composed once.
+
+    hydra.main composes every config twice (once only to read `hydra.mode`), and the plan is what users run to check
+    a config before anything starts, so it should answer at once. Hydra's flags (-m, --cfg, --config-dir, ...) still
+    go through hydra.main.
+    """
+    from omegaconf import open_dict
+
+    from orchestrator.config import compose
+
+    try:
+        cfg = compose(overrides, return_hydra_config=True)
+    except Exception as error:  # noqa: BLE001 - Hydra's composition errors name the bad key: one line, no traceback
+        cause = f"\n{error.__cause__}" if error.__cause__ is not None else ""
+        _fail(f"{error}{cause}".replace("\n", "\n    "))
+    choices = dict(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    _app(cfg, choices)
 
 
 def _train(plan) -> None:
@@ -149,6 +172,9 @@ def _run_hydra(command: str, argv: list[str]) -> None:
     _mode["plan_only"] = command == "plan" or "--plan" in argv
     _mode["sweep"] = command == "sweep"
     argv = [arg for arg in argv if arg != "--plan"]
+    if _mode["plan_only"] and command != "sweep" and not any(arg.startswith("-") for arg in argv):
+        _plan(argv)  # no Hydra flags: compose once, without Hydra's app runner
+        return
     if command == "sweep":
         # Hydra composes the sweep section only; the trials' overrides (recipe=distill recipe.distill.teacher=...)
         # make sense on the sweep's base recipe, which the sweep composes itself

@@ -32,7 +32,9 @@ def user_config_dir(cwd: Optional[Path] = None) -> Optional[Path]:
     return conf if conf.is_dir() and conf.resolve() != shipped else None
 
 
-def compose(overrides: Sequence[str] = (), config_name: str = "config", cwd: Optional[Path] = None) -> DictConfig:
+def compose(
+    overrides: Sequence[str] = (), config_name: str = "config", cwd: Optional[Path] = None, return_hydra_config: bool = False
+) -> DictConfig:
     """Compose a config the way `orch run` does (with ./conf on the search path), without the command line."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
@@ -42,7 +44,9 @@ def compose(overrides: Sequence[str] = (), config_name: str = "config", cwd: Opt
     search = [f"hydra.searchpath=[file://{extra}]"] if extra else []
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=[*search, *overrides])
+        return hydra_compose(
+            config_name=config_name, overrides=[*search, *overrides], return_hydra_config=return_hydra_config
+        )
 
 
 def config_groups(cwd: Optional[Path] = None) -> dict[str, list[str]]:

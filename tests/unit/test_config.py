@@ -159,3 +159,26 @@ def test_run_help_lists_config_groups():
     assert out.returncode == 0
     for group in ("model: cnn, gpt, hf_causal_lm, hf_llama, mlp", "data: digits, synthetic, text", "trainer: default, gpu", "cluster: local, ray"):
         assert group in out.stdout
+
+
+def test_orch_plan_composes_the_config_once(monkeypatch, tmp_path, capsys):
+    # hydra.main composes twice (the first only reads hydra.mode); `orch plan` is the quick check users run often
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+
+    from orchestrator import cli
+
+    calls = []
+    original = ConfigLoaderImpl.load_configuration
+    monkeypatch.setattr(ConfigLoaderImpl, "load_configuration", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    monkeypatch.chdir(tmp_path)
+    cli.main(["plan", "trainer.zero_stage=1"])
+    assert len(calls) == 1
+    assert '"stage": 1' in capsys.readouterr().out
+
+
+def test_orch_plan_names_an_unknown_key(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "plan", "trainer.nope=1"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2
+    assert "trainer.nope" in out.stderr and "TrainerConfig" in out.stderr
