@@ -28,13 +28,12 @@ from orchestrator.train.mfu import flops_per_sample, mfu, peak_flops_for
 from orchestrator.train.objective import task_loss
 from orchestrator.train.samples import generate_samples
 from orchestrator.train.steps import (
+    StepAgreement,
     Throughput,
     chaos_kill,
     due,
     evaluate,
-    first_bad_step,
     is_finite_step,
-    mean_across_ranks,
     start_worker,
     to_engine,
     weights_digest,
@@ -95,6 +94,7 @@ def fit(
 
     # --- loop ---
     bad_step: Optional[int] = None  # this rank's first step with a non-finite loss or gradient norm
+    agreement: Optional[StepAgreement] = None  # started at a log step, read at the next one
     while step < max_steps:
         chaos_kill(step, rank)
         step_loss = torch.zeros((), dtype=torch.float64)
@@ -109,19 +109,31 @@ def fit(
         throughput.step_done(step)
         if bad_step is None and not is_finite_step(step_loss, engine):
             bad_step = step
-        if due(step, trainer["log_every"], max_steps) or due(step, trainer["checkpoint_every"], max_steps):
-            diverged_at = first_bad_step(bad_step)  # before anything is logged or saved from a broken state
+        if agreement is not None:  # the last log step's, read after this step's compute
+            diverged_at, mean_loss = agreement.result()
             if diverged_at is not None:
                 metrics.diverged(diverged_at)
                 break
+            metrics.log({"loss": mean_loss}, agreement.step)
+            agreement = None
+        log_due, save_due = due(step, trainer["log_every"], max_steps), due(step, trainer["checkpoint_every"], max_steps)
         step_metrics: dict[str, float] = {}
+        if log_due or save_due:
+            agreement = StepAgreement(step, bad_step, step_loss / grad_accum if log_due else None)
+            if save_due:  # nothing is saved (or logged from a broken state) before every rank agrees
+                diverged_at, mean_loss = agreement.result()
+                agreement = None
+                if diverged_at is not None:
+                    metrics.diverged(diverged_at)
+                    break
+                if mean_loss is not None:
+                    step_metrics["loss"] = mean_loss
         for name, hook in hooks.items():
             changed = hook.on_step_end(step)
             if changed is not None:
                 step_metrics[name] = changed
 
-        if due(step, trainer["log_every"], max_steps):
-            step_metrics["loss"] = mean_across_ranks(step_loss / grad_accum)
+        if log_due:
             step_metrics["lr"] = float(engine.get_lr()[0])
             step_metrics.update(throughput.read())
             if data.task == "lm" and "samples_per_s" in step_metrics:
@@ -136,7 +148,7 @@ def fit(
             metrics.log(step_metrics, step)
 
         # --- save ---
-        if due(step, trainer["checkpoint_every"], max_steps):
+        if save_due:
             report: dict[str, Any] = {"step": step, **step_metrics}
             if step == max_steps:
                 digests: list[Optional[str]] = [None] * world_size

@@ -41,12 +41,6 @@ def to_engine(engine, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def mean_across_ranks(value: torch.Tensor) -> float:
-    value = value.detach().double().cpu()
-    dist.all_reduce(value)
-    return float(value) / dist.get_world_size()
-
-
 @torch.no_grad()
 def evaluate(engine, dataset, task: str, batch_size: int, rank: int, world_size: int) -> dict[str, float]:
     engine.eval()
@@ -115,9 +109,6 @@ class TrainingDiverged(RuntimeError):
         )
 
 
-NO_BAD_STEP = 2**62
-
-
 def is_finite_step(step_loss: torch.Tensor, engine) -> bool:
     grad_norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
     finite = bool(torch.isfinite(step_loss))
@@ -126,8 +117,30 @@ def is_finite_step(step_loss: torch.Tensor, engine) -> bool:
     return finite
 
 
-def first_bad_step(local_bad_step: Optional[int]) -> Optional[int]:
-    """Collective: the earliest non-finite step on any rank, so every rank stops at the same point."""
-    value = torch.tensor([local_bad_step if local_bad_step is not None else NO_BAD_STEP], dtype=torch.int64)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return None if int(value) == NO_BAD_STEP else int(value)
+class StepAgreement:
+    """Collective: the earliest non-finite step on any rank and the loss averaged over ranks, in one all-reduce.
+
+    Every rank must stop at the same step, and the logged loss is the mean over ranks; both are due at log and
+    checkpoint steps. On a busy machine one small gloo all-reduce costs ~2-4 ms of waiting (measured at log_every=10
+    with 2 workers on 2 cores), half a small model's step, so the loop starts it at a log step and reads it after the
+    next step's compute (`async_op`); at checkpoints it waits at once, since nothing is saved before every rank agrees
+    the state is finite. Each rank writes its bad step (or +inf) in its own slot, so a sum gives every rank's value
+    exactly (integers below 2**53 are exact in float64).
+    """
+
+    def __init__(self, step: int, local_bad_step: Optional[int], loss: Optional[torch.Tensor]) -> None:
+        self.step, self.has_loss = step, loss is not None
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+        self.values = torch.zeros(world_size + 1, dtype=torch.float64)
+        self.values[rank] = math.inf if local_bad_step is None else float(local_bad_step)
+        if loss is not None:
+            self.values[world_size] = loss.detach().double().cpu()
+        self.work = dist.all_reduce(self.values, async_op=True)
+
+    def result(self) -> tuple[Optional[int], Optional[float]]:
+        """(earliest bad step or None, mean loss or None when this step logged none); waits for the all-reduce."""
+        self.work.wait()
+        world_size = len(self.values) - 1
+        earliest = float(self.values[:world_size].min())
+        mean_loss = float(self.values[world_size]) / world_size if self.has_loss else None
+        return (None if math.isinf(earliest) else int(earliest)), mean_loss
