@@ -77,7 +77,20 @@ def build_engine(model: nn.Module, ds_config: dict[str, Any], optimizer_cfg: Map
         model_parameters=None if client_optimizer else [p for p in model.parameters() if p.requires_grad],
         config=ds_config,
     )
+    skip_lone_allreduce(engine)
     return engine
+
+
+def skip_lone_allreduce(engine) -> None:
+    """A single data-parallel rank in fp32 with ZeRO-0 does not reduce its gradients with itself.
+
+    DeepSpeed still flattens every gradient, all-reduces the buffer over a group of one and copies it back: 16 % of
+    a small MLP's step in a py-spy profile (1 worker, 1 thread). The result is the identity, so the reduction is
+    switched off (`enable_backward_allreduce`, the engine's own switch). fp16/bf16 and ZeRO >= 1 keep it: their
+    optimizers take state from that path.
+    """
+    if engine.dp_world_size == 1 and engine.zero_optimization_stage() == 0 and engine_precision(engine) == "fp32":
+        engine.enable_backward_allreduce = False
 
 
 def checkpoint_tag(step: int) -> str:
