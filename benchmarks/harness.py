@@ -125,6 +125,7 @@ class Timeline:
     finished: float
     events: dict[str, float] = field(default_factory=dict)
     durations: list[float] = field(default_factory=list)
+    cpu_durations: list[float] = field(default_factory=list)  # process CPU time per step (all threads)
     first_step: int = 2  # the step whose duration is durations[0]
     peak_rss: dict[int, int] = field(default_factory=dict)
     checkpoints: list[dict[str, float]] = field(default_factory=list)
@@ -134,6 +135,10 @@ class Timeline:
     def steady(self, warmup: int) -> list[float]:
         """Step durations after `warmup` steps (allocation, lazy init and cache warm-up excluded)."""
         return self.durations[max(0, warmup - self.first_step + 1) :]
+
+    def steady_cpu(self, warmup: int) -> list[float]:
+        """CPU time of the same steps: what the process itself spent, much less sensitive to other jobs' load."""
+        return self.cpu_durations[max(0, warmup - self.first_step + 1) :]
 
     def duration_of(self, step: int) -> Optional[float]:
         index = step - self.first_step
@@ -166,6 +171,7 @@ def read_timeline(path: Path, launched: float, finished: float) -> Timeline:
         event = record["event"]
         if event == "step_times":
             timeline.durations = record["durations"]
+            timeline.cpu_durations = record.get("cpu_durations", [])
             timeline.first_step = record["first_step"]
         elif event == "peak_rss":
             timeline.peak_rss[int(record["rank"])] = int(record["bytes"])

@@ -21,20 +21,27 @@ PARTS = ("process_and_ray_start", "driver_setup", "worker_group", "deepspeed_ini
 
 def run(quick: bool) -> dict[str, Any]:
     warm_repeats = 1 if quick else 3
+    cold_repeats = 1 if quick else 2
     ways = {
         "a_orch": orch_command([*common_overrides("mlp", WORKERS, THREADS, STEPS), "trainer.eval_every=0", "trainer.checkpoint_every=0"]),
         "b_ray_deepspeed": ray_baseline_command("mlp", WORKERS, THREADS, STEPS),
     }
-    out: dict[str, Any] = {"settings": {"workers": WORKERS, "steps": STEPS, "model": "mlp", "warm_repeats": warm_repeats}}
+    out: dict[str, Any] = {
+        "settings": {"workers": WORKERS, "steps": STEPS, "model": "mlp", "warm_repeats": warm_repeats, "cold_repeats": cold_repeats}
+    }
     samples: dict[str, dict[str, list[dict]]] = {way: {"cold": [], "warm": []} for way in ways}
     with Workdir() as workdir:
-        extension_dirs = {way: tempfile.mkdtemp(prefix=f"torch-ext-{way}-", dir=workdir) for way in ways}
-        for way, command in ways.items():  # cold first: each way compiles into its own empty cache
-            print(f"  startup {way} cold", flush=True)
-            timeline = run_process(command, workdir, {"TORCH_EXTENSIONS_DIR": extension_dirs[way]})
-            if timeline.returncode == 0:
-                samples[way]["cold"].append(timeline.startup())
-        for repeat in range(warm_repeats):  # interleaved
+        extension_dirs: dict[str, str] = {}
+        # cold: every run compiles into its own empty cache; the order alternates (a b, b a, ...) because the
+        # compile takes minutes and the load of a shared machine drifts over that time
+        for repeat in range(cold_repeats):
+            for way in list(ways) if repeat % 2 == 0 else list(reversed(ways)):
+                print(f"  startup {way} cold {repeat + 1}/{cold_repeats}", flush=True)
+                extension_dirs[way] = tempfile.mkdtemp(prefix=f"torch-ext-{way}-", dir=workdir)
+                timeline = run_process(ways[way], workdir, {"TORCH_EXTENSIONS_DIR": extension_dirs[way]})
+                if timeline.returncode == 0:
+                    samples[way]["cold"].append(timeline.startup())
+        for repeat in range(warm_repeats):  # interleaved, each way with the cache its last cold run filled
             for way, command in ways.items():
                 print(f"  startup {way} warm {repeat + 1}/{warm_repeats}", flush=True)
                 timeline = run_process(command, workdir, {"TORCH_EXTENSIONS_DIR": extension_dirs[way]})

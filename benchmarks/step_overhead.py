@@ -8,8 +8,10 @@ Same model, data, micro-batch 32, fp32, ZeRO-0, AdamW (torch's), clipping 1.0 an
 
 Repeats are interleaved a, b, c, a, b, c, ... so drifting load on a shared machine hits all three alike. A step's
 time is measured end to end on rank 0 (between the ends of consecutive optimizer steps); the first `warmup` steps
-are dropped. Reported per way: the median of the runs' medians, the IQR of all steady steps pooled, and the mean
-(which, unlike the median, includes the periodic logging steps).
+are dropped. Reported per way: the median of the runs' medians, the IQR of all steady steps pooled, the mean
+(which, unlike the median, includes the periodic logging steps), and the median CPU time per step of the training
+process (all its threads): on a shared machine the wall-time ratios move with other jobs' load, the CPU-time ratios
+much less, so with 1 worker (nothing to wait for) they are the better measure of the work each way adds.
 """
 
 from __future__ import annotations
@@ -52,37 +54,47 @@ def measure(model: str, workers: int, steps: int, warmup: int, repeats: int) -> 
             for way, command in commands(model, workers, steps).items():
                 print(f"  step_overhead {model} workers={workers} {way} repeat {repeat + 1}/{repeats}", flush=True)
                 timeline = run_process(command, workdir)
-                runs = per_way.setdefault(way, {"medians": [], "steady": [], "failed": 0})
+                runs = per_way.setdefault(way, {"medians": [], "steady": [], "cpu_medians": [], "failed": 0})
                 steady = timeline.steady(warmup)
                 if timeline.returncode != 0 or not steady:
                     runs["failed"] += 1
                     continue
                 runs["medians"].append(summarize(steady)["median"])
+                cpu = timeline.steady_cpu(warmup)
+                if cpu:
+                    runs["cpu_medians"].append(summarize(cpu)["median"])
                 runs["steady"].extend(steady)
     tokens = MODELS[model]["tokens"]
     results: dict[str, Any] = {}
     for way, runs in per_way.items():
         median = summarize(runs["medians"])["median"]
+        cpu_median = summarize(runs["cpu_medians"])["median"] if runs["cpu_medians"] else None
         pooled = summarize(runs["steady"])
         results[way] = {
             "step_time_median_s": median,
             "step_time_iqr_s": pooled["iqr"],
             "step_time_mean_s": pooled["mean"],
             "run_medians_s": runs["medians"],
+            "cpu_time_median_s": cpu_median,
+            "run_cpu_medians_s": runs["cpu_medians"],
             "failed_runs": runs["failed"],
             "samples_per_s": 32 * workers / median if median else None,
             **({"tokens_per_s": 32 * workers * tokens / median} if median and tokens > 1 else {}),
         }
     med = {way: results[way]["step_time_median_s"] for way in results}
     mean = {way: results[way]["step_time_mean_s"] for way in results}
+    cpu = {way: results[way]["cpu_time_median_s"] for way in results}
     results["ratios"] = {
         "a/b_median": ratio(med.get("a_orch"), med.get("b_ray_deepspeed")),
         "a/b_mean": ratio(mean.get("a_orch"), mean.get("b_ray_deepspeed")),
+        "a/b_cpu": ratio(cpu.get("a_orch"), cpu.get("b_ray_deepspeed")),
         **(
             {
                 "a/c_median": ratio(med.get("a_orch"), med.get("c_plain_torch")),
                 "a/c_mean": ratio(mean.get("a_orch"), mean.get("c_plain_torch")),
                 "b/c_median": ratio(med.get("b_ray_deepspeed"), med.get("c_plain_torch")),
+                "a/c_cpu": ratio(cpu.get("a_orch"), cpu.get("c_plain_torch")),
+                "b/c_cpu": ratio(cpu.get("b_ray_deepspeed"), cpu.get("c_plain_torch")),
             }
             if "c_plain_torch" in med
             else {}
@@ -107,7 +119,10 @@ TARGETS = {"a/b_median": 1.03, "a/c_median": 1.05}
 
 def table(result: dict[str, Any]) -> list[list[str]]:
     """Rows for the report: one per model and worker count."""
-    rows = [["case", "(a) orch ms", "(b) Ray+DS ms", "(c) plain ms", "a/b (target ≤1.03)", "a/c (target ≤1.05)", "a/b of means"]]
+    rows = [[
+        "case", "(a) orch ms", "(b) Ray+DS ms", "(c) plain ms", "a/b (target ≤1.03)", "a/c (target ≤1.05)", "a/b of means",
+        "CPU ms per step a / b / c", "CPU a/b", "CPU a/c",
+    ]]  # fmt: skip
     for case, data in result.items():
         if case == "settings":
             continue
@@ -119,7 +134,11 @@ def table(result: dict[str, Any]) -> list[list[str]]:
             return f"{entry['step_time_median_s'] * 1e3:.2f} (IQR {entry['step_time_iqr_s'] * 1e3:.2f})"
 
         r = data["ratios"]
-        rows.append([case, ms("a_orch"), ms("b_ray_deepspeed"), ms("c_plain_torch"), fmt(r.get("a/b_median")), fmt(r.get("a/c_median")), fmt(r.get("a/b_mean"))])
+        cpu = " / ".join("–" if not data.get(w) or data[w].get("cpu_time_median_s") is None else f"{data[w]['cpu_time_median_s'] * 1e3:.2f}" for w in ("a_orch", "b_ray_deepspeed", "c_plain_torch"))
+        rows.append([
+            case, ms("a_orch"), ms("b_ray_deepspeed"), ms("c_plain_torch"), fmt(r.get("a/b_median")), fmt(r.get("a/c_median")),
+            fmt(r.get("a/b_mean")), cpu, fmt(r.get("a/b_cpu")), fmt(r.get("a/c_cpu")),
+        ])  # fmt: skip
     return rows
 
 

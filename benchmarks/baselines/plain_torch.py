@@ -31,6 +31,7 @@ def train(model_name: str, model_args: dict, steps: int, batch: int, threads: in
     loader = DataLoader(dataset, batch_size=batch, sampler=RandomSampler(dataset), drop_last=True)
     mark(timeline, "engine_ready")
     stamps: list[float] = []
+    cpu_stamps: list[float] = []
     step = 0
     while step < steps:
         for inputs, targets in loader:
@@ -42,12 +43,13 @@ def train(model_name: str, model_args: dict, steps: int, batch: int, threads: in
             scheduler.step()
             step += 1
             stamps.append(time.perf_counter())
+            cpu_stamps.append(time.process_time())
             if step == 1:
                 mark(timeline, "first_step", step=1)
             if step == steps:
                 break
     mark(timeline, "peak_rss", rank=0, bytes=peak_rss_bytes())
-    write_step_times(timeline, stamps, 1)
+    write_step_times(timeline, stamps, 1, cpu_stamps)
     return float(loss.detach())
 
 

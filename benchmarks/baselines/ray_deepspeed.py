@@ -47,6 +47,7 @@ def train_loop(config: dict[str, Any]) -> None:
     loader = DataLoader(dataset, batch_size=config["batch"], sampler=sampler, drop_last=True)
     dtype = next(engine.module.parameters()).dtype
     stamps: list[float] = []
+    cpu_stamps: list[float] = []
     step, epoch = 0, 0
     while step < config["steps"]:
         sampler.set_epoch(epoch)
@@ -58,6 +59,7 @@ def train_loop(config: dict[str, Any]) -> None:
             engine.step()
             step += 1
             stamps.append(time.perf_counter())
+            cpu_stamps.append(time.process_time())
             if step == 1 and rank == 0:
                 mark(timeline, "first_step", step=1)
             if step == config["steps"]:
@@ -65,7 +67,7 @@ def train_loop(config: dict[str, Any]) -> None:
         epoch += 1
     mark(timeline, "peak_rss", rank=rank, bytes=peak_rss_bytes())
     if rank == 0:
-        write_step_times(timeline, stamps, 1)
+        write_step_times(timeline, stamps, 1, cpu_stamps)
     ray.train.report({"loss": float(loss.detach()), "step": step})
 
 

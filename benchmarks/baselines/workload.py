@@ -87,9 +87,11 @@ def mark(path: str | None, event: str, **fields: Any) -> None:
             handle.write(json.dumps({"event": event, "t": time.time(), "pid": os.getpid(), **fields}) + "\n")
 
 
-def write_step_times(path: str | None, stamps: list[float], first_step: int) -> None:
+def write_step_times(path: str | None, stamps: list[float], first_step: int, cpu_stamps: list[float] | None = None) -> None:
+    """Wall and process-CPU duration of every step, as orch's StepClock writes them."""
     if len(stamps) > 1:
-        mark(path, "step_times", first_step=first_step + 1, durations=[b - a for a, b in zip(stamps, stamps[1:])])
+        cpu = [b - a for a, b in zip(cpu_stamps, cpu_stamps[1:])] if cpu_stamps else []
+        mark(path, "step_times", first_step=first_step + 1, durations=[b - a for a, b in zip(stamps, stamps[1:])], cpu_durations=cpu)
 
 
 def peak_rss_bytes() -> int:

@@ -2,8 +2,9 @@
 
 Off unless the environment names a file in ORCH_TIMELINE (the driver forwards it to the workers). Then the driver
 and rank 0 append JSON lines `{"event": ..., "t": <unix time>, ...}` to it: Ray ready, worker start, DeepSpeed
-engine ready, first step, checkpoint phases, and at the end every step's duration. Step durations are kept in
-memory and written once at the end, so the per-step cost of measuring is one perf_counter() call. The benchmarks
+engine ready, first step, checkpoint phases, and at the end every step's duration, wall and CPU (the process's CPU
+time, all threads: on a shared machine it is far less disturbed by other jobs than wall time). Step durations are
+kept in memory and written once at the end, so the per-step cost of measuring is two clock reads. The benchmarks
 (benchmarks/) read the file; nothing in a normal run does.
 """
 
@@ -44,12 +45,14 @@ class StepClock:
         self.rank = rank
         self.on = enabled()
         self.stamps: list[float] = []
+        self.cpu_stamps: list[float] = []
         self.first_step: Optional[int] = None
 
     def tick(self, step: int) -> None:
         if not self.on:
             return
         self.stamps.append(time.perf_counter())
+        self.cpu_stamps.append(time.process_time())
         if self.first_step is None:
             self.first_step = step
             if self.rank == 0:
@@ -61,5 +64,8 @@ class StepClock:
             return
         mark("peak_rss", rank=self.rank, bytes=peak_rss_bytes())
         if self.rank == 0 and len(self.stamps) > 1:
-            durations = [b - a for a, b in zip(self.stamps, self.stamps[1:])]
-            mark("step_times", first_step=(self.first_step or 0) + 1, durations=durations)
+            mark("step_times", first_step=(self.first_step or 0) + 1, durations=differences(self.stamps), cpu_durations=differences(self.cpu_stamps))
+
+
+def differences(stamps: list[float]) -> list[float]:
+    return [b - a for a, b in zip(stamps, stamps[1:])]

@@ -17,6 +17,7 @@ def test_run_all_writes_figures_for_the_plain_baseline(tmp_path, monkeypatch):
     for case, steps, warmup in (("mlp_w1", 12, 3), ("gpt_w1", 8, 2)):
         plain = result[case]["c_plain_torch"]
         assert plain["failed_runs"] == 0 and plain["step_time_median_s"] > 0
+        assert 0 < plain["cpu_time_median_s"] < 10 * plain["step_time_median_s"]  # CPU time per step, recorded
         assert len(plain["run_medians_s"]) == 1
         assert result[case]["ratios"]["a/b_median"] is None  # (a) and (b) were not run
     assert "tokens_per_s" in result["gpt_w1"]["c_plain_torch"]
