@@ -48,6 +48,7 @@ class PackedBlocks(Dataset):
 
     def __init__(self, table: Any) -> None:
         self.table = table.with_format("torch")
+        self.arrow = table.with_format("arrow")
 
     def __len__(self) -> int:
         return len(self.table)
@@ -55,6 +56,14 @@ class PackedBlocks(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         block = self.table[int(index)]["block"]
         return block[:-1], block[1:]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple[Tensor, Tensor]]:
+        """A whole batch in one Arrow read (DataLoader uses this when it exists). Read one by one through the torch
+        format, 32 blocks cost 8 ms of CPU, more than the small GPT's whole step; this way ~0.3 ms. Blocks all have
+        block_size + 1 tokens (packing), so the list column flattens into a matrix."""
+        column = self.arrow[[int(index) for index in indices]]["block"].combine_chunks()
+        blocks = torch.tensor(column.flatten().to_numpy().reshape(len(indices), -1))  # a copy: Arrow memory is read-only
+        return [(block[:-1], block[1:]) for block in blocks]
 
 
 @dataclass

@@ -45,6 +45,18 @@ def test_byte_level_text_is_the_files_bytes_split_into_train_and_validation(tmp_
     assert splits.codec.decode(splits.codec.encode("héllo\n")) == "héllo\n"
 
 
+def test_batched_reads_give_the_same_blocks_as_reads_one_by_one(tmp_path):
+    # the DataLoader takes a batch through __getitems__ (one Arrow read); it must equal the per-example path
+    from torch.utils.data import DataLoader
+
+    train = load_text_splits(str(write_corpus(tmp_path / "corpus.txt")), block_size=16).train
+    indices = [5, 0, 9, 9, 2]
+    batched, single = train.__getitems__(indices), [train[i] for i in indices]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(batched, single))
+    inputs, targets = next(iter(DataLoader(train, batch_sampler=[indices])))
+    assert inputs.shape == (5, 16) and torch.equal(inputs[1], single[1][0]) and torch.equal(targets[4], single[4][1])
+
+
 def test_a_glob_of_jsonl_files_reads_the_text_field(tmp_path):
     for index in range(2):
         rows = [{"text": f"document {index} line {i} " * 3, "id": i} for i in range(60)]
