@@ -39,7 +39,7 @@ examples:
 
 HYDRA_COMMANDS = ("run", "plan", "sweep")
 JOB_COMMANDS = ("submit", "status", "logs", "stop", "list")
-_mode: dict = {"plan_only": False, "sweep": False, "sweep_overrides": []}
+_mode: dict = {"plan_only": False, "sweep": False, "sweep_overrides": [], "space_edits": []}
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -109,11 +109,13 @@ def _sweep(cfg) -> None:
 
     from orchestrator.config.validate import ConfigError
     from orchestrator.sweep.plan import plan_sweep
+    from orchestrator.sweep.space import apply_space_edits
 
     if cfg.get("sweep") is None:
         _fail("sweep=None: pick a sweep with sweep=<name> (conf/sweep/)")
     sweep = OmegaConf.to_container(cfg.sweep, resolve=True, enum_to_str=True)
     try:
+        sweep["space"] = apply_space_edits(sweep["space"], _mode["space_edits"])
         plan = plan_sweep(sweep, _mode["sweep_overrides"])
     except ConfigError as error:
         _fail(str(error))
@@ -152,9 +154,15 @@ def _run_hydra(command: str, argv: list[str]) -> None:
     if command == "sweep":
         # Hydra composes the sweep section only; the trials' overrides (recipe=distill recipe.distill.teacher=...)
         # make sense on the sweep's base recipe, which the sweep composes itself
+        from orchestrator.config.validate import ConfigError
         from orchestrator.sweep.plan import split_sweep_overrides
+        from orchestrator.sweep.space import split_space_edits
 
         argv, _mode["sweep_overrides"] = split_sweep_overrides(argv)
+        try:  # sweep.space.KEY=... has a dotted KEY, which Hydra's grammar cannot express: orch applies it
+            argv, _mode["space_edits"] = split_space_edits(argv)
+        except ConfigError as error:
+            _fail(str(error))
     user_conf = user_config_dir()
     if user_conf and not any(a.startswith(("--config-dir", "-cd")) for a in argv):
         argv = ["--config-dir", str(user_conf), *argv]
