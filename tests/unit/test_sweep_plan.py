@@ -183,3 +183,17 @@ def test_orch_sweep_plan_shows_command_line_space_edits(tmp_path):
     )
     assert bad.returncode == 2 and "sweep.space.model.hidden_size" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("path", sorted((CONF / "sweep").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_orch_sweep_command_in_a_sweep_header_plans(tmp_path, path):
+    import shlex
+
+    text = path.read_text().replace("<teacher run id>", RUN_ID).replace("<run id>", RUN_ID)
+    header = [line.lstrip("# ") for line in text.splitlines() if line.startswith("#")]
+    commands = [shlex.split(line, comments=True) for line in header if line.startswith("orch sweep")]
+    assert commands
+    for command in commands:
+        arguments = command[2:]
+        plan = plan_sweep_from_overrides(arguments, cwd=tmp_path)
+        assert plan.name == path.stem, command
