@@ -227,6 +227,12 @@ def print_outcome(outcome: SweepOutcome, metric: str, console: Console) -> None:
         table.add_column(column)
     for row in outcome.trials:
         table.add_row(*(_cell(row[c]) for c in columns), style="bold green" if row is outcome.best else None)
+    if not console.is_terminal:
+        # a log (or `orch logs` of a submitted sweep) has no width to fit: 80 columns cut every header to "reci…"
+        from rich.measure import Measurement
+
+        needed = Measurement.get(console, console.options.update(width=10_000), table).maximum
+        console.size = (max(needed, console.width), console.height)
     console.print(table)
     console.print(f"MLflow parent run {outcome.parent_run_id} ({outcome.tracking_uri}); one child run per trial")
     if outcome.best is None:

@@ -197,3 +197,18 @@ def test_every_orch_sweep_command_in_a_sweep_header_plans(tmp_path, path):
         arguments = command[2:]
         plan = plan_sweep_from_overrides(arguments, cwd=tmp_path)
         assert plan.name == path.stem, command
+
+
+def test_the_outcome_table_in_a_log_keeps_whole_column_names(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from orchestrator.sweep.runner import SweepOutcome, print_outcome
+
+    row = {"trial_id": "444b3_00000", "run_id": RUN_ID, "state": "completed", "recipe.pruning.sparsity": 0.5,
+           "recipe.distill.temperature": 2.0, "val_accuracy": 0.8056, "step": 40, "nonzero_parameters": 5514, "parameters": 9610}
+    outcome = SweepOutcome("sweep-x", RUN_ID, "1", "sqlite:///x.db", [row], row, tmp_path, "orch run ...")
+    out = io.StringIO()
+    print_outcome(outcome, "val_accuracy", Console(file=out, width=80))
+    assert "recipe.pruning.sparsity" in out.getvalue() and "444b3_00000" in out.getvalue()
