@@ -215,7 +215,7 @@ def _write_tables_and_plots(plan: SweepPlan, rows: list[dict[str, Any]], out: Pa
         metric_vs_key(rows, dim, plan.metric).savefig(out / "plots" / f"{plan.metric}_vs_{dim.key}.png", dpi=110)
     parallel_coordinates(rows, plan.dimensions, plan.metric, plan.mode).savefig(out / "plots" / "parallel_coordinates.png", dpi=110)
     if any(row.get("nonzero_parameters") for row in rows):
-        metric_vs_size(rows, plan.metric).savefig(out / "plots" / "accuracy_vs_size.png", dpi=110)
+        metric_vs_size(rows, plan.metric, plan.dimensions).savefig(out / "plots" / "accuracy_vs_size.png", dpi=110)
 
 
 def print_outcome(outcome: SweepOutcome, metric: str, console: Console) -> None:
