@@ -33,6 +33,7 @@ examples:
   orch plan trainer.zero_stage=3 trainer.precision=bf16
   orch sweep                                   # the demo search on digits (conf/sweep/default.yaml)
   orch sweep sweep.num_samples=8 sweep.search=random
+  orch sweep 'sweep.space.trainer.optimizer.lr={uniform: [1e-3, 1e-2]}' '~sweep.space.model.hidden_sizes'
   orch ui
   orch submit --address http://HEAD:8265 trainer.num_workers=8 trainer.storage_path=/mnt/shared/orch_runs
 """
