@@ -33,13 +33,14 @@ examples:
   orch plan trainer.zero_stage=3 trainer.precision=bf16
   orch sweep                                   # the demo search on digits (conf/sweep/default.yaml)
   orch sweep sweep.num_samples=8 sweep.search=random
+  orch sweep 'sweep.space.trainer.optimizer.lr={uniform: [1e-3, 1e-2]}' '~sweep.space.model.hidden_sizes'
   orch ui
   orch submit --address http://HEAD:8265 trainer.num_workers=8 trainer.storage_path=/mnt/shared/orch_runs
 """
 
 HYDRA_COMMANDS = ("run", "plan", "sweep")
 JOB_COMMANDS = ("submit", "status", "logs", "stop", "list")
-_mode: dict = {"plan_only": False, "sweep": False, "sweep_overrides": []}
+_mode: dict = {"plan_only": False, "sweep": False, "sweep_overrides": [], "space_edits": []}
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -132,11 +133,13 @@ def _sweep(cfg) -> None:
 
     from orchestrator.config.validate import ConfigError
     from orchestrator.sweep.plan import plan_sweep
+    from orchestrator.sweep.space import apply_space_edits
 
     if cfg.get("sweep") is None:
         _fail("sweep=None: pick a sweep with sweep=<name> (conf/sweep/)")
     sweep = OmegaConf.to_container(cfg.sweep, resolve=True, enum_to_str=True)
     try:
+        sweep["space"] = apply_space_edits(sweep["space"], _mode["space_edits"])
         plan = plan_sweep(sweep, _mode["sweep_overrides"])
     except ConfigError as error:
         _fail(str(error))
@@ -178,9 +181,15 @@ def _run_hydra(command: str, argv: list[str]) -> None:
     if command == "sweep":
         # Hydra composes the sweep section only; the trials' overrides (recipe=distill recipe.distill.teacher=...)
         # make sense on the sweep's base recipe, which the sweep composes itself
+        from orchestrator.config.validate import ConfigError
         from orchestrator.sweep.plan import split_sweep_overrides
+        from orchestrator.sweep.space import split_space_edits
 
         argv, _mode["sweep_overrides"] = split_sweep_overrides(argv)
+        try:  # sweep.space.KEY=... has a dotted KEY, which Hydra's grammar cannot express: orch applies it
+            argv, _mode["space_edits"] = split_space_edits(argv)
+        except ConfigError as error:
+            _fail(str(error))
     user_conf = user_config_dir()
     if user_conf and not any(a.startswith(("--config-dir", "-cd")) for a in argv):
         argv = ["--config-dir", str(user_conf), *argv]

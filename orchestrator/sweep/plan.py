@@ -319,10 +319,14 @@ def _top_key(override: str) -> str:
 
 def plan_sweep_from_overrides(overrides: Sequence[str], cwd: Optional[Path] = None) -> SweepPlan:
     """`orch sweep [overrides]` without the command line: picks sweep=default unless an override names one."""
+    from orchestrator.sweep.space import apply_space_edits, split_space_edits
+
     sweep_level, overrides = split_sweep_overrides(overrides)
+    sweep_level, edits = split_space_edits(sweep_level)
     cfg, _ = _compose_with_choices(sweep_level, cwd)
     if cfg.sweep is None:
         raise ConfigError("sweep", None, "pick a sweep: sweep=<name> (conf/sweep/)")
     sweep = OmegaConf.to_container(cfg.sweep, resolve=True, enum_to_str=True)
     assert isinstance(sweep, dict)
+    sweep["space"] = apply_space_edits(sweep["space"], edits)
     return plan_sweep(sweep, overrides, cwd)

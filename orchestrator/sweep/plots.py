@@ -83,8 +83,11 @@ def parallel_coordinates(rows: Sequence[Mapping[str, Any]], dimensions: Sequence
     return figure
 
 
-def metric_vs_size(rows: Sequence[Mapping[str, Any]], metric: str):
-    """A compression sweep's trade-off: the metric of every trial against its model's non-zero parameters."""
+def metric_vs_size(rows: Sequence[Mapping[str, Any]], metric: str, dimensions: Sequence[Dimension] = ()):
+    """A compression sweep's trade-off: the metric of every trial against its model's non-zero parameters.
+
+    Each point is labelled with its searched values: trials at one sparsity share an x, and only these tell them apart.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,8 +98,11 @@ def metric_vs_size(rows: Sequence[Mapping[str, Any]], metric: str):
     axis.scatter([row["nonzero_parameters"] for row in sized], [row[metric] for row in sized])
     for row in sized:
         sparsity = row.get("final_sparsity")
-        label = f"{row['trial_id']}" + (f" ({sparsity:.0%} sparse)" if sparsity is not None else "")
+        searched = ", ".join(f"{dim.key.rsplit('.', 1)[-1]}={row[dim.key]:g}" if isinstance(row[dim.key], float)
+                             else f"{dim.key.rsplit('.', 1)[-1]}={row[dim.key]}" for dim in dimensions)
+        label = searched or (f"{row['trial_id']}" + (f" ({sparsity:.0%} sparse)" if sparsity is not None else ""))
         axis.annotate(label, (row["nonzero_parameters"], row[metric]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axis.margins(x=0.25)  # room for the labels of the largest model
     axis.set_xscale("log")
     axis.set_xlabel("non-zero parameters (log scale)")
     axis.set_ylabel(metric)

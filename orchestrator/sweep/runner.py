@@ -215,7 +215,7 @@ def _write_tables_and_plots(plan: SweepPlan, rows: list[dict[str, Any]], out: Pa
         metric_vs_key(rows, dim, plan.metric).savefig(out / "plots" / f"{plan.metric}_vs_{dim.key}.png", dpi=110)
     parallel_coordinates(rows, plan.dimensions, plan.metric, plan.mode).savefig(out / "plots" / "parallel_coordinates.png", dpi=110)
     if any(row.get("nonzero_parameters") for row in rows):
-        metric_vs_size(rows, plan.metric).savefig(out / "plots" / "accuracy_vs_size.png", dpi=110)
+        metric_vs_size(rows, plan.metric, plan.dimensions).savefig(out / "plots" / "accuracy_vs_size.png", dpi=110)
 
 
 def print_outcome(outcome: SweepOutcome, metric: str, console: Console) -> None:
@@ -227,6 +227,12 @@ def print_outcome(outcome: SweepOutcome, metric: str, console: Console) -> None:
         table.add_column(column)
     for row in outcome.trials:
         table.add_row(*(_cell(row[c]) for c in columns), style="bold green" if row is outcome.best else None)
+    if not console.is_terminal:
+        # a log (or `orch logs` of a submitted sweep) has no width to fit: 80 columns cut every header to "reci…"
+        from rich.measure import Measurement
+
+        needed = Measurement.get(console, console.options.update(width=10_000), table).maximum
+        console.size = (max(needed, console.width), console.height)
     console.print(table)
     console.print(f"MLflow parent run {outcome.parent_run_id} ({outcome.tracking_uri}); one child run per trial")
     if outcome.best is None:

@@ -144,3 +144,18 @@ def test_a_killed_driver_is_started_again_with_resume_and_continues_the_same_run
     assert run.info.run_id == crashed.info.run_id and run.info.status == "FINISHED"
     assert int(run.data.tags["orch.resumed_at_step"]) >= 20
     assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == 400
+
+
+def test_hydra_multirun_gives_each_job_its_own_run_in_one_experiment(tmp_path):
+    """`orch run -m key=a,b`: Hydra's basic sweeper runs the jobs one after another in one process."""
+    lrs = ("0.001", "0.01")
+    out = subprocess.run(
+        [*ORCH, "run", "-m", f"trainer.optimizer.lr={','.join(lrs)}", "trainer.num_workers=1", "trainer.max_steps=10",
+         "trainer.eval_every=10", "trainer.checkpoint_every=10", "trainer.log_every=10", "tracking.system_metrics=false"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"])
+    assert len(runs) == 2 and all(run.info.status == "FINISHED" for run in runs)
+    assert sorted(run.data.params["trainer.optimizer.lr"] for run in runs) == sorted(lrs)
+    assert len({run.data.tags["orch.run_name"] for run in runs}) == 2  # two runs, not one run logged twice

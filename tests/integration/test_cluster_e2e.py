@@ -214,3 +214,36 @@ def test_unreachable_cluster_fails_fast_with_a_clear_error(tmp_path):
         [*ORCH, "run", "cluster=ray", f"cluster.address=127.0.0.1:{port}"], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert run.returncode == 2 and "cluster.address" in run.stderr
+
+
+def test_submit_a_sweep_follow_it_and_find_its_runs_and_best_config(cluster):
+    """`orch submit --sweep` as a user types it: a 2-trial grid, one worker per trial (one trial per node), the space
+    edited on the command line; followed with --follow, then checked in the shared MLflow store and storage."""
+    shared = cluster["shared"]
+    lrs = [0.001, 0.03]
+    submit = _orch(
+        cluster, "submit", "--sweep", "--follow", "--address", cluster["jobs"],
+        "sweep.name=cluster", "sweep.search=grid", "sweep.num_samples=1", "sweep.scheduler.name=none",
+        f"sweep.space.trainer.optimizer.lr={{grid: [{lrs[0]}, {lrs[1]}]}}",
+        "~sweep.space.model.hidden_sizes", "~sweep.space.trainer.micro_batch_size",
+        *_common(shared, "unused")[1:], "trainer.num_workers=1", "trainer.eval_every=10", "model.hidden_sizes=[16]",
+        timeout=600,
+    )
+    assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+    job_id = submit.stdout.strip().splitlines()[0]
+    assert "best val_accuracy" in submit.stdout and "rerun it:" in submit.stdout, submit.stdout[-3000:]
+    assert _orch(cluster, "status", job_id, "--address", cluster["jobs"]).stdout.strip().startswith(f"{job_id}: SUCCEEDED")
+
+    client = MlflowClient(f"sqlite:///{shared / 'mlflow.db'}")
+    [parent] = client.search_runs(["1"], filter_string="tags.`orch.sweep` = 'cluster'")
+    assert parent.info.status == "FINISHED" and parent.data.params["search"] == "grid"
+    assert parent.data.params["space.trainer.optimizer.lr"] == f"grid({lrs[0]}, {lrs[1]})"
+    assert parent.data.params["max_concurrent_trials"] == "2"  # 2 one-CPU nodes, 1 worker per trial
+    children = client.search_runs(["1"], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 2 and all(run.info.status == "FINISHED" for run in children)
+    assert sorted(float(run.data.params["trainer.optimizer.lr"]) for run in children) == lrs
+    best = parent.data.tags["orch.best_trial_run_id"]
+    assert best in {run.info.run_id for run in children}
+    assert "best/best.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id, "best")}
+    best_yaml = shared / "orch_runs" / parent.data.tags["orch.run_name"] / "best" / "best.yaml"
+    assert best_yaml.is_file() and "trainer:" in best_yaml.read_text()

@@ -135,3 +135,67 @@ def test_best_config_is_accepted_by_orch_and_reruns(outcome, sweep_dir, client, 
     assert run.info.status == "FINISHED"
     assert float(run.data.params["trainer.optimizer.lr"]) == pytest.approx(outcome.best["trainer.optimizer.lr"])
     assert run.data.metrics["val_accuracy"] == pytest.approx(outcome.best["val_accuracy"], abs=0.05)
+
+
+# --- sweep=digits_compress, shrunk: 2 grid points, the sweep above's best trial as the teacher ---------------------
+SPARSITIES = (0.5, 0.9)
+TEMPERATURES = (2.0, 6.0)
+
+
+@pytest.fixture(scope="module")
+def compress_outcome(outcome, sweep_dir):
+    """The shipped compression sweep through the same entry as `orch sweep`, with the space edited as a user would
+    on the command line. One worker per trial, so both trials run at once on 2 CPUs."""
+    from orchestrator.sweep.plan import plan_sweep_from_overrides
+    from orchestrator.sweep.runner import run_sweep
+
+    plan = plan_sweep_from_overrides(
+        [
+            "sweep=digits_compress",
+            f"sweep.space.recipe.pruning.sparsity={{grid: [{SPARSITIES[0]}, {SPARSITIES[1]}]}}",
+            f"sweep.space.recipe.distill.temperature={{choice: [{TEMPERATURES[0]}, {TEMPERATURES[1]}]}}",
+            f"recipe.distill.teacher={outcome.best['run_id']}",
+            "trainer.num_workers=1",
+            "trainer.max_steps=20",
+            "trainer.eval_every=10",
+            "trainer.checkpoint_every=10",
+            "trainer.log_every=10",
+            "recipe.pruning.updates=4",
+        ],
+        cwd=sweep_dir,
+    )
+    return run_sweep(plan, cwd=sweep_dir)
+
+
+def test_compression_sweep_children_are_as_sparse_as_their_trial_asked(compress_outcome, outcome, client):
+    teacher = outcome.best["run_id"]
+    outcome = compress_outcome
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["orch.sweep"] == "digits_compress"
+    runs = client.search_runs([outcome.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'")
+    assert len(runs) == 2 and all(run.info.status == "FINISHED" for run in runs)
+    by_sparsity = {}
+    for run in runs:
+        params, metrics = run.data.params, run.data.metrics
+        assert float(params["recipe.distill.temperature"]) in TEMPERATURES
+        assert params["recipe.distill.teacher"] == teacher
+        sparsity = float(params["recipe.pruning.sparsity"])
+        assert metrics["final_sparsity"] == pytest.approx(sparsity, abs=0.01)  # reached by the end of the schedule
+        assert metrics["nonzero_parameters"] < metrics["parameters"]
+        by_sparsity[sparsity] = metrics["nonzero_parameters"]
+    assert sorted(by_sparsity) == list(SPARSITIES)
+    assert by_sparsity[SPARSITIES[1]] < by_sparsity[SPARSITIES[0]]  # sparser trial, fewer non-zero weights
+    assert all(row["nonzero_parameters"] == by_sparsity[row["recipe.pruning.sparsity"]] for row in outcome.trials)
+
+
+def test_compression_sweep_parent_has_the_size_plot_and_the_best_trial(compress_outcome, client):
+    outcome = compress_outcome
+    listed = {a.path for a in client.list_artifacts(outcome.parent_run_id, "plots")}
+    assert "plots/accuracy_vs_size.png" in listed
+    assert outcome.best is not None
+    [tagged] = client.search_runs(
+        [outcome.experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}' and tags.`orch.best_trial` = 'true'",
+    )
+    assert tagged.info.run_id == outcome.best["run_id"] == client.get_run(outcome.parent_run_id).data.tags["orch.best_trial_run_id"]
+    assert outcome.best["val_accuracy"] == max(row["val_accuracy"] for row in outcome.trials)

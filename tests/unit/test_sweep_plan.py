@@ -152,3 +152,63 @@ def test_submit_validates_a_sweep_locally_first(tmp_path):
     )
     assert out.returncode == 2
     assert "sweep.metric='val_f1'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_space_edits_on_the_command_line_reach_the_plan_and_bad_keys_are_named(tmp_path):
+    plan = plan_sweep_from_overrides(
+        ["sweep.space.trainer.optimizer.lr={uniform: [1e-3, 1e-2]}", "~sweep.space.model.hidden_sizes",
+         "+sweep.space.trainer.optimizer.weight_decay={choice: [0.0, 0.01]}", "sweep.space={trainer.micro_batch_size: null}"],
+        cwd=tmp_path,
+    )
+    assert [(d.key, d.describe()) for d in plan.dimensions] == [
+        ("trainer.optimizer.lr", "uniform(0.001, 0.01)"), ("trainer.optimizer.weight_decay", "choice(0.0, 0.01)")
+    ]
+    assert plan.config["space"]["trainer.optimizer.lr"] == {"uniform": [1e-3, 1e-2]}  # what the parent run logs
+    with pytest.raises(ConfigError) as error:
+        plan_sweep_from_overrides(["sweep.space.trainer.optimizer.lrr={uniform: [1e-3, 1e-2]}"], cwd=tmp_path)
+    assert error.value.key == "sweep.space.trainer.optimizer.lrr" and "no such key" in str(error.value)
+
+
+def test_orch_sweep_plan_shows_command_line_space_edits(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "sweep", "--plan", "sweep.space.trainer.optimizer.lr={uniform: [1e-3, 1e-2]}",
+         "~sweep.space.model.hidden_sizes"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "trainer.optimizer.lr: uniform(0.001, 0.01)" in out.stdout and "model.hidden_sizes" not in out.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "sweep", "~sweep.space.model.hidden_size"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2 and "sweep.space.model.hidden_size" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("path", sorted((CONF / "sweep").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_orch_sweep_command_in_a_sweep_header_plans(tmp_path, path):
+    import shlex
+
+    text = path.read_text().replace("<teacher run id>", RUN_ID).replace("<run id>", RUN_ID)
+    header = [line.lstrip("# ") for line in text.splitlines() if line.startswith("#")]
+    commands = [shlex.split(line, comments=True) for line in header if line.startswith("orch sweep")]
+    assert commands
+    for command in commands:
+        arguments = command[2:]
+        plan = plan_sweep_from_overrides(arguments, cwd=tmp_path)
+        assert plan.name == path.stem, command
+
+
+def test_the_outcome_table_in_a_log_keeps_whole_column_names(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from orchestrator.sweep.runner import SweepOutcome, print_outcome
+
+    row = {"trial_id": "444b3_00000", "run_id": RUN_ID, "state": "completed", "recipe.pruning.sparsity": 0.5,
+           "recipe.distill.temperature": 2.0, "val_accuracy": 0.8056, "step": 40, "nonzero_parameters": 5514, "parameters": 9610}
+    outcome = SweepOutcome("sweep-x", RUN_ID, "1", "sqlite:///x.db", [row], row, tmp_path, "orch run ...")
+    out = io.StringIO()
+    print_outcome(outcome, "val_accuracy", Console(file=out, width=80))
+    assert "recipe.pruning.sparsity" in out.getvalue() and "444b3_00000" in out.getvalue()

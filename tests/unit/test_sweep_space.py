@@ -64,3 +64,49 @@ def test_malformed_distributions_name_the_key(space, key, expected):
         parse_space(space)
     assert error.value.key == key
     assert expected in str(error.value)
+
+
+def test_command_line_edits_set_replace_and_remove_one_dotted_key():
+    from orchestrator.sweep.space import apply_space_edits, split_space_edits
+
+    space = {"trainer.optimizer.lr": {"loguniform": [1e-4, 3e-2]}, "model.hidden_sizes": {"choice": [[32], [64]]}}
+    rest, edits = split_space_edits(
+        ["sweep=default", "sweep.num_samples=2", "sweep.space.trainer.optimizer.lr={uniform: [1e-3, 1e-2]}",
+         "~sweep.space.model.hidden_sizes", "+sweep.space.model.dropout={choice: [0.0, 0.1]}", "sweep.space.trainer.max_steps=null"]
+    )
+    assert rest == ["sweep=default", "sweep.num_samples=2"]  # what Hydra still composes
+    edited = apply_space_edits(space, edits[:3])
+    # replaced, not merged: Hydra's merge would have left loguniform and uniform side by side
+    assert edited == {"trainer.optimizer.lr": {"uniform": [1e-3, 1e-2]}, "model.dropout": {"choice": [0.0, 0.1]}}
+    assert list(edited) == ["trainer.optimizer.lr", "model.dropout"]
+    assert space["model.hidden_sizes"]  # the composed space is not modified in place
+    with pytest.raises(ConfigError) as error:
+        apply_space_edits(space, edits[3:])  # =null removes too, and trainer.max_steps is not searched
+    assert error.value.key == "sweep.space.trainer.max_steps" and "trainer.optimizer.lr, model.hidden_sizes" in str(error.value)
+
+
+def test_a_null_dimension_is_not_searched_which_lets_hydra_drop_one():
+    dims = parse_space({"trainer.optimizer.lr": {"loguniform": [1e-4, 1e-2]}, "model.hidden_sizes": None})
+    assert [d.key for d in dims] == ["trainer.optimizer.lr"]
+
+
+@pytest.mark.parametrize(
+    "argument, key, expected",
+    [
+        ("sweep.space.trainer.optimizer.lr={uniform: [1e-3", "sweep.space.trainer.optimizer.lr", "Hydra's value syntax"),
+        ("sweep.space.trainer.optimizer.lr=1e-3,1e-2", "sweep.space.trainer.optimizer.lr", "not a Hydra sweep"),
+        ("sweep.space.={uniform: [0, 1]}", "sweep.space", "expected a config key"),
+    ],
+)
+def test_bad_command_line_edits_name_the_key(argument, key, expected):
+    from orchestrator.sweep.space import split_space_edits
+
+    with pytest.raises(ConfigError) as error:
+        split_space_edits([argument])
+    assert error.value.key == key and expected in str(error.value)
+
+
+def test_changing_a_distribution_through_hydras_merge_points_to_the_replacing_form():
+    with pytest.raises(ConfigError) as error:
+        parse_space({"trainer.optimizer.lr": {"loguniform": [1e-4, 1e-2], "uniform": [0.1, 0.2]}})
+    assert "sweep.space.trainer.optimizer.lr={kind: [...]}" in str(error.value)
