@@ -211,11 +211,15 @@ def _write_tables_and_plots(plan: SweepPlan, rows: list[dict[str, Any]], out: Pa
     (out / "plots").mkdir(parents=True, exist_ok=True)
     (out / "sweep" / "trials.csv").write_text(csv_table(rows))
     (out / "sweep" / "trials.md").write_text(f"# {plan.run_name}\n\n" + markdown_table(rows))
-    for dim in plan.dimensions:
-        metric_vs_key(rows, dim, plan.metric).savefig(out / "plots" / f"{plan.metric}_vs_{dim.key}.png", dpi=110)
-    parallel_coordinates(rows, plan.dimensions, plan.metric, plan.mode).savefig(out / "plots" / "parallel_coordinates.png", dpi=110)
+    import matplotlib.pyplot as plt
+
+    figures = {f"{plan.metric}_vs_{dim.key}.png": metric_vs_key(rows, dim, plan.metric) for dim in plan.dimensions}
+    figures["parallel_coordinates.png"] = parallel_coordinates(rows, plan.dimensions, plan.metric, plan.mode)
     if any(row.get("nonzero_parameters") for row in rows):
-        metric_vs_size(rows, plan.metric, plan.dimensions).savefig(out / "plots" / "accuracy_vs_size.png", dpi=110)
+        figures["accuracy_vs_size.png"] = metric_vs_size(rows, plan.metric, plan.dimensions)
+    for name, figure in figures.items():
+        figure.savefig(out / "plots" / name, dpi=110)
+        plt.close(figure)  # pyplot keeps every figure alive until closed: a long-lived driver would leak them
 
 
 def print_outcome(outcome: SweepOutcome, metric: str, console: Console) -> None:
