@@ -6,7 +6,10 @@
 Same model, data, micro-batch 32, fp32, ZeRO-0, AdamW (torch's), clipping 1.0 and torch threads per worker
 (set explicitly: trainer.threads_per_worker in (a), torch.set_num_threads in (b) and (c)).
 
-Repeats are interleaved a, b, c, a, b, c, ... so drifting load on a shared machine hits all three alike. A step's
+Repeats are interleaved a, b, c, a, b, c, ... so drifting load on a shared machine hits all three alike, and each
+repeat's ratio a_i/b_i compares two runs made back to back under the same load: the median of these paired ratios
+(with their range) is the steadiest figure when the machine's load drifts between repeats, as it does with 2
+workers on 2 cores, where per-run medians spread by ±25 %. A step's
 time is measured end to end on rank 0 (between the ends of consecutive optimizer steps); the first `warmup` steps
 are dropped. Reported per way: the median of the runs' medians, the IQR of all steady steps pooled, the mean
 (which, unlike the median, includes the periodic logging steps), and the median CPU time per step of the training
@@ -30,7 +33,7 @@ from benchmarks.harness import (
     summarize,
 )
 
-FULL = {"repeats": 3, "workers": [1, 2], "steps": {"mlp": 400, "gpt": 150}, "warmup": {"mlp": 50, "gpt": 20}}
+FULL = {"repeats": 5, "workers": [1, 2], "steps": {"mlp": 400, "gpt": 150}, "warmup": {"mlp": 50, "gpt": 20}}
 QUICK = {"repeats": 1, "workers": [1], "steps": {"mlp": 200, "gpt": 60}, "warmup": {"mlp": 30, "gpt": 10}}
 THREADS = 1
 
@@ -49,8 +52,10 @@ def commands(model: str, workers: int, steps: int) -> dict[str, list[str]]:
 
 def measure(model: str, workers: int, steps: int, warmup: int, repeats: int) -> dict[str, Any]:
     per_way: dict[str, dict[str, list]] = {}
+    per_repeat: list[dict[str, float]] = []  # each repeat's median step time per way, for the paired ratios
     with Workdir() as workdir:
         for repeat in range(repeats):
+            per_repeat.append({})
             for way, command in commands(model, workers, steps).items():
                 print(f"  step_overhead {model} workers={workers} {way} repeat {repeat + 1}/{repeats}", flush=True)
                 timeline = run_process(command, workdir)
@@ -60,6 +65,7 @@ def measure(model: str, workers: int, steps: int, warmup: int, repeats: int) -> 
                     runs["failed"] += 1
                     continue
                 runs["medians"].append(summarize(steady)["median"])
+                per_repeat[-1][way] = runs["medians"][-1]
                 cpu = timeline.steady_cpu(warmup)
                 if cpu:
                     runs["cpu_medians"].append(summarize(cpu)["median"])
@@ -84,8 +90,11 @@ def measure(model: str, workers: int, steps: int, warmup: int, repeats: int) -> 
     med = {way: results[way]["step_time_median_s"] for way in results}
     mean = {way: results[way]["step_time_mean_s"] for way in results}
     cpu = {way: results[way]["cpu_time_median_s"] for way in results}
+    paired = paired_ratios(per_repeat, "a_orch", "b_ray_deepspeed")
     results["ratios"] = {
         "a/b_median": ratio(med.get("a_orch"), med.get("b_ray_deepspeed")),
+        "a/b_paired": summarize(paired)["median"] if paired else None,
+        "a/b_paired_runs": paired,
         "a/b_mean": ratio(mean.get("a_orch"), mean.get("b_ray_deepspeed")),
         "a/b_cpu": ratio(cpu.get("a_orch"), cpu.get("b_ray_deepspeed")),
         **(
@@ -101,6 +110,11 @@ def measure(model: str, workers: int, steps: int, warmup: int, repeats: int) -> 
         ),
     }
     return results
+
+
+def paired_ratios(per_repeat: list[dict[str, float]], numerator: str, denominator: str) -> list[float]:
+    """a_i / b_i for every repeat in which both ways ran."""
+    return [r[numerator] / r[denominator] for r in per_repeat if r.get(numerator) and r.get(denominator)]
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -120,7 +134,8 @@ TARGETS = {"a/b_median": 1.03, "a/c_median": 1.05}
 def table(result: dict[str, Any]) -> list[list[str]]:
     """Rows for the report: one per model and worker count."""
     rows = [[
-        "case", "(a) orch ms", "(b) Ray+DS ms", "(c) plain ms", "a/b (target ≤1.03)", "a/c (target ≤1.05)", "a/b of means",
+        "case", "(a) orch ms", "(b) Ray+DS ms", "(c) plain ms", "a/b (target ≤1.03)", "a/b paired: median (range)",
+        "a/c (target ≤1.05)", "a/b of means",
         "CPU ms per step a / b / c", "CPU a/b", "CPU a/c",
     ]]  # fmt: skip
     for case, data in result.items():
@@ -135,8 +150,11 @@ def table(result: dict[str, Any]) -> list[list[str]]:
 
         r = data["ratios"]
         cpu = " / ".join("–" if not data.get(w) or data[w].get("cpu_time_median_s") is None else f"{data[w]['cpu_time_median_s'] * 1e3:.2f}" for w in ("a_orch", "b_ray_deepspeed", "c_plain_torch"))
+        paired = r.get("a/b_paired_runs") or []
+        paired_text = f"{fmt(r.get('a/b_paired'))} ({fmt(min(paired))}–{fmt(max(paired))})" if paired else "–"
         rows.append([
-            case, ms("a_orch"), ms("b_ray_deepspeed"), ms("c_plain_torch"), fmt(r.get("a/b_median")), fmt(r.get("a/c_median")),
+            case, ms("a_orch"), ms("b_ray_deepspeed"), ms("c_plain_torch"), fmt(r.get("a/b_median")), paired_text,
+            fmt(r.get("a/c_median")),
             fmt(r.get("a/b_mean")), cpu, fmt(r.get("a/b_cpu")), fmt(r.get("a/c_cpu")),
         ])  # fmt: skip
     return rows

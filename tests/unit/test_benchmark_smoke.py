@@ -20,8 +20,14 @@ def test_run_all_writes_figures_for_the_plain_baseline(tmp_path, monkeypatch):
         assert 0 < plain["cpu_time_median_s"] < 10 * plain["step_time_median_s"]  # CPU time per step, recorded
         assert len(plain["run_medians_s"]) == 1
         assert result[case]["ratios"]["a/b_median"] is None  # (a) and (b) were not run
+        assert result[case]["ratios"]["a/b_paired"] is None and result[case]["ratios"]["a/b_paired_runs"] == []
     assert "tokens_per_s" in result["gpt_w1"]["c_plain_torch"]
     [json_file] = tmp_path.glob("*.json")
     [md_file] = tmp_path.glob("*.md")
     assert json.loads(json_file.read_text())["machine"]["cores"] >= 1
     assert "## step_overhead" in md_file.read_text() and "load average" in md_file.read_text()
+
+
+def test_paired_ratios_compare_runs_of_the_same_repeat_and_skip_repeats_missing_a_way():
+    per_repeat = [{"a": 2.0, "b": 1.0}, {"a": 3.0}, {"a": 1.0, "b": 4.0}]
+    assert step_overhead.paired_ratios(per_repeat, "a", "b") == [2.0, 0.25]
