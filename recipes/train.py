@@ -28,7 +28,7 @@ from orchestrator.train.mfu import flops_per_sample, mfu, peak_flops_for
 from orchestrator.train.objective import task_loss
 from orchestrator.train.samples import generate_samples
 from orchestrator.train.steps import (
-    StepAgreement,
+    Agreements,
     Throughput,
     chaos_kill,
     due,
@@ -94,7 +94,7 @@ def fit(
 
     # --- loop ---
     bad_step: Optional[int] = None  # this rank's first step with a non-finite loss or gradient norm
-    agreement: Optional[StepAgreement] = None  # started at a log step, read at the next one
+    agreements = Agreements(rank)  # divergence and mean loss across ranks, batched over log steps
     while step < max_steps:
         chaos_kill(step, rank)
         step_loss = torch.zeros((), dtype=torch.float64)
@@ -109,25 +109,17 @@ def fit(
         throughput.step_done(step)
         if bad_step is None and not is_finite_step(step_loss, engine):
             bad_step = step
-        if agreement is not None:  # the last log step's, read after this step's compute
-            diverged_at, mean_loss = agreement.result()
-            if diverged_at is not None:
-                metrics.diverged(diverged_at)
-                break
-            metrics.log({"loss": mean_loss}, agreement.step)
-            agreement = None
-        log_due, save_due = due(step, trainer["log_every"], max_steps), due(step, trainer["checkpoint_every"], max_steps)
         step_metrics: dict[str, float] = {}
-        if log_due or save_due:
-            agreement = StepAgreement(step, bad_step, step_loss / grad_accum if log_due else None)
-            if save_due:  # nothing is saved (or logged from a broken state) before every rank agrees
-                diverged_at, mean_loss = agreement.result()
-                agreement = None
-                if diverged_at is not None:
-                    metrics.diverged(diverged_at)
-                    break
-                if mean_loss is not None:
-                    step_metrics["loss"] = mean_loss
+        if not settle(agreements, metrics, step, step_metrics):  # the one started earlier, read after this compute
+            break
+        log_due, save_due = due(step, trainer["log_every"], max_steps), due(step, trainer["checkpoint_every"], max_steps)
+        if log_due:
+            agreements.add_loss(step, step_loss / grad_accum)
+        if save_due or (log_due and agreements.due(step)):
+            agreements.start(step, bad_step)
+            # nothing is saved (or logged from a broken state) before every rank agrees
+            if save_due and not settle(agreements, metrics, step, step_metrics):
+                break
         for name, hook in hooks.items():
             changed = hook.on_step_end(step)
             if changed is not None:
@@ -161,3 +153,21 @@ def fit(
     # --- cleanup ---
     clock.close()
     metrics.close()
+
+
+def settle(agreements: Agreements, metrics: WorkerMetrics, step: int, step_metrics: dict[str, float]) -> bool:
+    """Read the agreement in flight, if any. False once the driver has been told that a rank diverged (every rank
+    gets the same answer, so all leave the loop at the same step); else the agreed losses are logged at their
+    steps, this step's into `step_metrics` (logged with them, and reported with a checkpoint)."""
+    agreed = agreements.collect()
+    if agreed is None:
+        return True
+    if agreed.diverged_at is not None:
+        metrics.diverged(agreed.diverged_at)
+        return False
+    for logged_at, loss in agreed.losses.items():
+        if logged_at == step:
+            step_metrics["loss"] = loss
+        else:
+            metrics.log({"loss": loss}, logged_at)
+    return True

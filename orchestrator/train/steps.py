@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import time
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -117,30 +118,89 @@ def is_finite_step(step_loss: torch.Tensor, engine) -> bool:
     return finite
 
 
-class StepAgreement:
-    """Collective: the earliest non-finite step on any rank and the loss averaged over ranks, in one all-reduce.
+AGREE_EVERY_S = 1.0  # ranks agree (divergence, mean loss) at log steps at most about this often; see Agreements
 
-    Every rank must stop at the same step, and the logged loss is the mean over ranks; both are due at log and
-    checkpoint steps. On a busy machine one small gloo all-reduce costs ~2-4 ms of waiting (measured at log_every=10
-    with 2 workers on 2 cores), half a small model's step, so the loop starts it at a log step and reads it after the
-    next step's compute (`async_op`); at checkpoints it waits at once, since nothing is saved before every rank agrees
-    the state is finite. Each rank writes its bad step (or +inf) in its own slot, so a sum gives every rank's value
-    exactly (integers below 2**53 are exact in float64).
+
+@dataclass
+class Agreed:
+    diverged_at: Optional[int]  # the earliest step at which any rank saw a non-finite loss or gradient norm
+    losses: dict[int, float]  # log step -> its loss averaged over ranks
+    next_step: int  # the ranks agree again at the first log step from this one on (rank 0's proposal)
+
+
+class StepAgreement:
+    """One collective: the earliest non-finite step on any rank, the losses of the log steps since the last agreement
+    averaged over ranks, and rank 0's proposal of when to agree next, in a single asynchronous all-reduce.
+
+    Each rank writes its bad step (or +inf) in its own slot, so a sum gives every rank's value exactly (integers
+    below 2**53 are exact in float64); only rank 0 writes the proposal, so the sum is rank 0's value on every rank.
     """
 
-    def __init__(self, step: int, local_bad_step: Optional[int], loss: Optional[torch.Tensor]) -> None:
-        self.step, self.has_loss = step, loss is not None
+    def __init__(self, losses: list[tuple[int, torch.Tensor]], local_bad_step: Optional[int], proposal: int) -> None:
         world_size, rank = dist.get_world_size(), dist.get_rank()
-        self.values = torch.zeros(world_size + 1, dtype=torch.float64)
+        self.world_size, self.steps = world_size, [step for step, _ in losses]
+        self.values = torch.zeros(world_size + 1 + len(losses), dtype=torch.float64)
         self.values[rank] = math.inf if local_bad_step is None else float(local_bad_step)
-        if loss is not None:
-            self.values[world_size] = loss.detach().double().cpu()
+        self.values[world_size] = float(proposal) if rank == 0 else 0.0
+        for slot, (_, loss) in enumerate(losses, start=world_size + 1):
+            self.values[slot] = loss.detach().double().cpu()
         self.work = dist.all_reduce(self.values, async_op=True)
 
-    def result(self) -> tuple[Optional[int], Optional[float]]:
-        """(earliest bad step or None, mean loss or None when this step logged none); waits for the all-reduce."""
+    def result(self) -> Agreed:
+        """Waits for the all-reduce."""
         self.work.wait()
-        world_size = len(self.values) - 1
+        world_size = self.world_size
         earliest = float(self.values[:world_size].min())
-        mean_loss = float(self.values[world_size]) / world_size if self.has_loss else None
-        return (None if math.isinf(earliest) else int(earliest)), mean_loss
+        means = (self.values[world_size + 1 :] / world_size).tolist()
+        return Agreed(
+            diverged_at=None if math.isinf(earliest) else int(earliest),
+            losses=dict(zip(self.steps, means)),
+            next_step=int(self.values[world_size]),
+        )
+
+
+class Agreements:
+    """When the ranks agree, and the losses of the log steps waiting for it.
+
+    Every rank must stop at the same step when any of them diverges, and the logged loss is the mean over ranks;
+    both take a collective. One small gloo all-reduce costs 0.3-1.7 ms of waiting on 2 busy cores even when started
+    asynchronously (tracking benchmark, 2 workers: a log step cost 0.3-1.7 ms with it, 0.03-0.3 ms without), which at
+    log_every=10 was ~1.8 % of a small model's step. So the ranks agree at a log step at most about every
+    `every_s` seconds, carrying every loss logged since the last agreement; models whose steps take longer than
+    that agree at every log step. The cadence must be the same on every rank, so rank 0 proposes the next
+    agreement step from its own step time, inside the agreement itself. Agreements are started at a step and read
+    after the next step's compute; at checkpoints they are read at once (nothing is saved before every rank agrees
+    the state is finite). A rank's divergence therefore stops training within about `every_s` seconds.
+    """
+
+    def __init__(self, rank: int, every_s: float = AGREE_EVERY_S) -> None:
+        self.rank, self.every_s = rank, every_s
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.in_flight: Optional[StepAgreement] = None
+        self.next_step = 0  # the first log step agrees; each agreement then sets the next
+        self.last_start: Optional[tuple[int, float]] = None
+
+    def add_loss(self, step: int, loss: torch.Tensor) -> None:
+        self.pending.append((step, loss))
+
+    def due(self, step: int) -> bool:
+        return self.in_flight is None and step >= self.next_step
+
+    def start(self, step: int, local_bad_step: Optional[int]) -> None:
+        if self.in_flight is not None:
+            raise RuntimeError("an agreement is still in flight: collect() it before starting the next")
+        now, proposal = time.perf_counter(), step + 1
+        if self.last_start is not None and step > self.last_start[0]:
+            step_time = (now - self.last_start[1]) / (step - self.last_start[0])
+            proposal = step + max(1, math.ceil(self.every_s / step_time)) if step_time > 0 else step + 1
+        self.last_start = (step, now)
+        self.in_flight = StepAgreement(self.pending, local_bad_step, proposal)
+        self.pending = []
+
+    def collect(self) -> Optional[Agreed]:
+        """The agreement in flight, waited for; None when there is none."""
+        if self.in_flight is None:
+            return None
+        agreed, self.in_flight = self.in_flight.result(), None
+        self.next_step = agreed.next_step
+        return agreed
