@@ -144,6 +144,10 @@ class Timeline:
         index = step - self.first_step
         return self.durations[index] if 0 <= index < len(self.durations) else None
 
+    def cpu_of(self, step: int) -> Optional[float]:
+        index = step - self.first_step
+        return self.cpu_durations[index] if 0 <= index < len(self.cpu_durations) else None
+
     def startup(self) -> dict[str, Optional[float]]:
         """Time to first step and its parts, in seconds from process launch."""
         marks = {"launch": self.launched, **self.events}
