@@ -291,7 +291,7 @@ def _jobs(command: str, argv: list[str]) -> None:
             else:
                 print(jobs.client(args.address).get_job_logs(args.job_id), end="")
         elif command == "stop":
-            stopped = jobs.client(args.address).stop_job(args.job_id)
+            stopped = jobs.stop(args.address, args.job_id)
             print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
         else:
             for info in jobs.client(args.address).list_jobs():

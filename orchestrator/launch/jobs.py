@@ -13,6 +13,7 @@ import os
 import shlex
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 from urllib.parse import urlparse
@@ -62,6 +63,21 @@ def client(address: Optional[str]):
         return JobSubmissionClient(resolved)
     except ConnectionError as error:
         raise ClusterUnreachable(f"could not reach the Ray job server at {resolved}: {error}") from None
+
+
+def stop(address: Optional[str], job_id: str, pending_timeout_s: float = 300.0) -> bool:
+    """Stop a job; True if it was still running. A job still PENDING is first waited for: Ray's stop_job on a
+    pending job can report STOPPED while the entrypoint starts afterwards and trains on (ray-project/ray#58353;
+    seen here: a job stopped right after submission wrote checkpoints for 10 more minutes)."""
+    from ray.job_submission import JobStatus
+
+    jobs = client(address)
+    deadline = time.monotonic() + pending_timeout_s
+    while jobs.get_job_status(job_id) == JobStatus.PENDING:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"job {job_id} is still PENDING after {pending_timeout_s:.0f} s; try `orch stop` again later")
+        time.sleep(1.0)
+    return jobs.stop_job(job_id)
 
 
 def job_env(names: Iterable[str]) -> dict[str, str]:

@@ -199,6 +199,12 @@ def test_submit_follow_and_stop_jobs_through_the_jobs_api(cluster):
     while "STOPPED" not in _orch(cluster, "status", long_job, "--address", cluster["jobs"]).stdout:
         assert time.time() < deadline, "the job did not stop"
         time.sleep(2)
+    # stopped means no more training: no checkpoint appears afterwards (a job stopped while still PENDING once
+    # went on training for 10 minutes, holding the cluster's CPUs)
+    run_dir = cluster["shared"] / "orch_runs" / "to-stop"
+    before = sorted(run_dir.glob("checkpoint_step_*"))
+    time.sleep(20)
+    assert sorted(run_dir.glob("checkpoint_step_*")) == before, "the stopped job is still training"
 
 
 def test_unreachable_cluster_fails_fast_with_a_clear_error(tmp_path):
