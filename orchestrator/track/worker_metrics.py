@@ -119,7 +119,22 @@ class WorkerMetrics:
             return
         self.flush(wait=True)
         if self.system_monitor is not None:
-            self.system_monitor.finish()
+            self._finish_system_metrics(self.system_monitor)
         import mlflow
 
         mlflow.flush_async_logging()  # metrics must be stored before the driver reads them back
+
+    @staticmethod
+    def _finish_system_metrics(monitor) -> None:
+        """Stop MLflow's sampler, then publish the window it was collecting: the sampler publishes only after each
+        full sampling interval and drops the last partial one, so a run shorter than one interval (5 s) would have
+        no system metrics at all. A fresh sample is taken first so the window is never empty."""
+        monitor.finish()  # joins the sampling thread: nothing else touches the monitor from here on
+        try:
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+        except Exception as error:  # system metrics must never fail a run that trained
+            import logging
+
+            logging.getLogger(__name__).warning("could not log the final system-metrics sample: %s", error)
