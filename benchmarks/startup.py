@@ -5,6 +5,8 @@ TORCH_EXTENSIONS_DIR points at an empty directory. Warm: the same directory agai
 launch of the process: process start + imports + Ray start (ray_ready), driver set-up (orch: config, MLflow run,
 trainer; baseline: ~0), the Ray Train worker group up to the first line of the training loop, DeepSpeed initialize
 (including building data and model), and the first batch (orch: also checkpoint lookup and MLflow client set-up).
+orch starts a local Ray on a thread while its driver imports and creates the MLflow run, so most of its driver
+set-up lies inside its "process + Ray start" and what is left after ray_ready is what Ray start did not cover.
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
 
 from rich.console import Console
 
-from orchestrator.launch.ray_session import cluster_capacity, ray_session, worker_env
+from orchestrator.launch.ray_session import cluster_capacity, ray_session, wait_for_ray, worker_env
 from orchestrator.plan import Plan, StagePlan, TrackingPlan
+from orchestrator.recipes import DRIVER_RECIPES
 from orchestrator.track.lineage import CACHE_KEY_TAG
 from orchestrator.train import timeline
 
@@ -45,14 +46,16 @@ def recipe_module(stage: StagePlan) -> ModuleType:
 
 
 def needs_ray(stage: StagePlan) -> bool:
-    return not hasattr(recipe_module(stage), "run_on_driver")
+    """Known without importing the recipe (which imports torch), so that Ray can start while the driver imports."""
+    return stage.recipe not in DRIVER_RECIPES
 
 
 @contextmanager
-def cluster_session(plan: Plan) -> Iterator[None]:
-    """One Ray for all of the plan's stages; on an existing cluster, every stage's resources are checked first."""
+def cluster_session(plan: Plan, in_background: bool = False) -> Iterator[None]:
+    """One Ray for all of the plan's stages; on an existing cluster, every stage's resources are checked first.
+    `in_background`: a local Ray starts while the block runs (see `ray_session`)."""
     cluster = plan.stages[0].config["cluster"]
-    with ray_session(cluster):
+    with ray_session(cluster, in_background=in_background):
         if cluster["kind"] != "local":
             from orchestrator.config.validate import validate_resources
 
@@ -66,6 +69,8 @@ def cluster_session(plan: Plan) -> Iterator[None]:
 def resolve_sources(stage: StagePlan, stage_runs: Mapping[str, str], tracking_uri: str) -> dict[str, dict[str, str]]:
     """The stage's model references as sources workers can fetch; a teacher not checked at plan time is checked
     here, before any worker starts."""
+    if not stage.inputs:
+        return {}
     from orchestrator.config.validate import validate_teacher_matches_student
     from orchestrator.track.model_source import model_source, source_model_config
 
@@ -87,7 +92,7 @@ def run_plan(plan: Plan, console: Optional[Console] = None) -> list[StageResult]
     sources = resolve_sources(stage, {}, plan.tracking.uri)
     if not needs_ray(stage):
         return [run_stage(plan.tracking, stage, console, resuming=plan.resuming, sources=sources)]
-    with cluster_session(plan):
+    with cluster_session(plan, in_background=True):  # Ray starts while the MLflow run and the trainer are set up
         return [run_stage(plan.tracking, stage, console, resuming=plan.resuming, sources=sources)]
 
 
@@ -157,6 +162,7 @@ def _fit(
     from orchestrator.launch.progress import ProgressBoard, run_with_progress
 
     trainer_cfg = stage.config["trainer"]
+    wait_for_ray()
     board = ProgressBoard.remote()
     trainer = TorchTrainer(
         recipe.train_loop_per_worker,

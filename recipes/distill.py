@@ -33,7 +33,7 @@ from orchestrator.train.steps import start_worker, to_engine
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg, trainer, recipe = loop_config["config"], loop_config["config"]["trainer"], loop_config["config"]["recipe"]
     settings, sources = recipe["distill"], loop_config["sources"]
-    start_worker(trainer)
+    start_worker(loop_config)
     data = instantiate(cfg["data"])
     teacher, _ = load_model(sources["teacher"])
     freeze_teacher(teacher)

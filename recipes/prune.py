@@ -33,7 +33,7 @@ from orchestrator.train.steps import start_worker
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg, trainer, recipe = loop_config["config"], loop_config["config"]["trainer"], loop_config["config"]["recipe"]
-    start_worker(trainer)
+    start_worker(loop_config)
     data = instantiate(cfg["data"])
     model, model_cfg = load_model(loop_config["sources"]["input"])
     model.train()

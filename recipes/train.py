@@ -44,9 +44,7 @@ Objective = Callable[[Tensor, Tensor], Tensor]  # (inputs, targets) as the data 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg, trainer = loop_config["config"], loop_config["config"]["trainer"]
-    rank, _ = start_worker(trainer)
-    if rank == 0:
-        timeline.mark("worker_start")
+    rank, _ = start_worker(loop_config)
     data = instantiate(cfg["data"])
     model = instantiate(cfg["model"])
     engine = build_engine(model, loop_config["deepspeed"], trainer["optimizer"], loop_config["precision_auto"])

@@ -14,20 +14,29 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
+from orchestrator.train import timeline
 from orchestrator.train.data_order import shard_for_eval
 from orchestrator.train.objective import eval_metrics, eval_sums
 
 SETTLE_STEPS = 2  # steps excluded from throughput: first-call allocations and lazy initialisation
 
 
-def start_worker(trainer: dict) -> tuple[int, int]:
-    """This worker's (rank, world size); torch threads and the seed set before any model is built."""
+def start_worker(loop_config: dict) -> tuple[int, int]:
+    """This worker's (rank, world size); torch threads and the seed set before any model is built. Rank 0, the one
+    that writes to MLflow, starts connecting to it now, in the background (see `connect_in_background`)."""
     import ray.train
 
+    from orchestrator.track.worker_metrics import connect_in_background
+
+    trainer = loop_config["config"]["trainer"]
     context = ray.train.get_context()
     torch.set_num_threads(trainer["threads_per_worker"] or max(1, int(trainer["cpus_per_worker"])))
     torch.manual_seed(trainer["seed"])  # identical initial weights on every rank
-    return context.get_world_rank(), context.get_world_size()
+    rank = context.get_world_rank()
+    if rank == 0:
+        timeline.mark("worker_start")
+        connect_in_background(loop_config["tracking"]["uri"])
+    return rank, context.get_world_size()
 
 
 def due(step: int, every: int, last: int) -> bool:

@@ -1,0 +1,82 @@
+"""A local Ray started in the background while the driver sets up (`ray_session(..., in_background=True)`).
+
+Each case runs in its own Python process: the session fixture's Ray would otherwise be found and reused.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    import ray
+    from orchestrator.launch.ray_session import ray_session, wait_for_ray
+
+    case = sys.argv[1]
+    cluster = {"kind": "local", "num_cpus": -1 if case == "bad" else 1}
+    try:
+        with ray_session(cluster, in_background=True):
+            print("entered", flush=True)
+            wait_for_ray()
+            print("ready", ray.get_runtime_context().gcs_address, flush=True)
+            # Ray must outlive the thread's own work: its GCS and raylet die with the thread that spawned them
+            time.sleep(3)
+            print("answer", ray.get(ray.remote(lambda: 41 + 1).remote(), timeout=60), flush=True)
+            if case == "sigterm":
+                time.sleep(120)  # stopped by the test
+    except ValueError as error:
+        print("start failed:", error, flush=True)
+    finally:
+        print("initialized after the session:", ray.is_initialized(), flush=True)
+    """
+)
+
+
+def run_case(case: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, case], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_background_start_gives_a_working_ray_that_is_shut_down_after():
+    process = run_case("ok")
+    out, _ = process.communicate(timeout=180)
+    assert process.returncode == 0, out
+    lines = out.splitlines()
+    assert lines.index("entered") < next(i for i, line in enumerate(lines) if line.startswith("ready ")), out
+    assert "answer 42" in lines, out
+    assert "initialized after the session: False" in lines, out
+
+
+def test_a_failed_start_is_raised_where_the_driver_waits_for_ray():
+    process = run_case("bad")
+    out, _ = process.communicate(timeout=180)
+    assert process.returncode == 0, out
+    assert "start failed:" in out and "ready" not in out, out
+    assert "initialized after the session: False" in out, out
+
+
+def test_sigterm_during_the_session_unwinds_the_driver():
+    """A stopped job's driver gets SIGTERM: with Ray started off the main thread, orch installs the handler Ray
+    would have, so the session (and the MLflow run around it) closes instead of the process dying on the spot."""
+    process = run_case("sigterm")
+    deadline = time.monotonic() + 180
+    seen = []
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        seen.append(line)
+        if line.startswith("answer") or not line:
+            break
+    assert any(line.startswith("answer 42") for line in seen), "".join(seen)
+    process.send_signal(signal.SIGTERM)
+    rest, _ = process.communicate(timeout=60)
+    assert process.returncode == signal.SIGTERM, "".join(seen) + rest  # sys.exit(SIGTERM), not killed by the signal
+    assert "initialized after the session: False" in rest, rest
