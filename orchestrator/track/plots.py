@@ -1,4 +1,8 @@
-"""Figures logged with each run (matplotlib, headless)."""
+"""Figures logged with each run (matplotlib, headless).
+
+Built as `matplotlib.figure.Figure` objects rather than through pyplot: pyplot keeps every figure it creates until
+it is closed, so a process that runs many stages (a pipeline, a sweep trial's actor, the test suite) would hold
+them all; a bare Figure is freed with its last reference, and needs no backend to be chosen."""
 
 from __future__ import annotations
 
@@ -7,12 +11,10 @@ from typing import Mapping, Sequence
 
 def loss_curve(history: Mapping[str, Sequence[tuple[int, float]]], title: str):
     """Training loss and every validation metric against step; one panel for losses, one for the rest."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    figure, (losses, scores) = plt.subplots(1, 2, figsize=(10, 4))
+    figure = Figure(figsize=(10, 4))
+    losses, scores = figure.subplots(1, 2)
     for key, points in history.items():
         if not points:
             continue
@@ -32,13 +34,11 @@ def loss_curve(history: Mapping[str, Sequence[tuple[int, float]]], title: str):
 def quality_vs_size(rows: Sequence[Mapping], title: str):
     """Validation accuracy (or perplexity) of every stage against its size on disk: as saved (hollow) and gzipped
     (filled), joined by a line; unstructured sparsity shows as the distance between the two."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib.figure import Figure
 
     quality = "val_accuracy" if "val_accuracy" in rows[0] else "val_perplexity"
-    figure, axis = plt.subplots(figsize=(7.5, 4.5))
+    figure = Figure(figsize=(7.5, 4.5))
+    axis = figure.subplots()
     for index, row in enumerate(rows):
         raw, packed, y = row["size_bytes"] / 1024, row["size_gzip_bytes"] / 1024, row[quality]
         color = f"C{index % 10}"
