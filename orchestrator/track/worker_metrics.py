@@ -26,7 +26,7 @@ BOARD_EVERY_S = 1.0
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 
 
-def connect_in_background(tracking_uri: str) -> threading.Thread:
+def connect_in_background(tracking_uri: str) -> None:
     """Rank 0 imports MLflow and opens its tracking store on a thread while the main thread builds the data, the
     model and the DeepSpeed engine, so that its first step does not wait for them: ~1.6 s measured on a busy worker,
     of which ~1 s is opening a SQL store (MLflow checks its schema). MLflow keeps one store per URI, so the
@@ -42,9 +42,7 @@ def connect_in_background(tracking_uri: str) -> threading.Thread:
         except Exception:  # noqa: BLE001 - raised again by WorkerMetrics
             pass
 
-    thread = threading.Thread(target=connect, name="orch-mlflow-connect", daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=connect, name="orch-mlflow-connect", daemon=True).start()
 
 
 class WorkerMetrics:
