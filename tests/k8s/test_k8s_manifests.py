@@ -1,7 +1,9 @@
 """The Kubernetes manifests in k8s/, checked offline: they render with kustomize, validate against the Kubernetes
 and KubeRay schemas, and follow the deployment's policies. Each policy is also shown to catch a broken manifest.
 
-Needs k8s/requirements-validate.txt installed and shared/ beside the repository; without them the tests fail.
+The tools come with the project's test extra (`pip install -e ".[test]"`); without them the tests fail. The KubeRay
+CRD schemas come from no registry ($ORCH_KUBERAY_SCHEMAS, else ../shared/k8s-schemas/kuberay/ beside the
+repository): without them only the KubeRay checks skip, saying how to enable them; under CI=true they fail.
 """
 
 from __future__ import annotations
@@ -47,11 +49,11 @@ def test_schema_packages_cover_the_target_kubernetes_versions():
         assert v in versions, f"kubernetes-validate has no schemas for {v} (has {sorted(versions)[-3:]}...)"
 
 
-def test_shared_kuberay_crd_schemas_are_present():
-    # CI clones the repository with shared/ beside it; without it the CRD checks cannot run, which is a failure.
-    assert kc.KUBERAY_SCHEMAS.is_dir(), f"missing {kc.KUBERAY_SCHEMAS}"
+def test_kuberay_crd_schemas_are_present():
+    # CI clones the repository with shared/ beside it (and sets CI=true): there a missing folder fails.
+    folder = kc.kuberay_schemas()
     for kind, name in kc.CRD_FILES.items():
-        assert (kc.KUBERAY_SCHEMAS / name).is_file(), name
+        assert (folder / name).is_file(), name
         kc.crd_validator(kind)
 
 
@@ -77,8 +79,19 @@ def test_overlay_renders_the_whole_deployment(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_overlay_objects_match_their_schemas(overlay):
-    errors = [e for d in kc.rendered(overlay) for e in kc.validate(d)]
+def test_overlay_core_objects_match_the_kubernetes_schemas(overlay):
+    docs = [d for d in kc.rendered(overlay) if not kc.is_kuberay(d)]
+    assert docs
+    errors = [e for d in docs for e in kc.validate(d)]
+    assert not errors, "\n".join(errors)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_kuberay_objects_match_their_crds(overlay):
+    kc.kuberay_schemas()  # skips (fails under CI=true) without the CRD schemas
+    docs = [d for d in kc.rendered(overlay) if kc.is_kuberay(d)]
+    assert {d["kind"] for d in docs} == set(kc.CRD_FILES)
+    errors = [e for d in docs for e in kc.validate(d)]
     assert not errors, "\n".join(errors)
 
 
@@ -222,22 +235,27 @@ def _render_files(tmp_path, **files):
     return {f"{d['kind']}/{d['metadata']['name']}": d for d in kc.render(tmp_path)}
 
 
-def test_both_validators_reject_a_broken_manifest(tmp_path):
-    docs = _render_files(tmp_path, **{"broken.yaml": BROKEN})
-    expected = {
-        "Deployment/wrong-field": "replica",
-        "Deployment/wrong-type": "replicas",
-        "RayCluster/wrong-field": "rayStartParam",
-        "RayCluster/wrong-type": "replicas",
-    }
+def _rejects(docs, expected):
     for name, field in expected.items():
         errors = kc.validate(docs[name])
         assert errors and any(field in e for e in errors), f"{name}: {errors}"
+
+
+def test_core_validator_rejects_a_broken_manifest(tmp_path):
+    docs = _render_files(tmp_path, **{"broken.yaml": BROKEN})
+    _rejects(docs, {"Deployment/wrong-field": "replica", "Deployment/wrong-type": "replicas"})
+
+
+def test_crd_validator_rejects_a_broken_manifest(tmp_path):
+    kc.kuberay_schemas()
+    docs = _render_files(tmp_path, **{"broken.yaml": BROKEN})
+    _rejects(docs, {"RayCluster/wrong-field": "rayStartParam", "RayCluster/wrong-type": "replicas"})
     # the wrong-type RayCluster also nests a wrong type inside the embedded core PodSpec
     assert any("limits.cpu" in e for e in kc.validate(docs["RayCluster/wrong-type"]))
 
 
 def test_crd_validator_applies_defaulting_and_requires_the_rest(tmp_path):
+    kc.kuberay_schemas()
     docs = _render_files(tmp_path, **{"good.yaml": GOOD_CRD})
     good = docs["RayCluster/defaults-omitted"]
     assert kc.validate(good) == []
@@ -247,9 +265,13 @@ def test_crd_validator_applies_defaulting_and_requires_the_rest(tmp_path):
     assert any("headGroupSpec" in e for e in kc.validate(good))
 
 
-def test_validators_reject_unknown_kinds_and_cel_violations():
+def test_validator_rejects_unknown_kinds():
     widget = {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}
     assert any("no schema" in e for e in kc.validate(widget))
+
+
+def test_crd_validator_rejects_cel_violations_and_bad_names():
+    kc.kuberay_schemas()
     job = kc.one(kc.rendered("cpu"), "RayJob", "orch-train")
     job["spec"]["managedBy"] = "someone-else"  # a CEL rule of the RayJob CRD
     assert any("managedBy" in e or "CEL" in e for e in kc.validate(job))
@@ -265,14 +287,60 @@ def test_a_missing_kubectl_fails_rather_than_skips(monkeypatch, tmp_path):
         kc.kubectl()
 
 
-def test_missing_shared_schemas_fail_rather_than_skip(monkeypatch, tmp_path):
+def test_missing_kuberay_schemas_skip_saying_how_to_enable_them(monkeypatch, tmp_path):
     monkeypatch.setattr(kc, "KUBERAY_SCHEMAS", tmp_path / "nowhere")
-    kc.crd_validator.cache_clear()
-    try:
-        with pytest.raises(pytest.fail.Exception):
-            kc.crd_validator("RayCluster")
-    finally:
-        kc.crd_validator.cache_clear()
+    monkeypatch.delenv(kc.KUBERAY_SCHEMAS_ENV, raising=False)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        kc.crd_validator("RayCluster")
+    reason = str(skipped.value)
+    assert "\n" not in reason and "ORCH_KUBERAY_SCHEMAS=" in reason and "shared/" in reason, reason
+
+
+def test_missing_kuberay_schemas_fail_in_ci(monkeypatch, tmp_path):
+    monkeypatch.setattr(kc, "KUBERAY_SCHEMAS", tmp_path / "nowhere")
+    monkeypatch.delenv(kc.KUBERAY_SCHEMAS_ENV, raising=False)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception):
+        kc.crd_validator("RayCluster")
+    # a folder named explicitly that is not there fails outside CI too
+    monkeypatch.delenv("CI")
+    monkeypatch.setenv(kc.KUBERAY_SCHEMAS_ENV, str(tmp_path / "nowhere"))
+    with pytest.raises(pytest.fail.Exception):
+        kc.kuberay_schemas()
+
+
+TINY_CRD = textwrap.dedent(
+    """\
+    apiVersion: apiextensions.k8s.io/v1
+    kind: CustomResourceDefinition
+    metadata: {name: rayclusters.ray.io}
+    spec:
+      group: ray.io
+      names: {kind: RayCluster}
+      versions:
+        - name: v1
+          served: true
+          schema:
+            openAPIV3Schema:
+              type: object
+              properties:
+                apiVersion: {type: string}
+                kind: {type: string}
+                metadata: {type: object}
+                spec: {type: object, required: [rayVersion], properties: {rayVersion: {type: string}}}
+    """
+)
+
+
+def test_kuberay_schemas_folder_from_the_environment(monkeypatch, tmp_path):
+    (tmp_path / kc.CRD_FILES["RayCluster"]).write_text(TINY_CRD)
+    monkeypatch.setattr(kc, "KUBERAY_SCHEMAS", tmp_path / "nowhere")
+    monkeypatch.setenv(kc.KUBERAY_SCHEMAS_ENV, str(tmp_path))
+    assert kc.kuberay_schemas() == tmp_path
+    ok = {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": {"name": "c"}, "spec": {"rayVersion": "2.60.0"}}
+    assert kc.validate(ok) == []
+    assert any("rayVersionn" in e for e in kc.validate({**ok, "spec": {"rayVersion": "2.60.0", "rayVersionn": 1}}))
 
 
 # --------------------------------------------------------------------------- each policy catches a violation
