@@ -13,8 +13,12 @@ import argparse
 import os
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from orchestrator.config import ConfigSource
 
 USAGE = """usage: orch <command> [options] [key=value ...]
 
@@ -40,7 +44,17 @@ examples:
 
 HYDRA_COMMANDS = ("run", "plan", "sweep")
 JOB_COMMANDS = ("submit", "status", "logs", "stop", "list")
-_mode: dict = {"plan_only": False, "sweep": False, "sweep_overrides": [], "space_edits": []}
+
+
+@dataclass
+class _Mode:
+    """What the command line asked for beyond the config: handed to the Hydra task function, never kept globally."""
+
+    source: "ConfigSource"
+    plan_only: bool = False
+    sweep: bool = False
+    sweep_overrides: list[str] = field(default_factory=list)
+    space_edits: list[tuple] = field(default_factory=list)
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -48,68 +62,69 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def _app(cfg, choices: Optional[dict] = None) -> None:  # the Hydra task function
+def _app(cfg, mode: _Mode, choices: Optional[dict] = None, overrides: Optional[list[str]] = None) -> None:
+    """The Hydra task function's body. `choices` and `overrides` come from Hydra's runtime when not given."""
     from omegaconf.errors import OmegaConfBaseException
 
+    from orchestrator.config import Composed
     from orchestrator.config.validate import ConfigError
-    from orchestrator.plan import build_plan
+    from orchestrator.pipeline.plan import build_run_plan
     from orchestrator.plan_view import print_plan
 
-    if choices is None:
-        try:
-            from hydra.core.hydra_config import HydraConfig
+    if choices is None or overrides is None:
+        from hydra.core.hydra_config import HydraConfig
 
-            choices = dict(HydraConfig.get().runtime.choices)
-        except ValueError:
-            choices = {}
-    if _mode["sweep"]:
-        _sweep(cfg)
+        runtime = HydraConfig.get()
+        choices = dict(runtime.runtime.choices) if choices is None else choices
+        overrides = list(runtime.overrides.task) if overrides is None else overrides
+    if mode.sweep:
+        _sweep(cfg, mode)
         return
     try:
-        plan = build_plan(cfg, choices)
+        plan = build_run_plan(Composed(cfg, {str(k): str(v) for k, v in choices.items()}), overrides, source=mode.source)
     except ConfigError as error:
         _fail(str(error))
     except OmegaConfBaseException as error:
         _fail(str(error).replace("\n", "\n    "))
-    if _mode["plan_only"]:
+    if mode.plan_only:
         print_plan(plan)
         return
     _train(plan)
 
 
-def _plan(overrides: list[str]) -> None:
-    """`orch plan` through Hydra's compose API: the same config, composed once.
+def _plan(overrides: list[str], mode: _Mode) -> None:
+    """`orch plan` through orch's one composition function: the same config, composed once.
 
     hydra.main composes every config twice (once only to read `hydra.mode`), and the plan is what users run to check
     a config before anything starts, so it should answer at once. Hydra's flags (-m, --cfg, --config-dir, ...) still
     go through hydra.main.
     """
-    from omegaconf import open_dict
-
-    from orchestrator.config import compose
-
     try:
-        cfg = compose(overrides, return_hydra_config=True)
+        composed = mode.source.compose(overrides)
     except Exception as error:  # noqa: BLE001 - Hydra's composition errors name the bad key: one line, no traceback
         cause = f"\n{error.__cause__}" if error.__cause__ is not None else ""
         _fail(f"{error}{cause}".replace("\n", "\n    "))
-    choices = dict(cfg.hydra.runtime.choices)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    _app(cfg, choices)
+    _app(composed.cfg, mode, composed.choices, overrides)
 
 
 def _train(plan) -> None:
     from rich.console import Console
 
     from orchestrator.config.validate import ConfigError
+    from orchestrator.pipeline.plan import PipelinePlan
     from orchestrator.plan_view import print_summary
-    from orchestrator.stage_runner import run_plan
 
     console = Console(soft_wrap=True)  # long paths and run ids stay on one line, copyable
     console.print(f"[bold]orch[/bold] run [cyan]{plan.run_name}[/cyan] → MLflow {plan.tracking.uri}")
     try:
-        results = run_plan(plan, console)
+        if isinstance(plan, PipelinePlan):
+            from orchestrator.pipeline.runner import run_pipeline
+
+            results = run_pipeline(plan, console)
+        else:
+            from orchestrator.stage_runner import run_plan
+
+            results = run_plan(plan, console)
     except ConfigError as error:
         _fail(str(error))
     except KeyboardInterrupt:
@@ -127,7 +142,7 @@ def _train(plan) -> None:
     print_summary(results, console)
 
 
-def _sweep(cfg) -> None:
+def _sweep(cfg, mode: _Mode) -> None:
     from omegaconf import OmegaConf
     from rich.console import Console
 
@@ -139,11 +154,11 @@ def _sweep(cfg) -> None:
         _fail("sweep=None: pick a sweep with sweep=<name> (conf/sweep/)")
     sweep = OmegaConf.to_container(cfg.sweep, resolve=True, enum_to_str=True)
     try:
-        sweep["space"] = apply_space_edits(sweep["space"], _mode["space_edits"])
-        plan = plan_sweep(sweep, _mode["sweep_overrides"])
+        sweep["space"] = apply_space_edits(sweep["space"], mode.space_edits)
+        plan = plan_sweep(sweep, mode.sweep_overrides, source=mode.source)
     except ConfigError as error:
         _fail(str(error))
-    if _mode["plan_only"]:
+    if mode.plan_only:
         print(f"sweep {plan.name}: {plan.num_samples} trial(s), search={plan.search}, scheduler={plan.scheduler['name']}, "
               f"metric={plan.metric} ({plan.mode})")
         for dim in plan.dimensions:
@@ -167,16 +182,18 @@ def _sweep(cfg) -> None:
 def _run_hydra(command: str, argv: list[str]) -> None:
     import hydra
 
-    from orchestrator.config import CONFIG_MODULE, user_config_dir
+    from orchestrator.config import CONFIG_MODULE, ConfigSource
 
     if argv and argv[0] in ("--help", "-h"):
         _print_run_help(command)
         return
-    _mode["plan_only"] = command == "plan" or "--plan" in argv
-    _mode["sweep"] = command == "sweep"
+    plan_only = command == "plan" or "--plan" in argv
     argv = [arg for arg in argv if arg != "--plan"]
-    if _mode["plan_only"] and command != "sweep" and not any(arg.startswith("-") for arg in argv):
-        _plan(argv)  # no Hydra flags: compose once, without Hydra's app runner
+    given_dir = _config_dir_flag(argv)
+    source = ConfigSource(Path(given_dir).resolve()) if given_dir else ConfigSource.for_directory()
+    mode = _Mode(source=source, plan_only=plan_only, sweep=command == "sweep")
+    if plan_only and command != "sweep" and not any(arg.startswith("-") for arg in argv):
+        _plan(argv, mode)  # no Hydra flags: compose once, without Hydra's app runner
         return
     if command == "sweep":
         # Hydra composes the sweep section only; the trials' overrides (recipe=distill recipe.distill.teacher=...)
@@ -185,17 +202,30 @@ def _run_hydra(command: str, argv: list[str]) -> None:
         from orchestrator.sweep.plan import split_sweep_overrides
         from orchestrator.sweep.space import split_space_edits
 
-        argv, _mode["sweep_overrides"] = split_sweep_overrides(argv)
+        argv, mode.sweep_overrides = split_sweep_overrides(argv)
         try:  # sweep.space.KEY=... has a dotted KEY, which Hydra's grammar cannot express: orch applies it
-            argv, _mode["space_edits"] = split_space_edits(argv)
+            argv, mode.space_edits = split_space_edits(argv)
         except ConfigError as error:
             _fail(str(error))
-    user_conf = user_config_dir()
-    if user_conf and not any(a.startswith(("--config-dir", "-cd")) for a in argv):
-        argv = ["--config-dir", str(user_conf), *argv]
+    if source.extra_dir and not given_dir:
+        argv = ["--config-dir", str(source.extra_dir), *argv]
     sys.argv = [f"orch {command}", *argv]
-    main = hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")(_app)
-    main()
+
+    def task(cfg) -> None:
+        _app(cfg, mode)
+
+    hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")(task)()
+
+
+def _config_dir_flag(argv: list[str]) -> Optional[str]:
+    """The value of Hydra's --config-dir/-cd flag, if given (also as --config-dir=DIR)."""
+    for index, arg in enumerate(argv):
+        for flag in ("--config-dir", "-cd"):
+            if arg == flag and index + 1 < len(argv):
+                return argv[index + 1]
+            if arg.startswith(flag + "="):
+                return arg.split("=", 1)[1]
+    return None
 
 
 def _print_run_help(command: str) -> None:
@@ -233,18 +263,20 @@ def _validate_for_cluster(overrides: list[str], sweep: bool = False) -> None:
     """Compose and validate locally so a bad key fails here, in a second, not minutes later on the cluster."""
     from omegaconf.errors import OmegaConfBaseException
 
-    from orchestrator.config import compose
+    from orchestrator.config import ConfigSource
     from orchestrator.config.validate import ConfigError
-    from orchestrator.plan import build_plan
+    from orchestrator.pipeline.plan import build_run_plan
 
+    source = ConfigSource.for_directory()
     try:
         if sweep:
             from orchestrator.sweep.plan import plan_sweep_from_overrides
 
             cfg = plan_sweep_from_overrides(["cluster=ray", *overrides]).base
         else:
-            cfg = compose(["cluster=ray", *overrides])
-            build_plan(cfg)
+            composed = source.compose(["cluster=ray", *overrides])
+            cfg = composed.cfg
+            build_run_plan(composed, overrides, source=source)
     except ConfigError as error:
         _fail(str(error))
     except OmegaConfBaseException as error:

@@ -13,12 +13,14 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from orchestrator.config import validate
+from orchestrator.config import Composed, validate
+from orchestrator.config.reads import recipe_inputs
+from orchestrator.config.validate import ConfigError
 from orchestrator.models.sizes import count_parameters
 
 DEFAULT_EXPERIMENT = "orchestrator"
@@ -68,21 +70,14 @@ class TrackingPlan:
 
 
 @dataclass
-class PipelinePlan:
-    name: str
-    cache: bool
-    report_batch_size: int
-    config: dict[str, Any]  # the pipeline section as composed (logged with the parent run)
-
-
-@dataclass
 class Plan:
+    """A run of one stage. A pipeline's plan (orchestrator.pipeline.plan.PipelinePlan) extends it with more stages."""
+
     run_name: str
     resuming: bool
     storage_path: str
     tracking: TrackingPlan
-    stages: list[StagePlan] = field(default_factory=list)  # in dependency order
-    pipeline: Optional[PipelinePlan] = None
+    stages: list[StagePlan] = field(default_factory=list)  # in dependency order; one here
 
 
 def resolve_precision(trainer: Mapping[str, Any]) -> str:
@@ -204,7 +199,7 @@ def new_run_name(recipe: str) -> str:
 
 # Keys that change where or how a run is tracked and scheduled, never the model it produces.
 _NOT_IN_KEY = {"name", "resume", "tracking", "cluster", "pipeline", "sweep"}
-_TRAINER_NOT_IN_KEY = {"storage_path", "max_failures", "keep_checkpoints", "log_every", "peak_tflops"}
+_TRAINER_NOT_IN_KEY = {"storage_path", "max_failures", "keep_checkpoints", "log_every", "peak_tflops", "callbacks"}
 
 
 def stage_key(config: Mapping[str, Any], input_keys: Mapping[str, str]) -> str:
@@ -260,36 +255,33 @@ def plan_stage(container: dict[str, Any], name: str, kind: str) -> StagePlan:
     )
 
 
-def recipe_inputs(recipe: Mapping[str, Any]) -> dict[str, str]:
-    """The model references a recipe config names: role -> reference."""
-    inputs = {}
-    if recipe.get("input"):
-        inputs["input"] = recipe["input"]
-    if recipe.get("distill") and recipe["distill"].get("teacher"):
-        inputs["teacher"] = recipe["distill"]["teacher"]
-    return inputs
+def run_identity(container: Mapping[str, Any], default_name: str, cwd: Path) -> tuple[str, str, bool]:
+    """(run name, storage root, resuming): a new name unless one is given, checked against what is stored."""
+    storage_path = container["trainer"]["storage_path"] or str(cwd / "orch_runs")
+    resume = container.get("resume")
+    run_name = resume or container.get("name") or new_run_name(default_name)
+    validate.validate_run_name(run_name, resume, storage_path)
+    return run_name, storage_path, bool(resume)
 
 
-def build_plan(
-    cfg: DictConfig,
-    choices: Optional[Mapping[str, str]] = None,
-    cwd: Optional[Path] = None,
-    overrides: Optional[Sequence[str]] = None,
-) -> Plan:
-    """Validate `cfg` and turn it into a Plan. Raises ConfigError naming the key on any user error.
-
-    `overrides` (the command line's, read from Hydra when running under `orch`) matter for pipelines only: every
-    stage is composed again from conf/ with them applied last.
-    """
-    cwd = cwd or Path.cwd()
+def resolved_container(composed: Composed) -> dict[str, Any]:
+    """The composed config as plain containers, checked first where resolving would hide the real mistake."""
     # before resolving: a model/data mismatch would otherwise surface as an obscure missing interpolation
-    validate.validate_model_and_data(cfg, choices or {})
-    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
+    validate.validate_model_and_data(composed.cfg, composed.choices)
+    container = OmegaConf.to_container(composed.cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
     assert isinstance(container, dict)
-    if container["recipe"]["name"] == "pipeline":
-        from orchestrator.pipeline.plan import build_pipeline_plan
+    return container
 
-        return build_pipeline_plan(container, cwd, overrides)
+
+def build_plan(composed: Composed, cwd: Optional[Path] = None) -> Plan:
+    """Validate one composed config and turn it into the Plan of its single stage. Raises ConfigError naming the key
+    on any user error. A config with a pipeline is planned by `orchestrator.pipeline.plan.build_pipeline_plan`."""
+    cwd = cwd or Path.cwd()
+    if composed.cfg.get("pipeline") is not None:
+        raise ConfigError(
+            "pipeline", composed.cfg.pipeline.get("name"), "a pipeline is planned by orchestrator.pipeline (orch run pipeline=NAME)"
+        )
+    container = resolved_container(composed)
     validate.validate_standalone_references(container)
     inputs = recipe_inputs(container["recipe"])
     for role, reference in inputs.items():
@@ -297,24 +289,20 @@ def build_plan(
             model = read_model_config(reference)
             if role == "teacher" and model:
                 validate.validate_teacher_matches_student("recipe.distill.teacher", model, container["model"])
-            elif role == "input" and model and container["recipe"]["name"] != "distill":
-                container["model"] = model  # the input defines the architecture that prune/quantize start from
+            elif role == "input" and model:
+                container["model"] = model  # the input defines the architecture the stage starts from
 
-    trainer = container["trainer"]
-    storage_path = trainer["storage_path"] or str(cwd / "orch_runs")
-    trainer["storage_path"] = storage_path
-    resume = container.get("resume")
-    run_name = resume or container.get("name") or new_run_name(container["recipe"]["name"])
-    validate.validate_run_name(run_name, resume, storage_path)
+    run_name, storage_path, resuming = run_identity(container, container["recipe"]["name"], cwd)
+    container["trainer"]["storage_path"] = storage_path
     container["name"] = run_name
 
-    stage = plan_stage(container, container["recipe"]["name"], kind=(choices or {}).get("recipe", container["recipe"]["name"]))
+    stage = plan_stage(container, container["recipe"]["name"], kind=composed.choices.get("recipe", container["recipe"]["name"]))
     stage.run_name, stage.ray_name, stage.storage_path = run_name, run_name, storage_path
     stage.inputs = inputs
     stage.key = stage_key(container, {})
     return Plan(
         run_name=run_name,
-        resuming=bool(resume),
+        resuming=resuming,
         storage_path=storage_path,
         tracking=resolve_tracking(container["tracking"], cwd),
         stages=[stage],

@@ -9,6 +9,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from orchestrator.pipeline.plan import PipelinePlan
 from orchestrator.plan import Plan
 
 if TYPE_CHECKING:
@@ -26,11 +27,12 @@ def human_bytes(count: float) -> str:
 def print_plan(plan: Plan, console: Optional[Console] = None) -> None:
     console = console or Console()
     console.rule(f"[bold]plan[/bold] {plan.run_name}" + (" (resume)" if plan.resuming else ""))
-    for stage in plan.stages if plan.pipeline else plan.stages[:1]:
-        console.print(f"[bold]resolved config[/bold] ({stage.name})" if plan.pipeline else "[bold]resolved config[/bold]")
+    pipeline = isinstance(plan, PipelinePlan)
+    for stage in plan.stages:
+        console.print(f"[bold]resolved config[/bold] ({stage.name})" if pipeline else "[bold]resolved config[/bold]")
         console.print(yaml.safe_dump(stage.config, sort_keys=False), highlight=False, markup=False)
-    if plan.pipeline:
-        order = Table(title=f"pipeline {plan.pipeline.name}: stages in dependency order")
+    if isinstance(plan, PipelinePlan):
+        order = Table(title=f"pipeline {plan.name}: stages in dependency order")
         for column in ("stage", "kind", "reads", "cache key"):
             order.add_column(column)
         for stage in plan.stages:

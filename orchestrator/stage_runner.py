@@ -2,8 +2,9 @@
 
 Per stage: open (or, on resume, reopen) the MLflow run → TorchTrainer with the recipe's worker loop → live progress →
 export the final model from the last checkpoint → sparsity table, loss curves → close the run as FINISHED, FAILED or
-KILLED. A recipe with `run_on_driver` instead of a worker loop (quantize) runs in this process, without Ray. A
-pipeline (`plan.pipeline`) is driven by the `pipeline` recipe, which calls `run_stage` for every stage it runs.
+KILLED. A recipe whose config says `runs_on: driver` (quantize) runs its `run_on_driver` in this process, without
+Ray. The recipe module is loaded by name (`recipe.name`); nothing here knows which recipes exist. Pipelines and sweeps
+(`orchestrator.pipeline`, `orchestrator.sweep`) are layers above: they call `run_stage` for each stage or trial.
 """
 
 from __future__ import annotations
@@ -18,11 +19,15 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
 
 from rich.console import Console
 
-from orchestrator.launch.ray_session import cluster_capacity, ray_session, wait_for_ray, worker_env
+from orchestrator import timeline
+from orchestrator.launch.ray_session import (
+    RaySession,
+    cluster_capacity,
+    ray_session,
+    worker_env,
+)
 from orchestrator.plan import Plan, StagePlan, TrackingPlan
-from orchestrator.recipes import DRIVER_RECIPES
-from orchestrator.track.lineage import CACHE_KEY_TAG
-from orchestrator.train import timeline
+from orchestrator.track.mlflow_run import CACHE_KEY_TAG, closed_with_outcome
 
 if TYPE_CHECKING:
     from orchestrator.track.mlflow_run import StageRun
@@ -46,24 +51,26 @@ def recipe_module(stage: StagePlan) -> ModuleType:
 
 
 def needs_ray(stage: StagePlan) -> bool:
-    """Known without importing the recipe (which imports torch), so that Ray can start while the driver imports."""
-    return stage.recipe not in DRIVER_RECIPES
+    """Read from the recipe's config, not its module (which imports torch), so that Ray can start while the driver
+    imports."""
+    return stage.config["recipe"]["runs_on"] == "workers"
 
 
 @contextmanager
-def cluster_session(plan: Plan, in_background: bool = False) -> Iterator[None]:
-    """One Ray for all of the plan's stages; on an existing cluster, every stage's resources are checked first.
+def cluster_session(
+    cluster: Mapping[str, Any], stages: Sequence[StagePlan], in_background: bool = False
+) -> Iterator[RaySession]:
+    """One Ray for all of these stages; on an existing cluster, every stage's resources are checked first.
     `in_background`: a local Ray starts while the block runs (see `ray_session`)."""
-    cluster = plan.stages[0].config["cluster"]
-    with ray_session(cluster, in_background=in_background):
+    with ray_session(cluster, in_background=in_background) as session:
         if cluster["kind"] != "local":
             from orchestrator.config.validate import validate_resources
 
             cpus, gpus = cluster_capacity()
-            for stage in plan.stages:
+            for stage in stages:
                 if needs_ray(stage):
                     validate_resources(stage.config, cpus, gpus, "the cluster")
-        yield
+        yield session
 
 
 def resolve_sources(stage: StagePlan, stage_runs: Mapping[str, str], tracking_uri: str) -> dict[str, dict[str, str]]:
@@ -71,8 +78,8 @@ def resolve_sources(stage: StagePlan, stage_runs: Mapping[str, str], tracking_ur
     here, before any worker starts."""
     if not stage.inputs:
         return {}
+    from orchestrator.artifacts.source import model_source, source_model_config
     from orchestrator.config.validate import validate_teacher_matches_student
-    from orchestrator.track.model_source import model_source, source_model_config
 
     sources = {role: model_source(reference, tracking_uri, stage_runs) for role, reference in stage.inputs.items()}
     teacher = sources.get("teacher")
@@ -83,17 +90,15 @@ def resolve_sources(stage: StagePlan, stage_runs: Mapping[str, str], tracking_ur
 
 
 def run_plan(plan: Plan, console: Optional[Console] = None) -> list[StageResult]:
+    """Run a single-stage plan (`orchestrator.plan.build_plan`)."""
     console = console or Console()
-    if plan.pipeline is not None:
-        from orchestrator.recipes.pipeline import run_pipeline
-
-        return run_pipeline(plan, console)
     [stage] = plan.stages
     sources = resolve_sources(stage, {}, plan.tracking.uri)
     if not needs_ray(stage):
         return [run_stage(plan.tracking, stage, console, resuming=plan.resuming, sources=sources)]
-    with cluster_session(plan, in_background=True):  # Ray starts while the MLflow run and the trainer are set up
-        return [run_stage(plan.tracking, stage, console, resuming=plan.resuming, sources=sources)]
+    # Ray starts while the MLflow run and the trainer are set up
+    with cluster_session(stage.config["cluster"], plan.stages, in_background=True) as session:
+        return [run_stage(plan.tracking, stage, console, resuming=plan.resuming, sources=sources, session=session)]
 
 
 def run_stage(
@@ -105,30 +110,31 @@ def run_stage(
     parent_run_id: Optional[str] = None,
     tags: Optional[Mapping[str, str]] = None,
     train_callbacks: Sequence[Any] = (),
+    session: Optional[RaySession] = None,
 ) -> StageResult:
-    """`train_callbacks`: Ray Train callbacks added to the fit (a sweep's trial forwards reports to Tune with one)."""
+    """`train_callbacks`: Ray Train callbacks added to the fit (a sweep's trial forwards reports to Tune with one).
+    `session`: the Ray this stage's workers run on, waited for before the fit (none: Ray is up already)."""
     from orchestrator.track.mlflow_run import StageRun
 
     recipe = recipe_module(stage)
     tracking = StageRun(tracking_plan)
     run_id = tracking.start(stage, resuming, parent_run_id, tags)
-    status = "FAILED"
-    try:
-        with tempfile.TemporaryDirectory(prefix="orch-export-") as out:
-            model_dir = Path(out) / "model"
-            if hasattr(recipe, "run_on_driver"):
-                metrics = recipe.run_on_driver(stage.config, sources, model_dir)
-                tracking.mlflow.log_metrics(metrics)
-                checkpoint_path = None
-            else:
-                metrics, checkpoint_path = _fit(recipe, stage, sources, tracking, console, model_dir, train_callbacks)
-            model_uri = None
-            if model_dir.is_dir():
-                tracking.mlflow.log_artifacts(str(model_dir), "model")
-                tracking.log_compression(model_dir, stage.config["recipe"])
-                model_uri = f"runs:/{run_id}/model"
-                tracking.mlflow.set_tag(CACHE_KEY_TAG, stage.key)  # only a run whose model was logged can be reused
-        status = "FINISHED"
+    with closed_with_outcome(tracking.finish), tempfile.TemporaryDirectory(prefix="orch-export-") as out:
+        model_dir = Path(out) / "model"
+        if not needs_ray(stage):
+            metrics = recipe.run_on_driver(stage.config, sources, model_dir)
+            tracking.log_metrics(metrics)
+            checkpoint_path = None
+        else:
+            if session is not None:
+                session.wait()
+            metrics, checkpoint_path = _fit(recipe, stage, sources, tracking, console, model_dir, train_callbacks)
+        model_uri = None
+        if model_dir.is_dir():
+            tracking.log_artifacts(model_dir, "model")
+            tracking.log_compression(model_dir, stage.config["recipe"])
+            model_uri = f"runs:/{run_id}/model"
+            tracking.set_tag(CACHE_KEY_TAG, stage.key)  # only a run whose model was logged can be reused
         return StageResult(
             stage=stage.name,
             run_name=stage.run_name,
@@ -139,11 +145,6 @@ def run_stage(
             checkpoint_path=checkpoint_path,
             model_artifact_uri=model_uri,
         )
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracking.finish(status)
 
 
 def _fit(
@@ -162,7 +163,6 @@ def _fit(
     from orchestrator.launch.progress import ProgressBoard, run_with_progress
 
     trainer_cfg = stage.config["trainer"]
-    wait_for_ray()
     board = ProgressBoard.remote()
     trainer = TorchTrainer(
         recipe.train_loop_per_worker,
@@ -204,10 +204,10 @@ def _fit(
 
         raise TrainingDiverged(failure["step"])
     if stage.config["tracking"]["log_model"]:
-        from orchestrator.train.export import export_model
+        from orchestrator.artifacts.export import export_model
 
         with result.checkpoint.as_directory() as checkpoint_dir:
             export_model(checkpoint_dir, stage.config["model"], model_dir)
-    tracking.mlflow.set_tag("orch.checkpoint", result.checkpoint.path)
+    tracking.set_tag("orch.checkpoint", result.checkpoint.path)
     tracking.log_curves(label)
     return dict(result.metrics or {}), result.checkpoint.path

@@ -19,11 +19,17 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
+from orchestrator.recipes.train import fit
 from torch import Tensor
 
-from orchestrator.compress import FeatureDistillation, HiddenState, StudentWithProjection, freeze_teacher, kd_loss
-from orchestrator.recipes.train import fit
-from orchestrator.track.model_source import load_model
+from orchestrator.artifacts.source import load_model
+from orchestrator.compress import (
+    FeatureDistillation,
+    HiddenState,
+    StudentWithProjection,
+    freeze_teacher,
+    kd_loss,
+)
 from orchestrator.train.compression import pruning_hook
 from orchestrator.train.data_order import example_inputs
 from orchestrator.train.engine import build_engine

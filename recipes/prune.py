@@ -19,12 +19,12 @@ from __future__ import annotations
 from typing import Any
 
 from hydra.utils import instantiate
+from orchestrator.recipes.train import fit
 
+from orchestrator.artifacts.source import load_model
 from orchestrator.compress import prune_structured, pruned_model_config
 from orchestrator.compress.lm_structured import prune_causal_lm
 from orchestrator.models.hf_causal_lm import hf_model_config
-from orchestrator.recipes.train import fit
-from orchestrator.track.model_source import load_model
 from orchestrator.train.compression import pruning_hook
 from orchestrator.train.data_order import example_inputs
 from orchestrator.train.engine import build_engine

@@ -17,9 +17,9 @@ from typing import Any, Mapping
 
 from hydra.utils import instantiate
 
+from orchestrator.artifacts.export import load_exported, mark_quantized
+from orchestrator.artifacts.source import fetch_model_dir
 from orchestrator.compress import quantize_dynamic_int8, serialized_size_bytes
-from orchestrator.track.model_source import fetch_model_dir
-from orchestrator.train.export import load_exported, mark_quantized
 from orchestrator.train.objective import evaluate_module
 
 

@@ -18,26 +18,30 @@ import torch.distributed as dist
 from hydra.utils import instantiate
 from torch import Tensor
 
+from orchestrator import timeline
 from orchestrator.compress import StepEndHook
-from orchestrator.track.worker_metrics import WorkerMetrics
-from orchestrator.train import timeline
+from orchestrator.train.callbacks import build_callbacks
 from orchestrator.train.compression import pruning_hook
 from orchestrator.train.data_order import training_batches
-from orchestrator.train.engine import build_engine, engine_precision, restore_latest, save_and_report
+from orchestrator.train.engine import (
+    build_engine,
+    engine_precision,
+    restore_latest,
+    save_and_report,
+)
 from orchestrator.train.mfu import flops_per_sample, mfu, peak_flops_for
 from orchestrator.train.objective import task_loss
 from orchestrator.train.samples import generate_samples
 from orchestrator.train.steps import (
     Agreements,
     Throughput,
-    chaos_kill,
     due,
     evaluate,
     is_finite_step,
     start_worker,
     to_engine,
-    weights_digest,
 )
+from orchestrator.train.worker_metrics import WorkerMetrics
 
 Objective = Callable[[Tensor, Tensor], Tensor]  # (inputs, targets) as the data loader yields them -> scalar loss
 
@@ -67,6 +71,7 @@ def fit(
     cfg, trainer = loop_config["config"], loop_config["config"]["trainer"]
     rank, world_size = dist.get_rank(), dist.get_world_size()
     hooks = dict(hooks or {})
+    callbacks = build_callbacks(trainer.get("callbacks") or [])
     model_spec = model_spec or {"model": cfg["model"], "state_prefix": ""}
     if objective is None:
 
@@ -90,11 +95,15 @@ def fit(
     peak = peak_flops_for(torch.cuda.get_device_name(), trainer.get("peak_tflops")) if torch.device(engine.device).type == "cuda" else None
     sample_flops = flops_per_sample(engine.module, cfg["data"].get("block_size", 1) if data.task == "lm" else 1)
 
+    for callback in callbacks:
+        callback.on_fit_start(engine, rank, world_size)
+
     # --- loop ---
     bad_step: Optional[int] = None  # this rank's first step with a non-finite loss or gradient norm
     agreements = Agreements(rank)  # divergence and mean loss across ranks, batched over log steps
     while step < max_steps:
-        chaos_kill(step, rank)
+        for callback in callbacks:
+            callback.on_step_start(step)
         step_loss = torch.zeros((), dtype=torch.float64)
         for _ in range(grad_accum):
             inputs, targets = next(stream)
@@ -140,10 +149,8 @@ def fit(
         # --- save ---
         if save_due:
             report: dict[str, Any] = {"step": step, **step_metrics}
-            if step == max_steps:
-                digests: list[Optional[str]] = [None] * world_size
-                dist.all_gather_object(digests, weights_digest(engine))
-                report["rank_weight_digests"] = ",".join(d or "" for d in digests)
+            for callback in callbacks:
+                callback.on_checkpoint(step, step == max_steps, report)
             hook_states = {name: hook.state_dict() for name, hook in hooks.items()}
             metrics.flush(wait=True)
             save_and_report(engine, step, report, client_state={"hooks": hook_states}, model_spec=model_spec)

@@ -4,7 +4,13 @@ Each technique is a pure function plus, where training must be steered, a small 
 ``StepEndHook``. Components take flat typed arguments; recipes map their config onto them.
 """
 
-from orchestrator.compress.distill import FeatureDistillation, HiddenState, StudentWithProjection, freeze_teacher, kd_loss
+from orchestrator.compress.distill import (
+    FeatureDistillation,
+    HiddenState,
+    StudentWithProjection,
+    freeze_teacher,
+    kd_loss,
+)
 from orchestrator.compress.fixed_masks import FixedMasks
 from orchestrator.compress.mask_enforcer import MaskEnforcer
 from orchestrator.compress.protocols import StepEndHook
@@ -18,7 +24,11 @@ from orchestrator.compress.pruning import (
     sparsity_table,
 )
 from orchestrator.compress.quantize import quantize_dynamic_int8, serialized_size_bytes
-from orchestrator.compress.structured import count_parameters, prune_structured, pruned_model_config
+from orchestrator.compress.structured import (
+    count_parameters,
+    prune_structured,
+    pruned_model_config,
+)
 
 __all__ = [
     "FeatureDistillation",

@@ -5,11 +5,12 @@ Kept free of torch/ray/mlflow imports: composing and validating a config must an
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from orchestrator.config import schema  # noqa: F401  (registers the schemas in Hydra's ConfigStore)
 
@@ -32,31 +33,66 @@ def user_config_dir(cwd: Optional[Path] = None) -> Optional[Path]:
     return conf if conf.is_dir() and conf.resolve() != shipped else None
 
 
-def compose(
-    overrides: Sequence[str] = (), config_name: str = "config", cwd: Optional[Path] = None, return_hydra_config: bool = False
-) -> DictConfig:
-    """Compose a config the way `orch run` does (with ./conf on the search path), without the command line."""
+@dataclass(frozen=True)
+class Composed:
+    """A composed config and the option Hydra chose in each group (model=cnn, recipe=prune, ...)."""
+
+    cfg: DictConfig
+    choices: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ConfigSource:
+    """Where configs come from: the shipped conf/ plus one extra directory (a project's ./conf, or --config-dir).
+
+    Carried explicitly from the command line to every place that composes (a pipeline's stages, a sweep's base recipe
+    and probes, submit's local check), so that they all see the same configs as the command that started them.
+    """
+
+    extra_dir: Optional[Path] = None
+
+    @classmethod
+    def for_directory(cls, cwd: Optional[Path] = None) -> "ConfigSource":
+        return cls(user_config_dir(cwd))
+
+    def compose(self, overrides: Sequence[str] = ()) -> Composed:
+        return compose(overrides, self)
+
+
+def compose(overrides: Sequence[str] = (), source: Optional[ConfigSource] = None) -> Composed:
+    """The one composition of orch: conf/ + the source's extra directory + `overrides`, as `orch run` sees them.
+
+    Safe inside a running `orch run` (Hydra's app runner holds its own global state): that state is put back after.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
 
-    extra = user_config_dir(cwd)
-    search = [f"hydra.searchpath=[file://{extra}]"] if extra else []
+    source = source if source is not None else ConfigSource.for_directory()
+    search = [f"hydra.searchpath=[file://{source.extra_dir}]"] if source.extra_dir else []
+    backup = get_gh_backup()
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return hydra_compose(
-            config_name=config_name, overrides=[*search, *overrides], return_hydra_config=return_hydra_config
-        )
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=[*search, *overrides], return_hydra_config=True)
+    finally:
+        restore_gh_from_backup(backup)
+    choices = {str(group): str(option) for group, option in cfg.hydra.runtime.choices.items()}
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return Composed(cfg, choices)
 
 
-def config_groups(cwd: Optional[Path] = None) -> dict[str, list[str]]:
+def config_groups(source: Optional["ConfigSource"] = None) -> dict[str, list[str]]:
     """Group → options, read from the shipped conf/ and the project's ./conf directories.
 
     What `orch run --help` lists. Read from the files rather than through Hydra's help, which re-copies its whole
     config repository for each of the ~125 groups it knows (Hydra's own included): ~7 s on a busy 2-core machine.
     """
     groups: dict[str, set[str]] = {}
-    for root in filter(None, (Path(str(resources.files(CONFIG_MODULE))), user_config_dir(cwd))):
+    source = source if source is not None else ConfigSource.for_directory()
+    for root in filter(None, (Path(str(resources.files(CONFIG_MODULE))), source.extra_dir)):
         for option in root.glob("*/*.yaml"):
             groups.setdefault(option.parent.name, set()).add(option.stem)
     return {group: sorted(options) for group, options in sorted(groups.items())}

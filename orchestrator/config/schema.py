@@ -90,6 +90,9 @@ class TrainerConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     # raw DeepSpeed JSON, merged over the generated config for anything the schema does not cover
     deepspeed: Dict[str, Any] = field(default_factory=dict)
+    # loop callbacks (orchestrator.train.callbacks.LoopCallback), each a `_target_` dict built on every worker:
+    # fault injection, determinism probes, your own instrumentation. Your config only: never read from a run.
+    callbacks: List[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -111,9 +114,30 @@ class TrackingConfig:
     log_model: bool = True
 
 
+class RunsOn(str, Enum):
+    workers = "workers"  # the module's train_loop_per_worker, on Ray Train workers (DeepSpeed)
+    driver = "driver"  # the module's run_on_driver, in the driver process: no Ray is started for it
+
+
+@dataclass
+class ModelRead:
+    """A model reference a recipe reads: where in `recipe` it sits, and whether the recipe cannot run without it."""
+
+    key: str = MISSING  # dotted path under `recipe`, e.g. "input" or "distill.teacher"
+    required: bool = False
+
+
 @dataclass
 class RecipeConfig:
+    """What a recipe is and what it needs, as data: the library reads this and never imports a recipe to find out.
+
+    `reads` maps a role to a model reference. The library knows two roles: `input`, the model the stage starts from
+    (its architecture is the stage's model), and `teacher`, a model whose outputs the stage's model must match.
+    """
+
     name: str = MISSING  # module under orchestrator.recipes that runs this config
+    runs_on: RunsOn = RunsOn.workers
+    reads: Dict[str, ModelRead] = field(default_factory=dict)
 
 
 class PruningSchedule(str, Enum):
@@ -121,14 +145,6 @@ class PruningSchedule(str, Enum):
     one_shot = "one_shot"  # prune to `sparsity` before the first step, then train at fixed masks
     gradual = "gradual"  # cubic schedule (Zhu & Gupta 2017) between start/end_fraction, then fixed masks
     hold = "hold"  # keep the input model's zeros as the masks (fine-tuning a pruned model)
-
-
-class StageKind(str, Enum):  # a pipeline stage's kind is the recipe option it composes (conf/recipe/<kind>.yaml)
-    train = "train"
-    prune = "prune"
-    finetune = "finetune"
-    distill = "distill"
-    quantize = "quantize"
 
 
 @dataclass
@@ -183,6 +199,7 @@ class TrainRecipeConfig(RecipeConfig):
 @dataclass
 class PruneRecipeConfig(TrainRecipeConfig):
     name: str = "prune"
+    reads: Dict[str, ModelRead] = field(default_factory=lambda: {"input": ModelRead("input", required=True)})
     input: Optional[str] = None  # the model to compress: an MLflow run id/URI, a pipeline stage name, or a dir
     structured: StructuredConfig = field(default_factory=StructuredConfig)
     lm_structured: LMStructuredConfig = field(default_factory=LMStructuredConfig)
@@ -191,6 +208,9 @@ class PruneRecipeConfig(TrainRecipeConfig):
 @dataclass
 class DistillRecipeConfig(TrainRecipeConfig):
     name: str = "distill"
+    reads: Dict[str, ModelRead] = field(
+        default_factory=lambda: {"teacher": ModelRead("distill.teacher", required=True), "input": ModelRead("input")}
+    )
     input: Optional[str] = None  # optional: start the student from this model instead of fresh `model` weights
     distill: DistillConfig = field(default_factory=DistillConfig)
 
@@ -198,6 +218,8 @@ class DistillRecipeConfig(TrainRecipeConfig):
 @dataclass
 class QuantizeRecipeConfig(RecipeConfig):
     name: str = "quantize"
+    runs_on: RunsOn = RunsOn.driver
+    reads: Dict[str, ModelRead] = field(default_factory=lambda: {"input": ModelRead("input", required=True)})
     input: Optional[str] = None  # the fp32 model to quantize: an MLflow run id/URI, a pipeline stage name, or a dir
     skip: List[str] = field(default_factory=list)  # Linear modules kept in fp32 (e.g. the head)
     eval_batch_size: int = 256
@@ -211,7 +233,7 @@ class PipelineRecipeConfig(RecipeConfig):
 @dataclass
 class PipelineStageConfig:
     name: str = MISSING  # referenced by later stages' `input`/`teacher`
-    kind: StageKind = MISSING
+    kind: str = MISSING  # the recipe option this stage composes (conf/recipe/<kind>.yaml): train, prune, distill ...
     input: Optional[str] = None  # stage name (or run id/dir) whose model this stage starts from -> recipe.input
     teacher: Optional[str] = None  # distill: stage name (or run id/dir) of the teacher -> recipe.distill.teacher
     overrides: List[str] = field(default_factory=list)  # Hydra overrides for this stage, after pipeline.overrides

@@ -121,8 +121,6 @@ def validate_model_and_data(cfg: Mapping[str, Any], choices: Mapping[str, str]) 
         if not any(Path(match).is_file() for match in glob.glob(path, recursive=True)):
             raise ConfigError("data.path", str(data["path"]), "no such file; expected a readable text/JSONL file or a glob of them")
     if model.get("pretrained_path"):
-        from orchestrator.models.hf_causal_lm import missing_pretrained_reason
-
         reason = missing_pretrained_reason(str(model["pretrained_path"]))
         if reason:
             raise ConfigError("model.pretrained_path", str(model["pretrained_path"]), reason)
@@ -136,6 +134,16 @@ def validate_model_and_data(cfg: Mapping[str, Any], choices: Mapping[str, str]) 
                 "the directory holds no tokenizer (tokenizer.json / tokenizer_config.json); set data.tokenizer=null "
                 "for bytes, or point it at a tokenizer directory",
             )
+
+
+def missing_pretrained_reason(path: str) -> Optional[str]:
+    """Why `path` is not a loadable local model directory, or None when it is (cheap: no transformers import)."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        return "no such directory; pretrained models are loaded from a local directory only (no hub downloads)"
+    if not (directory / "config.json").is_file():
+        return "the directory has no config.json; expected a directory written by save_pretrained"
+    return None
 
 
 def validate_recipe(cfg: Mapping[str, Any]) -> None:
@@ -299,12 +307,15 @@ def pruning_window(pruning: Mapping[str, Any], max_steps: int) -> tuple[int, int
 
 
 def validate_standalone_references(cfg: Mapping[str, Any]) -> None:
-    """Outside a pipeline, recipe.input / recipe.distill.teacher must name an MLflow run or a directory."""
-    recipe, name = cfg["recipe"], cfg["recipe"]["name"]
-    if "input" in recipe and (recipe["input"] is not None or name in ("prune", "quantize")):
-        validate_reference("recipe.input", recipe["input"])
-    if "distill" in recipe:
-        validate_reference("recipe.distill.teacher", recipe["distill"]["teacher"])
+    """Outside a pipeline, every model reference the recipe reads (recipe.input, recipe.distill.teacher ...) must
+    name an MLflow run or a directory; a required one must be given."""
+    from orchestrator.config.reads import recipe_reads, recipe_value
+
+    recipe = cfg["recipe"]
+    for key, required in recipe_reads(recipe).values():
+        value = recipe_value(recipe, key)
+        if value is not None or required:
+            validate_reference(f"recipe.{key}", value)
 
 
 def validate_teacher_matches_student(key: str, teacher_model: Mapping[str, Any], student_model: Mapping[str, Any]) -> None:

@@ -6,7 +6,7 @@ instance afterwards, so it never attaches to, or tears down, a Ray that someone 
 Starting a local Ray takes ~6-7 s of wall time (GCS, raylet, dashboard, prestarted workers) during which the driver
 itself is idle (~0.5 s of its CPU). `ray_session(..., in_background=True)` starts it in a thread so that the driver's
 own set-up (importing torch, MLflow and Ray Train, creating the MLflow run) overlaps it; whatever needs Ray first
-calls `wait_for_ray()`. Launch to fit start went from ~15.8 to ~11 s (benchmarks/startup.py, 2 cores).
+calls the session's `wait()`. Launch to fit start went from ~15.8 to ~11 s (benchmarks/startup.py, 2 cores).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, Optional
 
-from orchestrator.train import timeline
+from orchestrator import timeline
 
 # Variables a worker needs to reach MLflow and find compiled ops; read from the driver's environment.
 FORWARDED_ENV = (
@@ -33,7 +33,6 @@ FORWARDED_ENV = (
     "MLFLOW_EXPERIMENT_NAME",
     "MLFLOW_ALLOW_FILE_STORE",
     "TORCH_EXTENSIONS_DIR",
-    "ORCH_CHAOS_KILL",
     "ORCH_TIMELINE",
 )
 
@@ -116,15 +115,17 @@ class _Start:
         self.thread.join()
 
 
-_starting: Optional[_Start] = None  # the local Ray this process is starting in the background, if any
+class RaySession:
+    """The Ray a block runs on. `wait()` blocks until a Ray started in the background is up (and raises its start-up
+    error); it returns at once when Ray was already up when the block was entered."""
 
+    def __init__(self, starting: Optional[_Start] = None) -> None:
+        self._starting = starting
 
-def wait_for_ray() -> None:
-    """Block until a Ray started by `ray_session(..., in_background=True)` is up; raise its start-up error."""
-    global _starting
-    if _starting is not None:
-        starting, _starting = _starting, None
-        starting.wait()
+    def wait(self) -> None:
+        if self._starting is not None:
+            starting, self._starting = self._starting, None
+            starting.wait()
 
 
 def _init_local(cluster: Mapping[str, Any], temp_dir: str, dashboard_port: int) -> None:
@@ -151,15 +152,14 @@ class _SkipThreadWarning(logging.Filter):
 
 
 @contextmanager
-def ray_session(cluster: Mapping[str, Any], in_background: bool = False) -> Iterator[None]:
+def ray_session(cluster: Mapping[str, Any], in_background: bool = False) -> Iterator[RaySession]:
     """Ray for the duration of the block. `in_background`: a local Ray is started on a thread and the block is
-    entered at once; call `wait_for_ray()` before the first use of Ray."""
-    global _starting
+    entered at once; call the session's `wait()` before the first use of Ray."""
     import ray
 
     if ray.is_initialized():
         # The caller owns a Ray already (a notebook, a test session, a Tune trial): use it, leave it running.
-        yield
+        yield RaySession()
         return
     if cluster["kind"] == "local":
         # Short path: Ray's Unix sockets live under the temp dir and socket paths are limited to ~107 bytes.
@@ -174,13 +174,12 @@ def ray_session(cluster: Mapping[str, Any], in_background: bool = False) -> Iter
                     previous_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
                     thread_warning = _SkipThreadWarning()
                     logging.getLogger("ray._private.worker").addFilter(thread_warning)
-                    starting = _starting = _Start(lambda: _init_local(cluster, temp_dir, port))
+                    starting = _Start(lambda: _init_local(cluster, temp_dir, port))
                 else:
                     _init_local(cluster, temp_dir, port)
-                yield
+                yield RaySession(starting)
         finally:
             if starting is not None:
-                _starting = None
                 starting.wait(raise_error=False)  # never shut Ray down halfway through its start
             ray.shutdown()
             if starting is not None:
@@ -197,7 +196,7 @@ def ray_session(cluster: Mapping[str, Any], in_background: bool = False) -> Iter
         check_gcs_reachable(address)
         ray.init(address=address, logging_level=logging.WARNING)
         try:
-            yield
+            yield RaySession()
         finally:
             ray.shutdown()
 

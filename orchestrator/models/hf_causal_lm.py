@@ -18,6 +18,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 
+from orchestrator.config.validate import missing_pretrained_reason
+
 # keys of a config's to_dict() that describe the file, not the architecture
 _BOOKKEEPING = ("transformers_version", "model_type", "architectures", "dtype", "torch_dtype", "_name_or_path")
 
@@ -27,16 +29,6 @@ def _plain(config: Any) -> dict[str, Any]:
     from omegaconf import DictConfig, OmegaConf
 
     return OmegaConf.to_container(config, resolve=True) if isinstance(config, DictConfig) else dict(config)  # type: ignore[return-value]
-
-
-def missing_pretrained_reason(path: str) -> Optional[str]:
-    """Why `path` is not a loadable local model directory, or None when it is (cheap: no transformers import)."""
-    directory = Path(path).expanduser()
-    if not directory.is_dir():
-        return "no such directory; pretrained models are loaded from a local directory only (no hub downloads)"
-    if not (directory / "config.json").is_file():
-        return "the directory has no config.json; expected a directory written by save_pretrained"
-    return None
 
 
 class HFCausalLM(nn.Module):

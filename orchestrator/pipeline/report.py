@@ -77,7 +77,7 @@ def measure(fp32_model: nn.Module, served_model: nn.Module, data, batch_size: in
 
 
 def stage_row(name: str, kind: str, run_id: str, model_dir: Path, data_cfg: Mapping[str, Any], batch_size: int) -> dict[str, Any]:
-    from orchestrator.train.export import load_exported
+    from orchestrator.artifacts.export import load_exported
 
     data = instantiate(dict(data_cfg))
     row = {"stage": name, "kind": kind, "run_id": run_id}

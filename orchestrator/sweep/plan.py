@@ -13,8 +13,8 @@ The base recipe is composed from conf/ like a run of its own: `sweep.overrides`,
 from __future__ import annotations
 
 import copy
-import time
 import secrets
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from orchestrator.config import validate
+from orchestrator.config import Composed, ConfigSource, compose, validate
 from orchestrator.config.validate import ConfigError
 from orchestrator.plan import Plan, build_plan
 from orchestrator.sweep.space import LISTS, Dimension, parse_space
@@ -31,7 +31,6 @@ from orchestrator.sweep.space import LISTS, Dimension, parse_space
 # val_* come from validation (trainer.eval_every); the others from the log step (trainer.log_every).
 LOGGED = ("loss", "lr", "samples_per_s")
 VALIDATED = {"classification": ("val_loss", "val_accuracy"), "lm": ("val_loss", "val_perplexity")}
-TRAINING_RECIPES = ("train", "prune", "finetune", "distill")
 
 
 @dataclass
@@ -102,7 +101,7 @@ def _check_probes(base: DictConfig, dimensions: Sequence[Dimension], choices: Ma
     for dim in dimensions:
         for value in dim.probes():
             try:
-                build_plan(apply(base, {dim.key: value}), choices, cwd=cwd, overrides=[])
+                build_plan(Composed(apply(base, {dim.key: value}), dict(choices)), cwd=cwd)
             except ConfigError as error:
                 raise ConfigError(
                     f"sweep.space.{dim.key}", value, f"this value fails the recipe's own checks: {error}"
@@ -212,13 +211,13 @@ def build_sweep_plan(
     dimensions = parse_space(sweep["space"])
     with open_dict(base):
         base.sweep = None
-    base_plan = build_plan(base, choices, cwd=cwd, overrides=[])
-    if base_plan.pipeline is not None or len(base_plan.stages) != 1:
+    if base.get("pipeline") is not None or base.recipe.name == "pipeline":
         raise ConfigError("sweep.overrides", list(sweep["overrides"]), "a sweep searches one training recipe; recipe=pipeline is not supported (sweep a pipeline's stage as its recipe, with its input/teacher as a run id)")
+    base_plan = build_plan(Composed(base, dict(choices)), cwd=cwd)
     stage = base_plan.stages[0]
     recipe = stage.config["recipe"]["name"]
-    if recipe not in TRAINING_RECIPES:
-        raise ConfigError("sweep.overrides", f"recipe={recipe}", f"expected a training recipe ({', '.join(TRAINING_RECIPES)}): trials report metrics while they train")
+    if stage.config["recipe"]["runs_on"] != "workers":
+        raise ConfigError("sweep.overrides", f"recipe={choices.get('recipe', recipe)}", "expected a training recipe (one that runs on Ray workers, e.g. train, prune, finetune, distill): trials report metrics while they train")
     _check_keys(base, dimensions, recipe)
     _check_metric(sweep, stage.config)
     max_steps = stage.config["trainer"]["max_steps"]
@@ -257,40 +256,18 @@ def base_overrides(sweep: Mapping[str, Any], command_line: Sequence[str]) -> lis
     return [*sweep["overrides"], *kept]
 
 
-def plan_sweep(sweep: Mapping[str, Any], command_line: Sequence[str], cwd: Optional[Path] = None) -> SweepPlan:
-    """Compose the base recipe (inside `orch sweep`, with its search path; elsewhere from conf/) and plan the sweep."""
-    from hydra.core.global_hydra import GlobalHydra
+def plan_sweep(
+    sweep: Mapping[str, Any], command_line: Sequence[str], cwd: Optional[Path] = None, source: Optional[ConfigSource] = None
+) -> SweepPlan:
+    """Compose the base recipe (from conf/ and `source`'s directory, default ./conf) and plan the sweep."""
     from hydra.errors import HydraException
-
-    from orchestrator.pipeline.plan import compose_stage
 
     overrides = base_overrides(sweep, command_line)
     try:
-        if GlobalHydra.instance().is_initialized():  # inside `orch sweep`: its search path, a project's conf/ too
-            base, choices = compose_stage(overrides)
-        else:
-            base, choices = _compose_with_choices(overrides, cwd)
+        base = compose(overrides, source if source is not None else ConfigSource.for_directory(cwd))
     except (OmegaConfBaseException, HydraException) as error:
         raise ConfigError("sweep.overrides", overrides, str(error).splitlines()[0]) from error
-    return build_sweep_plan(sweep, base, choices, overrides, cwd)
-
-
-def _compose_with_choices(overrides: Sequence[str], cwd: Optional[Path]) -> tuple[DictConfig, dict[str, str]]:
-    """Outside `orch` (tests, notebooks, `orch submit`): compose from conf/ and read the group options Hydra chose."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    from orchestrator.config import CONFIG_MODULE, user_config_dir
-
-    extra = user_config_dir(cwd)
-    search = [f"hydra.searchpath=[file://{extra}]"] if extra else []
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*search, *overrides], return_hydra_config=True)
-    choices = {str(k): str(v) for k, v in cfg.hydra.runtime.choices.items()}
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg, choices
+    return build_sweep_plan(sweep, base.cfg, base.choices, overrides, cwd)
 
 
 HYDRA_FLAGS_WITH_VALUE = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp")
@@ -323,10 +300,11 @@ def plan_sweep_from_overrides(overrides: Sequence[str], cwd: Optional[Path] = No
 
     sweep_level, overrides = split_sweep_overrides(overrides)
     sweep_level, edits = split_space_edits(sweep_level)
-    cfg, _ = _compose_with_choices(sweep_level, cwd)
+    source = ConfigSource.for_directory(cwd)
+    cfg = compose(sweep_level, source).cfg
     if cfg.sweep is None:
         raise ConfigError("sweep", None, "pick a sweep: sweep=<name> (conf/sweep/)")
     sweep = OmegaConf.to_container(cfg.sweep, resolve=True, enum_to_str=True)
     assert isinstance(sweep, dict)
     sweep["space"] = apply_space_edits(sweep["space"], edits)
-    return plan_sweep(sweep, overrides, cwd)
+    return plan_sweep(sweep, overrides, cwd, source)

@@ -29,7 +29,6 @@ from orchestrator.sweep.tracking import SweepRun
 from orchestrator.sweep.trial import run_trial
 from orchestrator.track.tables import csv_table, markdown_table
 
-
 # The trial's own process only drives its Ray Train run (whose controller asks for no CPU either); the workers
 # reserve the CPUs/GPUs in their own placement group. Tune needs a non-empty request: one byte of Ray's memory
 # resource, so that the trial holds nothing its workers need.
@@ -95,7 +94,7 @@ def run_sweep(plan: SweepPlan, console: Optional[Console] = None, cwd: Optional[
     base = plan.base_plan
     sweep_dir = Path(base.storage_path, plan.run_name)
     # --- ray ---
-    with cluster_session(base):
+    with cluster_session(base.stages[0].config["cluster"], base.stages):
         concurrency = max_concurrent(plan)
         # --- parent ---
         parent = SweepRun(base.tracking)
@@ -187,9 +186,9 @@ def _record_outcome(plan: SweepPlan, parent: SweepRun, grid, cwd: Path) -> Sweep
         params = {dim.key: best[dim.key] for dim in plan.dimensions}
         best_dir = Path(plan.base_plan.storage_path, plan.run_name, "best")
         command = write_best(apply(plan.base, params), plan, best, best_dir)
-        parent.client.log_artifacts(parent.run_id, str(best_dir), "best")
+        parent.log_artifacts(str(best_dir), "best")
     _write_tables_and_plots(plan, rows, out)
-    parent.client.log_artifacts(parent.run_id, str(out))
+    parent.log_artifacts(str(out))
     parent.log_metrics({"trials": len(rows), "trials_early_stopped": sum(r["state"] == "early_stopped" for r in rows),
                         "trials_failed": sum(r["state"] == "failed" for r in rows)})
     return SweepOutcome(
@@ -205,7 +204,11 @@ def _record_outcome(plan: SweepPlan, parent: SweepRun, grid, cwd: Path) -> Sweep
 
 
 def _write_tables_and_plots(plan: SweepPlan, rows: list[dict[str, Any]], out: Path) -> None:
-    from orchestrator.sweep.plots import metric_vs_key, metric_vs_size, parallel_coordinates
+    from orchestrator.sweep.plots import (
+        metric_vs_key,
+        metric_vs_size,
+        parallel_coordinates,
+    )
 
     (out / "sweep").mkdir(parents=True, exist_ok=True)
     (out / "plots").mkdir(parents=True, exist_ok=True)

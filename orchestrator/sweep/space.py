@@ -80,7 +80,7 @@ def parse_dimension(key: str, spec: Any) -> Dimension:
 def parse_space(space: Mapping[str, Any]) -> list[Dimension]:
     searched = {key: spec for key, spec in space.items() if spec is not None}
     if not searched:
-        raise ConfigError("sweep.space", dict(space), f"expected at least one key to search, e.g. trainer.optimizer.lr: {{loguniform: [1.0e-4, 1.0e-2]}}")
+        raise ConfigError("sweep.space", dict(space), "expected at least one key to search, e.g. trainer.optimizer.lr: {loguniform: [1.0e-4, 1.0e-2]}")
     return [parse_dimension(str(key), spec) for key, spec in searched.items()]
 
 

@@ -1,4 +1,4 @@
-"""A sweep's MLflow structure, on the pipeline's parent/child machinery (`orchestrator.track.lineage.PipelineRun`).
+"""A sweep's MLflow structure: a parent run (`orchestrator.track.parent_run.ParentRun`) and one child per trial.
 
 * Parent: tagged orch.run_name=<sweep run name>, orch.recipe=sweep; params: the search space (one param per key,
   e.g. space.trainer.optimizer.lr = loguniform(0.0001, 0.03)), search algorithm, scheduler, metric, mode, trial
@@ -15,24 +15,26 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
+from orchestrator.plan import TrackingPlan
 from orchestrator.sweep.plan import SweepPlan
 from orchestrator.sweep.trial import BEST_TAG, STATE_TAG, TRIAL_TAG
-from orchestrator.track.lineage import PipelineRun
-from orchestrator.track.mlflow_run import PARENT_TAG, RUN_NAME_TAG, git_commit
+from orchestrator.track.mlflow_run import PARENT_TAG
+from orchestrator.track.parent_run import ParentRun
 
 STATUS_OF_STATE = {"completed": "FINISHED", "early_stopped": "KILLED", "failed": "FAILED"}
 
 
-class SweepRun(PipelineRun):
-    """The parent run: experiment lookup, artifacts, metrics and closing are the pipeline parent's."""
+class SweepRun:
+    def __init__(self, tracking: TrackingPlan) -> None:
+        self.parent = ParentRun(tracking)
+        self.client, self.experiment_id = self.parent.client, self.parent.experiment_id
+
+    @property
+    def run_id(self) -> Optional[str]:
+        return self.parent.run_id
 
     def start_sweep(self, plan: SweepPlan, max_concurrent: int) -> str:
-        tags = {RUN_NAME_TAG: plan.run_name, "orch.recipe": "sweep", "orch.sweep": plan.name}
-        commit = git_commit()
-        if commit:
-            tags["mlflow.source.git.commit"] = commit
-        run = self.client.create_run(self.experiment_id, run_name=plan.run_name, tags=tags)
-        self.run_id = run.info.run_id
+        self.parent.create(plan.run_name, {"orch.recipe": "sweep", "orch.sweep": plan.name})
         params = {f"space.{dim.key}": dim.describe() for dim in plan.dimensions}
         params.update(
             {
@@ -49,10 +51,9 @@ class SweepRun(PipelineRun):
         )
         if plan.scheduler["name"] == "asha":
             params.update({f"asha.{k}": plan.scheduler[k] for k in ("grace_period", "reduction_factor", "max_t")})
-        for key, value in params.items():
-            self.client.log_param(self.run_id, key, value)
-        self.client.log_text(self.run_id, json.dumps(plan.config, indent=2, default=str), "config/sweep.json")
-        return self.run_id
+        self.parent.log_params(params)
+        self.parent.log_text(json.dumps(plan.config, indent=2, default=str), "config/sweep.json")
+        return self.parent.run_id  # type: ignore[return-value]
 
     def trial_runs(self) -> dict[str, Any]:
         """Trial id -> its MLflow child run."""
@@ -70,5 +71,14 @@ class SweepRun(PipelineRun):
 
     def mark_best(self, run_id: str, metric: str, value: float) -> None:
         self.client.set_tag(run_id, BEST_TAG, "true")
-        self.client.set_tag(self.run_id, "orch.best_trial_run_id", run_id)
-        self.client.log_metric(self.run_id, f"best_{metric}", value)
+        self.parent.set_tag("orch.best_trial_run_id", run_id)
+        self.parent.log_metrics({f"best_{metric}": value})
+
+    def log_artifacts(self, directory: str, artifact_path: Optional[str] = None) -> None:
+        self.parent.log_artifacts(directory, artifact_path)
+
+    def log_metrics(self, metrics: dict[str, Any]) -> None:
+        self.parent.log_metrics(metrics)
+
+    def finish(self, status: str) -> None:
+        self.parent.finish(status)

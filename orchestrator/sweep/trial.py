@@ -37,6 +37,7 @@ def run_trial(config: dict[str, Any], spec: Mapping[str, Any]) -> None:
     import ray.tune
     from rich.console import Console
 
+    from orchestrator.config import Composed
     from orchestrator.plan import build_plan
     from orchestrator.stage_runner import resolve_sources, run_stage
     from orchestrator.sweep.plan import apply
@@ -46,7 +47,7 @@ def run_trial(config: dict[str, Any], spec: Mapping[str, Any]) -> None:
     dimensions: list[Dimension] = spec["dimensions"]
     params = decode(dimensions, config)
     cfg: DictConfig = apply(spec["base"], {**params, **spec["fixed"]}, name=trial_run_name(spec["sweep_run"], trial_id))
-    plan = build_plan(cfg, spec["choices"], cwd=Path(spec["cwd"]), overrides=[])
+    plan = build_plan(Composed(cfg, dict(spec["choices"])), cwd=Path(spec["cwd"]))
     [stage] = plan.stages
     stage.name = f"trial-{trial_id}"  # the child run's name in the MLflow UI, under the sweep's parent run
     max_steps = stage.config["trainer"]["max_steps"]

@@ -7,10 +7,11 @@ driver restarted with the same name continue the same MLflow run id instead of c
 from __future__ import annotations
 
 import json
-import os
 import subprocess
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import yaml
 
@@ -18,6 +19,9 @@ from orchestrator.plan import StagePlan, TrackingPlan
 
 RUN_NAME_TAG = "orch.run_name"
 PARENT_TAG = "mlflow.parentRunId"
+# a hash of what shaped a stage's model (orchestrator.plan.stage_key), set once its model is logged: a pipeline
+# reuses a FINISHED run that carries its stage's key
+CACHE_KEY_TAG = "orch.cache_key"
 METRICS_PLOTTED = ("loss", "val_loss", "val_accuracy", "val_perplexity")
 
 
@@ -40,23 +44,46 @@ def git_commit() -> Optional[str]:
     return out.stdout.strip() or None
 
 
-class StageRun:
-    def __init__(self, tracking: TrackingPlan) -> None:
-        import mlflow
+def experiment_id(client: Any, tracking: TrackingPlan) -> str:
+    """The id of the plan's experiment, created (with its artifact location) the first time it is used."""
+    experiment = client.get_experiment_by_name(tracking.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(tracking.experiment, artifact_location=tracking.artifact_location)
 
-        self.mlflow = mlflow
-        # set_tracking_uri also exports MLFLOW_TRACKING_URI; put it back in finish() so that the next run in this
-        # process (a Hydra multirun job, a notebook cell) resolves its own tracking settings
-        self._previous_uri_env = os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(tracking.uri)
-        self.client = mlflow.MlflowClient(tracking.uri)
-        experiment = self.client.get_experiment_by_name(tracking.experiment)
-        if experiment is None:
-            self.experiment_id = self.client.create_experiment(
-                tracking.experiment, artifact_location=tracking.artifact_location
-            )
-        else:
-            self.experiment_id = experiment.experiment_id
+
+def new_run_tags(run_name: str, **tags: str) -> dict[str, str]:
+    """Tags every new run of orch's carries: its orch run name and, from a git checkout, the commit."""
+    all_tags = {RUN_NAME_TAG: run_name, **tags}
+    commit = git_commit()
+    if commit:
+        all_tags["mlflow.source.git.commit"] = commit
+    return all_tags
+
+
+@contextmanager
+def closed_with_outcome(finish: Callable[[str], None]) -> Iterator[None]:
+    """Close a run as FINISHED when the block completes, KILLED on Ctrl-C, FAILED on any other error."""
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        finish(status)
+
+
+class StageRun:
+    """One stage's MLflow run, through its own client: no process-global MLflow state (active run, tracking URI)
+    is read or written, so two runs in one process cannot cross."""
+
+    def __init__(self, tracking: TrackingPlan) -> None:
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient(tracking.uri)
+        self.experiment_id = experiment_id(self.client, tracking)
         self.tracking = tracking
         self.run_id: Optional[str] = None
 
@@ -74,36 +101,49 @@ class StageRun:
         tags: Optional[Mapping[str, str]] = None,
     ) -> str:
         """Open the stage's run (a child of `parent_run_id` in a pipeline), or reopen it when `resuming`."""
-        existing = self.find(stage.run_name)
+        suffix = ""
         if resuming:
+            existing = self.find(stage.run_name)
             if existing is None:
                 raise LookupError(
                     f"resume={stage.run_name}: no MLflow run tagged {RUN_NAME_TAG}={stage.run_name} in experiment "
                     f"{self.tracking.experiment!r} at {self.tracking.uri}"
                 )
-            self.mlflow.start_run(run_id=existing)  # reopens it as RUNNING
-        else:
-            all_tags = {RUN_NAME_TAG: stage.run_name, "orch.recipe": stage.recipe, "orch.stage": stage.name, **(tags or {})}
-            if stage.kind:
-                all_tags["orch.kind"] = stage.kind
-            if parent_run_id:
-                all_tags[PARENT_TAG] = parent_run_id  # how MLflow nests a run under another
-            commit = git_commit()
-            if commit:
-                all_tags["mlflow.source.git.commit"] = commit
-            display_name = stage.name if parent_run_id else stage.run_name
-            self.mlflow.start_run(experiment_id=self.experiment_id, run_name=display_name, tags=all_tags)
-        self.run_id = self.mlflow.active_run().info.run_id
-        suffix = ""
-        if resuming:  # params are immutable in MLflow: a resumed run keeps those it started with
-            resumes = int(self.client.get_run(self.run_id).data.tags.get("orch.resumes", "0")) + 1
-            self.mlflow.set_tag("orch.resumes", str(resumes))
+            self.run_id = existing
+            self.client.update_run(existing, status="RUNNING")
+            # params are immutable in MLflow: a resumed run keeps those it started with
+            resumes = int(self.client.get_run(existing).data.tags.get("orch.resumes", "0")) + 1
+            self.client.set_tag(existing, "orch.resumes", str(resumes))
             suffix = f"_resume_{resumes}"
         else:
-            self.mlflow.log_params(flatten(stage.config), synchronous=True)
-        self.mlflow.log_text(yaml.safe_dump(stage.config, sort_keys=False), f"config/resolved{suffix}.yaml")
-        self.mlflow.log_dict(stage.deepspeed, f"config/deepspeed{suffix}.json")
+            extra = {"orch.recipe": stage.recipe, "orch.stage": stage.name, **(tags or {})}
+            if stage.kind:
+                extra["orch.kind"] = stage.kind
+            if parent_run_id:
+                extra[PARENT_TAG] = parent_run_id  # how MLflow nests a run under another
+            display_name = stage.name if parent_run_id else stage.run_name
+            run = self.client.create_run(self.experiment_id, run_name=display_name, tags=new_run_tags(stage.run_name, **extra))
+            self.run_id = run.info.run_id
+            from mlflow.entities import Param
+
+            params = [Param(key, str(value)) for key, value in flatten(stage.config).items()]
+            self.client.log_batch(self.run_id, params=params, synchronous=True)
+        self.client.log_text(self.run_id, yaml.safe_dump(stage.config, sort_keys=False), f"config/resolved{suffix}.yaml")
+        self.client.log_dict(self.run_id, stage.deepspeed, f"config/deepspeed{suffix}.json")
         return self.run_id
+
+    def log_metrics(self, metrics: Mapping[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, 0) for key, value in metrics.items() if isinstance(value, (int, float))]
+        self.client.log_batch(self.run_id, metrics=batch, synchronous=True)
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str) -> None:
+        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
 
     def log_curves(self, title: str) -> None:
         from orchestrator.track.plots import loss_curve
@@ -111,24 +151,28 @@ class StageRun:
         history = {
             key: [(m.step, m.value) for m in self.client.get_metric_history(self.run_id, key)] for key in METRICS_PLOTTED
         }
-        figure = loss_curve(history, title)
-        self.mlflow.log_figure(figure, "plots/loss_curve.png")
+        self.client.log_figure(self.run_id, loss_curve(history, title), "plots/loss_curve.png")
 
     def log_compression(self, model_dir: str | Path, recipe: Mapping[str, Any]) -> None:
         """For a stage that pruned: the per-layer sparsity table (MLflow table + markdown) and the totals."""
         pruned = (recipe.get("pruning") or {}).get("schedule", "none") != "none"
         if not pruned and not (recipe.get("structured") or {}).get("ratio", 0):
             return
-        from orchestrator.compress import count_parameters, prunable_parameters, realized_sparsity, sparsity_table
+        from orchestrator.artifacts.export import load_exported
+        from orchestrator.compress import (
+            count_parameters,
+            prunable_parameters,
+            realized_sparsity,
+            sparsity_table,
+        )
         from orchestrator.track.tables import markdown_table
-        from orchestrator.train.export import load_exported
 
         model = load_exported(model_dir)
         rows = [{**row, "shape": "x".join(map(str, row["shape"]))} for row in sparsity_table(model)]
-        self.mlflow.log_table({key: [row[key] for row in rows] for key in rows[0]}, "sparsity/table.json")
-        self.mlflow.log_text(markdown_table(rows), "sparsity/table.md")
+        self.client.log_table(self.run_id, {key: [row[key] for row in rows] for key in rows[0]}, "sparsity/table.json")
+        self.client.log_text(self.run_id, markdown_table(rows), "sparsity/table.md")
         nonzero = sum(int(p.count_nonzero()) for p in model.parameters())
-        self.mlflow.log_metrics(
+        self.log_metrics(
             {
                 "final_sparsity": realized_sparsity(dict(prunable_parameters(model))),
                 "parameters": count_parameters(model),
@@ -137,8 +181,5 @@ class StageRun:
         )
 
     def finish(self, status: str) -> None:
-        self.mlflow.end_run(status=status)
-        if self._previous_uri_env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = self._previous_uri_env
+        if self.run_id is not None:
+            self.client.set_terminated(self.run_id, status)

@@ -10,7 +10,12 @@ from typing import Any, Mapping, Optional
 
 from torch import nn
 
-from orchestrator.compress import FixedMasks, GradualPruning, StepEndHook, prunable_parameters
+from orchestrator.compress import (
+    FixedMasks,
+    GradualPruning,
+    StepEndHook,
+    prunable_parameters,
+)
 from orchestrator.config.validate import pruning_window
 
 

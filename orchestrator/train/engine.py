@@ -16,9 +16,13 @@ import torch
 import yaml
 from torch import nn
 
-from orchestrator.train import timeline
-from orchestrator.train.checkpoints import complete_checkpoints, load_first_good, write_marker
-
+from orchestrator import timeline
+from orchestrator.artifacts.export import MODEL_SPEC_FILE
+from orchestrator.train.checkpoints import (
+    complete_checkpoints,
+    load_first_good,
+    write_marker,
+)
 
 CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 (AVX512-BF16, AMX) and Arm ("bf16" in Features)
 
@@ -96,8 +100,6 @@ def skip_lone_allreduce(engine) -> None:
 def checkpoint_tag(step: int) -> str:
     return f"step_{step:08d}"
 
-
-MODEL_SPEC_FILE = "orch_model.yaml"
 
 
 def save_and_report(

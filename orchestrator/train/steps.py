@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-import signal
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -14,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
-from orchestrator.train import timeline
+from orchestrator import timeline
 from orchestrator.train.data_order import shard_for_eval
 from orchestrator.train.objective import eval_metrics, eval_sums
 
@@ -26,7 +23,7 @@ def start_worker(loop_config: dict) -> tuple[int, int]:
     that writes to MLflow, starts connecting to it now, in the background (see `connect_in_background`)."""
     import ray.train
 
-    from orchestrator.track.worker_metrics import connect_in_background
+    from orchestrator.train.worker_metrics import connect_in_background
 
     trainer = loop_config["config"]["trainer"]
     context = ray.train.get_context()
@@ -60,29 +57,6 @@ def evaluate(engine, dataset, task: str, batch_size: int, rank: int, world_size:
     dist.all_reduce(sums)
     engine.train()
     return eval_metrics(sums, task)
-
-
-def weights_digest(engine) -> str:
-    """A hash of this rank's full weights; ZeRO-3 gathers partitioned parameters first."""
-    import deepspeed
-
-    params = list(engine.module.parameters())
-    digest = hashlib.sha256()
-    with deepspeed.zero.GatheredParameters(params, enabled=getattr(params[0], "ds_id", None) is not None):
-        for param in params:
-            digest.update(param.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def chaos_kill(step: int, rank: int) -> None:
-    """Failure injection for resilience tests: SIGKILL this worker once at a given step (real process death)."""
-    spec = os.environ.get("ORCH_CHAOS_KILL")  # "<step>:<rank>:<marker file>"
-    if not spec:
-        return
-    at_step, at_rank, marker = spec.split(":", 2)
-    if step == int(at_step) and rank == int(at_rank) and not os.path.exists(marker):
-        open(marker, "w").close()
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class Throughput:

@@ -27,7 +27,7 @@ from orchestrator.compress import (
 from orchestrator.models.cnn import CNN
 from orchestrator.models.mlp import MLP
 from orchestrator.train.compression import pruning_hook
-from orchestrator.train.export import load_exported, mark_quantized
+from orchestrator.artifacts.export import load_exported, mark_quantized
 
 MLP_CFG = {"_target_": "orchestrator.models.mlp.MLP", "input_shape": [1, 8, 8], "num_classes": 10, "hidden_sizes": [32, 32]}
 PRUNING = {"schedule": "none", "sparsity": 0.5, "initial_sparsity": 0.0, "scope": "layer", "include": None,
@@ -144,7 +144,7 @@ def test_a_quantized_export_loads_int8_or_its_fp32_source(tmp_path):
 
 
 def test_model_sources_from_references(tmp_path):
-    from orchestrator.track.model_source import fetch_model_dir, load_model, model_source
+    from orchestrator.artifacts.source import fetch_model_dir, load_model, model_source
 
     run_id = "0123456789abcdef0123456789abcdef"
     assert model_source("teacher", "sqlite:///x.db", {"teacher": run_id}) == {

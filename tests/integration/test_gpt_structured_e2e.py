@@ -16,9 +16,9 @@ from mlflow import MlflowClient
 
 from orchestrator.compress import count_parameters
 from orchestrator.config import compose
-from orchestrator.plan import build_plan
-from orchestrator.stage_runner import run_plan
-from orchestrator.train.export import load_exported
+from orchestrator.pipeline.plan import build_pipeline_plan
+from orchestrator.pipeline.runner import run_pipeline
+from orchestrator.artifacts.export import load_exported
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +40,8 @@ OVERRIDES = [  # what a user would type after `orch run recipe=pipeline pipeline
 @pytest.fixture(scope="module")
 def pipeline(ray_instance, workdir):
     top_level = [o for o in OVERRIDES if not o.startswith("data.")]  # the pipeline's own config has no text data
-    plan = build_plan(compose([*PIPELINE, *top_level]), cwd=workdir, overrides=OVERRIDES)
-    return {result.stage: result for result in run_plan(plan)}
+    plan = build_pipeline_plan(compose([*PIPELINE, *top_level]), OVERRIDES, cwd=workdir)
+    return {result.stage: result for result in run_pipeline(plan)}
 
 
 @pytest.fixture(scope="module")

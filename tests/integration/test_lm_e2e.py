@@ -18,6 +18,8 @@ from omegaconf import OmegaConf
 
 from orchestrator.config import compose
 from orchestrator.config.schema import PipelineStageConfig
+from orchestrator.pipeline.plan import build_pipeline_plan
+from orchestrator.pipeline.runner import run_pipeline
 from orchestrator.plan import build_plan
 from orchestrator.stage_runner import run_plan
 
@@ -72,7 +74,7 @@ def test_samples_from_a_fixed_prompt_are_logged_at_every_evaluation(gpt2_run, cl
 def test_the_exported_model_is_a_hugging_face_directory(gpt2_run, client, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from orchestrator.train.export import load_exported
+    from orchestrator.artifacts.export import load_exported
 
     _, result = gpt2_run
     local = Path(client.download_artifacts(result.run_id, "model", str(tmp_path)))
@@ -97,10 +99,10 @@ def pipeline_run(ray_instance, workdir, corpus):
         stages.append({**stage, "overrides": [*kept, f"trainer.max_steps={steps[stage['name']]}"]})
     command_line = [*COMMON, "model=hf_llama", f"data.path={corpus}", "data.block_size=32", "trainer.eval_every=0",
                     "trainer.checkpoint_every=0", "tracking.experiment=lm-pipeline-e2e"]
-    cfg = compose(["recipe=pipeline", "pipeline=lm_compress", "name=lm-pipe", *command_line])
-    cfg.pipeline.stages = [OmegaConf.merge(OmegaConf.structured(PipelineStageConfig), s) for s in stages]
-    plan = build_plan(cfg, cwd=workdir, overrides=command_line)
-    return plan, run_plan(plan)
+    composed = compose(["recipe=pipeline", "pipeline=lm_compress", "name=lm-pipe", *command_line])
+    composed.cfg.pipeline.stages = [OmegaConf.merge(OmegaConf.structured(PipelineStageConfig), s) for s in stages]
+    plan = build_pipeline_plan(composed, command_line, cwd=workdir)
+    return plan, run_pipeline(plan)
 
 
 def test_the_lm_pipeline_prunes_distills_and_reports_every_stage(pipeline_run, client, tmp_path):

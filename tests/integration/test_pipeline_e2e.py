@@ -19,9 +19,11 @@ from omegaconf import OmegaConf
 from orchestrator.compress import prunable_parameters, realized_sparsity
 from orchestrator.config import compose
 from orchestrator.config.schema import PipelineStageConfig
+from orchestrator.pipeline import runner as pipeline_runner
+from orchestrator.pipeline.plan import build_pipeline_plan
 from orchestrator.plan import build_plan
 from orchestrator.stage_runner import run_plan
-from orchestrator.train.export import load_exported
+from orchestrator.artifacts.export import load_exported
 
 pytestmark = pytest.mark.slow
 
@@ -51,10 +53,10 @@ def stages(quantize_skip: str = "[]") -> list[dict]:
 
 
 def run_pipeline(workdir: Path, name: str, quantize_skip: str = "[]"):
-    cfg = compose(["recipe=pipeline", f"name={name}", *COMMAND_LINE])
-    cfg.pipeline.stages = [OmegaConf.merge(OmegaConf.structured(PipelineStageConfig), s) for s in stages(quantize_skip)]
-    plan = build_plan(cfg, cwd=workdir, overrides=COMMAND_LINE)
-    return plan, run_plan(plan)
+    composed = compose(["recipe=pipeline", f"name={name}", *COMMAND_LINE])
+    composed.cfg.pipeline.stages = [OmegaConf.merge(OmegaConf.structured(PipelineStageConfig), s) for s in stages(quantize_skip)]
+    plan = build_pipeline_plan(composed, COMMAND_LINE, cwd=workdir)
+    return plan, pipeline_runner.run_pipeline(plan)
 
 
 @pytest.fixture(scope="module")

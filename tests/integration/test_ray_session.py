@@ -19,14 +19,14 @@ SCRIPT = textwrap.dedent(
     """
     import sys, time
     import ray
-    from orchestrator.launch.ray_session import ray_session, wait_for_ray
+    from orchestrator.launch.ray_session import ray_session
 
     case = sys.argv[1]
     cluster = {"kind": "local", "num_cpus": -1 if case == "bad" else 1}
     try:
-        with ray_session(cluster, in_background=True):
+        with ray_session(cluster, in_background=True) as session:
             print("entered", flush=True)
-            wait_for_ray()
+            session.wait()
             print("ready", ray.get_runtime_context().gcs_address, flush=True)
             # Ray must outlive the thread's own work: its GCS and raylet die with the thread that spawned them
             time.sleep(3)

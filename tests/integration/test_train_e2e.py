@@ -27,10 +27,12 @@ COMMON = [
     "trainer.checkpoint_every=25",
     "trainer.max_failures=1",
 ]
+# every rank's weight digest in the final report: data parallelism must leave them identical
+DIGESTS = "{_target_: orchestrator.train.callbacks.WeightDigests}"
 
 
-def fit(workdir: Path, *overrides: str):
-    plan = build_plan(compose([*COMMON, *overrides]), cwd=workdir)
+def fit(workdir: Path, *overrides: str, callbacks: tuple[str, ...] = ()):
+    plan = build_plan(compose([*COMMON, f"trainer.callbacks=[{', '.join([DIGESTS, *callbacks])}]", *overrides]), cwd=workdir)
     [result] = run_plan(plan)
     return plan, result
 
@@ -53,11 +55,8 @@ def reference(ray_instance, workdir):
 @pytest.fixture(scope="module")
 def killed(ray_instance, workdir, reference):
     marker = workdir / "killed-once"
-    os.environ["ORCH_CHAOS_KILL"] = f"37:1:{marker}"  # SIGKILL rank 1 before step 38, once
-    try:
-        outcome = fit(workdir, "name=zero0-killed", "trainer.zero_stage=0", "trainer.precision=fp32")
-    finally:
-        del os.environ["ORCH_CHAOS_KILL"]
+    kill = f"{{_target_: orchestrator.train.callbacks.KillWorkerOnce, step: 37, rank: 1, marker: '{marker}'}}"  # once
+    outcome = fit(workdir, "name=zero0-killed", "trainer.zero_stage=0", "trainer.precision=fp32", callbacks=(kill,))
     assert marker.exists(), "the worker was never killed: the test would prove nothing"
     return outcome
 
@@ -107,7 +106,7 @@ def test_one_mlflow_run_with_params_metrics_and_artifacts(reference, client):
 
 def test_exported_model_loads_without_deepspeed_and_predicts(reference, client, tmp_path):
     from orchestrator.data.digits import load_digits_splits
-    from orchestrator.train.export import load_exported
+    from orchestrator.artifacts.export import load_exported
 
     _, result = reference
     local = client.download_artifacts(result.run_id, "model", str(tmp_path))

@@ -13,7 +13,7 @@ from benchmarks import run_all, scaling, tracking_checkpoint
 from benchmarks.gpu_mfu import tokens_per_s
 from benchmarks.harness import Timeline, ratio, read_timeline, summarize
 from benchmarks.report import markdown_rows, render
-from orchestrator.train import timeline as orch_timeline
+from orchestrator import timeline as orch_timeline
 from orchestrator.train.mfu import flops_per_sample, mfu, parameter_count, peak_flops_for
 
 
@@ -159,7 +159,7 @@ def test_worker_metrics_buffer_until_flushed(tmp_path, monkeypatch):
     import mlflow
     from mlflow import MlflowClient
 
-    from orchestrator.track import worker_metrics
+    from orchestrator.train import worker_metrics
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # as the driver exports it to the workers

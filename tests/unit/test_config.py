@@ -13,7 +13,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from orchestrator.config import compose
 from orchestrator.config.validate import ConfigError
-from orchestrator.plan import build_plan
+from orchestrator.pipeline.plan import build_run_plan
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -33,7 +33,7 @@ NEEDS_A_MODEL = {
 
 
 def plan(tmp_path: Path, *overrides: str):
-    return build_plan(compose(list(overrides)), cwd=tmp_path)
+    return build_run_plan(compose(list(overrides)), cwd=tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -49,10 +49,11 @@ def test_every_shipped_option_composes_and_plans(tmp_path, overrides):
     if "trainer=gpu" in overrides:
         # on this CPU machine a local GPU run must say why it cannot run; on a cluster it is checked after connecting
         with pytest.raises(ConfigError, match="trainer.num_workers"):
-            build_plan(compose(overrides), cwd=tmp_path)
+            build_run_plan(compose(overrides), cwd=tmp_path)
         overrides = [*overrides, "cluster=ray"]
-    cfg = compose(overrides)
-    result = build_plan(cfg, cwd=tmp_path)
+    composed = compose(overrides)
+    result = build_run_plan(composed, cwd=tmp_path)
+    cfg = composed.cfg
     assert result.stages[0].backend == ("nccl" if cfg.trainer.use_gpu else "gloo")
     assert result.stages[0].num_workers == cfg.trainer.num_workers
     assert result.stages[0].memory.parameters > 0

@@ -48,20 +48,20 @@ def test_eval_shards_cover_every_example_exactly_once():
 
 @pytest.mark.parametrize("overrides", [["model=mlp"], ["model=cnn"], ["model=gpt", "data=text"]])
 def test_analytic_parameter_counts_match_the_models(overrides):
-    model_cfg = OmegaConf.to_container(compose(overrides).model, resolve=True)
+    model_cfg = OmegaConf.to_container(compose(overrides).cfg.model, resolve=True)
     model = instantiate(model_cfg)
     assert count_parameters(model_cfg) == sum(p.numel() for p in model.parameters())
 
 
 def test_models_produce_the_shapes_their_tasks_need():
-    digits = OmegaConf.to_container(compose(["model=cnn"]).model, resolve=True)
+    digits = OmegaConf.to_container(compose(["model=cnn"]).cfg.model, resolve=True)
     assert instantiate(digits)(torch.zeros(5, 1, 8, 8)).shape == (5, 10)
-    gpt_cfg = OmegaConf.to_container(compose(["model=gpt", "data=text"]).model, resolve=True)
+    gpt_cfg = OmegaConf.to_container(compose(["model=gpt", "data=text"]).cfg.model, resolve=True)
     assert instantiate(gpt_cfg)(torch.zeros(2, 16, dtype=torch.long)).shape == (2, 16, 256)
 
 
 def test_text_data_is_byte_level_next_token():
-    splits = instantiate(OmegaConf.to_container(compose(["model=gpt", "data=text"]).data, resolve=True))
+    splits = instantiate(OmegaConf.to_container(compose(["model=gpt", "data=text"]).cfg.data, resolve=True))
     inputs, targets = splits.train[0]
     assert inputs.shape == targets.shape == (64,)
     assert torch.equal(inputs[1:], targets[:-1])

@@ -105,12 +105,12 @@ def test_streamed_text_gives_each_worker_its_own_shard_and_resumes_at_the_exact_
 
 @pytest.fixture(scope="module")
 def llama():
-    cfg = compose(["model=hf_llama", "data=text"])
+    cfg = compose(["model=hf_llama", "data=text"]).cfg
     return instantiate(container(cfg.model))
 
 
 def test_hf_models_build_from_config_and_return_token_logits(llama):
-    gpt2 = instantiate(container(compose(["model=hf_causal_lm", "data=text"]).model))
+    gpt2 = instantiate(container(compose(["model=hf_causal_lm", "data=text"]).cfg.model))
     tokens = torch.randint(0, 256, (2, 12))
     for model in (gpt2, llama):
         assert model(tokens).shape == (2, 12, 256)
@@ -136,7 +136,7 @@ def test_pruning_a_llama_removes_heads_and_mlp_units_and_from_pretrained_loads_i
 def test_pruning_keeps_the_most_important_units():
     from orchestrator.compress.lm_structured import prune_causal_lm
 
-    gpt2 = instantiate(container(compose(["model=hf_causal_lm", "data=text"]).model))
+    gpt2 = instantiate(container(compose(["model=hf_causal_lm", "data=text"]).cfg.model))
     fc = gpt2.hf.transformer.h[0].mlp.c_fc
     with torch.no_grad():
         fc.weight[:, :8] *= 100  # units 0-7 of layer 0 dominate
@@ -151,7 +151,7 @@ def test_greedy_samples_continue_a_prompt():
     from orchestrator.train.samples import greedy_continuation
 
     for option in ("hf_causal_lm", "gpt"):  # Hugging Face and built-in models alike
-        model = instantiate(container(compose([f"model={option}", "data=text"]).model)).eval()
+        model = instantiate(container(compose([f"model={option}", "data=text"]).cfg.model)).eval()
         continuation = greedy_continuation(model, [84, 104, 101, 32], new_tokens=70, block_size=64)
         assert len(continuation) == 70 and all(0 <= t < 256 for t in continuation)
 
@@ -171,7 +171,7 @@ def test_a_teacher_with_another_vocabulary_is_refused_before_anything_runs(tmp_p
 
     from orchestrator.models.hf_causal_lm import hf_model_config
 
-    wide = instantiate(container(compose(["model=hf_causal_lm", "data=text", "data.vocab_size=300"]).model))
+    wide = instantiate(container(compose(["model=hf_causal_lm", "data=text", "data.vocab_size=300"]).cfg.model))
     (tmp_path / "teacher").mkdir()
     (tmp_path / "teacher" / "model.yaml").write_text(yaml.safe_dump(hf_model_config(wide)))  # as export writes it
     cfg = compose(["recipe=distill", "model=hf_causal_lm", "data=text", f"recipe.distill.teacher={tmp_path / 'teacher'}"])
@@ -179,9 +179,9 @@ def test_a_teacher_with_another_vocabulary_is_refused_before_anything_runs(tmp_p
         build_plan(cfg, cwd=tmp_path)
     # a pretrained student's vocabulary is its config.json's, whatever the YAML says
     wide.hf.save_pretrained(str(tmp_path / "student"))
-    narrow = instantiate(container(compose(["model=gpt", "data=text"]).model))
+    narrow = instantiate(container(compose(["model=gpt", "data=text"]).cfg.model))
     (tmp_path / "gpt").mkdir()
-    (tmp_path / "gpt" / "model.yaml").write_text(yaml.safe_dump(container(compose(["model=gpt", "data=text"]).model)))
+    (tmp_path / "gpt" / "model.yaml").write_text(yaml.safe_dump(container(compose(["model=gpt", "data=text"]).cfg.model)))
     cfg = compose(["recipe=distill", "model=hf_causal_lm", "data=text", f"model.pretrained_path={tmp_path / 'student'}", "data.tokenizer=null",
                    f"recipe.distill.teacher={tmp_path / 'gpt'}"])
     with pytest.raises(ConfigError, match=r"recipe.distill.teacher=256.*300"):
@@ -205,8 +205,9 @@ def test_a_local_pretrained_directory_loads_its_weights_and_plans(llama, tmp_pat
     overrides = ["model=hf_causal_lm", "data=text", f"model.pretrained_path={tmp_path / 'pretrained'}"]
     with pytest.raises(ConfigError, match="data.tokenizer=.*holds no tokenizer"):  # defaults to the model's directory
         build_plan(compose(overrides), cwd=tmp_path)
-    cfg = compose([*overrides, "data.tokenizer=null"])
-    plan = build_plan(cfg, cwd=tmp_path)
+    composed = compose([*overrides, "data.tokenizer=null"])
+    plan = build_plan(composed, cwd=tmp_path)
+    cfg = composed.cfg
     assert plan.stages[0].memory.parameters == sum(p.numel() for p in llama.parameters())
     loaded = instantiate(container(cfg.model))
     tokens = torch.randint(0, 256, (1, 8))

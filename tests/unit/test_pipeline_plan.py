@@ -11,14 +11,15 @@ from omegaconf import OmegaConf
 from orchestrator.config import compose
 from orchestrator.config.schema import PipelineStageConfig
 from orchestrator.config.validate import ConfigError
+from orchestrator.pipeline.plan import build_pipeline_plan
 from orchestrator.plan import build_plan
 
 
 def pipeline_plan(tmp_path: Path, stages=None, *overrides: str, command_line=()):
-    cfg = compose(["recipe=pipeline", *overrides])
+    composed = compose(["recipe=pipeline", *overrides])
     if stages is not None:
-        cfg.pipeline.stages = [OmegaConf.merge(OmegaConf.structured(PipelineStageConfig), s) for s in stages]
-    return build_plan(cfg, cwd=tmp_path, overrides=list(command_line))
+        composed.cfg.pipeline.stages = [OmegaConf.merge(OmegaConf.structured(PipelineStageConfig), s) for s in stages]
+    return build_pipeline_plan(composed, list(command_line), cwd=tmp_path)
 
 
 def stage(name, kind, *overrides, **references):
@@ -45,7 +46,7 @@ def test_shipped_pipeline_plans_every_stage_in_order_with_its_own_config(tmp_pat
     assert by_name["quantized"].config["model"] == by_name["student"].config["model"]
     assert len({s.key for s in plan.stages}) == 5
     assert all(s.storage_path == str(tmp_path / "orch_runs" / plan.run_name) for s in plan.stages)
-    assert plan.pipeline.name == "digits_compress"
+    assert plan.name == "digits_compress"
 
 
 def test_command_line_overrides_apply_to_every_stage_and_win(tmp_path):
@@ -57,7 +58,7 @@ def test_cache_keys_are_stable_and_change_downstream_of_an_edit_only(tmp_path):
     first = {s.name: s.key for s in pipeline_plan(tmp_path).stages}
     again = {s.name: s.key for s in pipeline_plan(tmp_path, None, "name=other-name").stages}
     assert first == again, "the run name must not be part of a stage's identity"
-    cfg = compose(["recipe=pipeline"])
+    cfg = compose(["recipe=pipeline"]).cfg
     stages = OmegaConf.to_container(cfg.pipeline.stages, enum_to_str=True)
     stages[2]["overrides"].append("trainer.optimizer.lr=1e-4")  # edit the finetune stage only
     edited = {s.name: s.key for s in pipeline_plan(tmp_path, stages).stages}

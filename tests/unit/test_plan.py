@@ -11,7 +11,7 @@ from orchestrator.plan import build_plan, deepspeed_config, estimate_memory
 def trainer(*overrides: str) -> dict:
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(compose(list(overrides)).trainer, resolve=True, enum_to_str=True)
+    return OmegaConf.to_container(compose(list(overrides)).cfg.trainer, resolve=True, enum_to_str=True)
 
 
 def test_generated_deepspeed_config_follows_the_trainer_group():

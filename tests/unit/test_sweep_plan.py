@@ -22,7 +22,7 @@ RUN_ID = "0123456789abcdef0123456789abcdef"
 def default_sweep() -> dict:
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(compose(["sweep=default"]).sweep, resolve=True, enum_to_str=True)
+    return OmegaConf.to_container(compose(["sweep=default"]).cfg.sweep, resolve=True, enum_to_str=True)
 
 
 def test_shipped_default_sweep_plans_with_asha_on_steps(tmp_path):
@@ -86,7 +86,7 @@ def test_bad_sweeps_fail_before_ray_naming_the_key(tmp_path, sweep, command_line
 
 
 def test_trial_values_are_set_on_a_copy_and_type_checked():
-    base = compose(["trainer.max_steps=40"])
+    base = compose(["trainer.max_steps=40"]).cfg
     trial = apply(base, {"trainer.optimizer.lr": 0.01, "model.hidden_sizes": [32]}, name="t1")
     assert trial.trainer.optimizer.lr == 0.01 and list(trial.model.hidden_sizes) == [32] and trial.name == "t1"
     assert base.trainer.optimizer.lr != 0.01 and base.name is None
@@ -97,7 +97,7 @@ def test_trial_values_are_set_on_a_copy_and_type_checked():
 
 
 def test_best_yaml_reruns_through_orch_plan(tmp_path):
-    cfg = apply(compose(["recipe=distill", f"recipe.distill.teacher={RUN_ID}"]), {"recipe.distill.temperature": 7.5})
+    cfg = apply(compose(["recipe=distill", f"recipe.distill.teacher={RUN_ID}"]).cfg, {"recipe.distill.temperature": 7.5})
     choices = {"recipe": "distill", "model": "mlp", "data": "digits", "trainer": "default", "cluster": "local", "tracking": "local"}
     (tmp_path / "best").mkdir()
     (tmp_path / "best" / "best.yaml").write_text(yaml.safe_dump(best_config(cfg, choices), sort_keys=False))

@@ -2,7 +2,7 @@
 
 The driver turns each reference written in the config (a pipeline stage name, a run id, a `runs:/` URI, a path) into
 a *source*: a small plain dict that crosses into Ray. Workers and the driver then fetch the model from it. Loading
-is always safetensors plus a YAML config (`orchestrator.train.export.load_exported`): no pickle from another run is
+is always safetensors plus a YAML config (`orchestrator.artifacts.export.load_exported`): no pickle from another run is
 ever executed. On a cluster, a path must be visible to every worker; MLflow sources work anywhere the tracking
 server is reachable.
 """
@@ -17,9 +17,13 @@ from typing import Any, Mapping, Optional
 import yaml
 from torch import nn
 
+from orchestrator.artifacts.export import (
+    CONFIG_FILE,
+    MODEL_SPEC_FILE,
+    export_model,
+    load_exported,
+)
 from orchestrator.config.validate import RUN_ID, ConfigError
-from orchestrator.train.export import CONFIG_FILE, export_model, load_exported
-from orchestrator.train.engine import MODEL_SPEC_FILE
 
 MODEL_ARTIFACT = "model"
 # a progress bar per download floods the logs of every worker of every stage

@@ -17,7 +17,6 @@ import threading
 import time
 from typing import Any, Optional
 
-
 FLUSH_EVERY_S = 5.0
 # The driver's progress board is refreshed from the latest values at most this often: one Ray actor call costs ~2 ms
 # of the training process (measured on rank 0 at log_every=10, 2 workers, 2 busy cores), about a quarter of a
@@ -36,7 +35,9 @@ def connect_in_background(tracking_uri: str) -> None:
     def connect() -> None:
         try:
             from mlflow import MlflowClient
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # noqa: F401
+            from mlflow.system_metrics.system_metrics_monitor import (
+                SystemMetricsMonitor,  # noqa: F401
+            )
 
             MlflowClient(tracking_uri=tracking_uri)
         except Exception:  # noqa: BLE001 - raised again by WorkerMetrics
@@ -73,7 +74,9 @@ class WorkerMetrics:
                 self.client.set_tag(self.run_id, "orch.restarts", str(restarts))
                 self.client.log_metric(self.run_id, "restarts", restarts, step=resumed_at or 0)
         if loop_config["tracking"]["system_metrics"]:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            from mlflow.system_metrics.system_metrics_monitor import (
+                SystemMetricsMonitor,
+            )
 
             self.system_monitor = SystemMetricsMonitor(
                 self.run_id,

@@ -16,10 +16,11 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
-from orchestrator.plan import Plan, StagePlan, TrackingPlan
-from orchestrator.track.mlflow_run import PARENT_TAG, RUN_NAME_TAG, git_commit
+from orchestrator.pipeline.plan import PipelinePlan
+from orchestrator.plan import StagePlan, TrackingPlan
+from orchestrator.track.mlflow_run import CACHE_KEY_TAG, PARENT_TAG
+from orchestrator.track.parent_run import ParentRun
 
-CACHE_KEY_TAG = "orch.cache_key"
 REUSED_TAG = "orch.reused_run_id"
 
 
@@ -37,40 +38,23 @@ def input_tags(stage: StagePlan, sources: Mapping[str, Mapping[str, str]], pipel
 
 class PipelineRun:
     def __init__(self, tracking: TrackingPlan) -> None:
-        from mlflow import MlflowClient
+        self.parent = ParentRun(tracking)
+        self.client, self.experiment_id = self.parent.client, self.parent.experiment_id
 
-        self.client = MlflowClient(tracking.uri)
-        experiment = self.client.get_experiment_by_name(tracking.experiment)
-        self.experiment_id = (
-            experiment.experiment_id
-            if experiment is not None
-            else self.client.create_experiment(tracking.experiment, artifact_location=tracking.artifact_location)
-        )
-        self.run_id: Optional[str] = None
+    @property
+    def run_id(self) -> Optional[str]:
+        return self.parent.run_id
 
-    def start(self, plan: Plan) -> str:
+    def start(self, plan: PipelinePlan) -> str:
         """Create the parent run, or reopen it for `resume=`."""
-        assert plan.pipeline is not None
         if plan.resuming:
-            runs = self.client.search_runs(
-                [self.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{plan.run_name}'", max_results=1
-            )
-            if not runs:
-                raise LookupError(f"resume={plan.run_name}: no pipeline run with that name in MLflow")
-            self.run_id = runs[0].info.run_id
-            self.client.update_run(self.run_id, status="RUNNING")
-            return self.run_id
-        tags = {RUN_NAME_TAG: plan.run_name, "orch.recipe": "pipeline", "orch.pipeline": plan.pipeline.name}
-        commit = git_commit()
-        if commit:
-            tags["mlflow.source.git.commit"] = commit
-        run = self.client.create_run(self.experiment_id, run_name=plan.run_name, tags=tags)
-        self.run_id = run.info.run_id
-        self.client.log_text(self.run_id, yaml.safe_dump(plan.pipeline.config, sort_keys=False), "config/pipeline.yaml")
-        self.client.log_param(self.run_id, "stages", " -> ".join(f"{s.name}:{s.kind}" for s in plan.stages))
-        return self.run_id
+            return self.parent.reopen(plan.run_name, "pipeline")
+        self.parent.create(plan.run_name, {"orch.recipe": "pipeline", "orch.pipeline": plan.name})
+        self.parent.log_text(yaml.safe_dump(plan.config, sort_keys=False), "config/pipeline.yaml")
+        self.parent.log_params({"stages": " -> ".join(f"{s.name}:{s.kind}" for s in plan.stages)})
+        return self.parent.run_id  # type: ignore[return-value]
 
-    def find_finished(self, stage: StagePlan, sources: Mapping[str, Mapping[str, str]]):
+    def find_finished(self, stage: StagePlan, sources: Mapping[str, Mapping[str, str]]) -> Any:
         """The newest FINISHED run with the stage's cache key that read the same input runs, or None."""
         runs = self.client.search_runs(
             [self.experiment_id],
@@ -85,12 +69,10 @@ class PipelineRun:
 
     def has_unfinished(self, stage: StagePlan) -> bool:
         """Whether this pipeline run already started the stage (same name and key) and did not finish it."""
-        runs = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{stage.run_name}'", max_results=1
-        )
-        return bool(runs) and runs[0].info.status != "FINISHED"
+        run = self.parent.find_by_name(stage.run_name)
+        return run is not None and run.info.status != "FINISHED"
 
-    def record_reuse(self, stage: StagePlan, run) -> None:
+    def record_reuse(self, stage: StagePlan, run: Any) -> None:
         """A child here that points at the reused run (unless the run is already a child of this parent)."""
         if run.data.tags.get(PARENT_TAG) == self.run_id:
             return
@@ -106,15 +88,10 @@ class PipelineRun:
         self.client.set_terminated(stub.info.run_id, "FINISHED")
 
     def record_stage(self, stage: StagePlan, run_id: str) -> None:
-        self.client.set_tag(self.run_id, f"orch.stage.{stage.name}.run_id", run_id)
+        self.parent.set_tag(f"orch.stage.{stage.name}.run_id", run_id)
 
     def log_report(self, directory: str) -> None:
-        self.client.log_artifacts(self.run_id, directory, "report")
-
-    def log_metrics(self, metrics: Mapping[str, Any]) -> None:
-        for key, value in metrics.items():
-            self.client.log_metric(self.run_id, key, float(value))
+        self.parent.log_artifacts(directory, "report")
 
     def finish(self, status: str) -> None:
-        if self.run_id is not None:
-            self.client.set_terminated(self.run_id, status)
+        self.parent.finish(status)

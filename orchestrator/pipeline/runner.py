@@ -1,4 +1,4 @@
-"""Recipe `pipeline`: run a declared list of stages (conf/pipeline/) in dependency order, on the driver.
+"""Run a pipeline: a declared list of stages (conf/pipeline/) in dependency order, driven from this process.
 
 `run_pipeline` reads top to bottom:
   parent   one MLflow parent run for the pipeline (reopened by `resume=<name>`)
@@ -6,7 +6,7 @@
              sources  its input/teacher stage names → the MLflow runs whose `model` artifact it will load
              reuse    a FINISHED run with the same cache key that read the same input runs: nothing to run
              run      otherwise a child run, through `orchestrator.stage_runner.run_stage`; Ray starts with the first
-                      stage that needs workers and serves all the others (quantize needs none). Under `resume=`, a
+                      stage that needs workers and serves all the others (a driver-side recipe, quantize, needs none). Under `resume=`, a
                       stage this pipeline run started and did not finish continues from its last checkpoint.
   report   every stage's model measured on the driver's CPU (`orchestrator.pipeline.report`): printed, and logged
            to the parent run as CSV, markdown and a PNG of accuracy vs size
@@ -19,41 +19,48 @@ from __future__ import annotations
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Optional
 
 from rich.console import Console
 
+from orchestrator.artifacts.source import fetch_model_dir, model_source
+from orchestrator.launch.ray_session import RaySession
+from orchestrator.pipeline.lineage import PipelineRun, input_tags
+from orchestrator.pipeline.plan import PipelinePlan
 from orchestrator.pipeline.report import print_report, stage_row, write_report
-from orchestrator.plan import Plan
-from orchestrator.stage_runner import StageResult, cluster_session, needs_ray, resolve_sources, run_stage
-from orchestrator.track.lineage import PipelineRun, input_tags
-from orchestrator.track.model_source import fetch_model_dir, model_source
+from orchestrator.stage_runner import (
+    StageResult,
+    cluster_session,
+    needs_ray,
+    resolve_sources,
+    run_stage,
+)
+from orchestrator.track.mlflow_run import closed_with_outcome
 
 
-def run_pipeline(plan: Plan, console: Console) -> list[StageResult]:
-    assert plan.pipeline is not None
+def run_pipeline(plan: PipelinePlan, console: Optional[Console] = None) -> list[StageResult]:
+    console = console or Console()
     # --- parent ---
     lineage = PipelineRun(plan.tracking)
     lineage.start(plan)
-    console.rule(f"[bold]pipeline[/bold] {plan.pipeline.name} · {plan.run_name}")
+    console.rule(f"[bold]pipeline[/bold] {plan.name} · {plan.run_name}")
     Path(plan.storage_path, plan.run_name).mkdir(parents=True, exist_ok=True)  # what resume= looks for
     results: dict[str, StageResult] = {}
-    status = "FAILED"
-    try:
+    with closed_with_outcome(lineage.finish):
         with ExitStack() as ray:
-            ray_started = False
+            session: Optional[RaySession] = None
             # --- stages ---
             for stage in plan.stages:
                 stage_runs = {name: result.run_id for name, result in results.items()}
                 sources = resolve_sources(stage, stage_runs, plan.tracking.uri)
-                reusable = lineage.find_finished(stage, sources) if plan.pipeline.cache or plan.resuming else None
+                reusable = lineage.find_finished(stage, sources) if plan.cache or plan.resuming else None
                 if reusable is not None:
                     lineage.record_reuse(stage, reusable)
                     results[stage.name] = _reused(stage.name, stage.run_name, reusable, plan.tracking.uri)
                     console.print(f"[green]reused[/green] {stage.name} ({stage.kind}): run {reusable.info.run_id}")
                 else:
-                    if needs_ray(stage) and not ray_started:
-                        ray.enter_context(cluster_session(plan))
-                        ray_started = True
+                    if needs_ray(stage) and session is None:
+                        session = ray.enter_context(cluster_session(stage.config["cluster"], plan.stages))
                     resuming = plan.resuming and lineage.has_unfinished(stage)
                     tags = input_tags(stage, sources, plan.run_name)
                     results[stage.name] = run_stage(
@@ -69,18 +76,12 @@ def run_pipeline(plan: Plan, console: Console) -> list[StageResult]:
                 model_dir = fetch_model_dir(source, Path(scratch) / stage.name)
                 rows.append(
                     stage_row(stage.name, stage.kind, results[stage.name].run_id, model_dir,
-                              stage.config["data"], plan.pipeline.report_batch_size)
+                              stage.config["data"], plan.report_batch_size)
                 )
             title = f"compression report · {plan.run_name}"
             write_report(rows, Path(scratch) / "report", title)
             lineage.log_report(str(Path(scratch) / "report"))
         print_report(rows, console, title)
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        lineage.finish(status)
     return [results[stage.name] for stage in plan.stages]
 
 

@@ -17,13 +17,17 @@ from torch import nn
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.yaml"
 QUANTIZATION_FILE = "quantization.yaml"
+# Written by the worker loop into each checkpoint: the architecture it holds and where in the state it lives.
+MODEL_SPEC_FILE = "orch_model.yaml"
 
 
 def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     checkpoint_dir = Path(checkpoint_dir)
     tag = (checkpoint_dir / "latest").read_text().strip()
     if any((checkpoint_dir / tag).glob("*optim_states.pt")):  # ZeRO >= 1, or a bf16 optimizer: fp32 partitions
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
     # ZeRO-0 in fp32: the module's own weights are the master copy. A DeepSpeed checkpoint is a pickle that this
@@ -38,8 +42,6 @@ def export_model(checkpoint_dir: str | Path, model_cfg: Mapping[str, Any], out_d
     stage trains the student inside a wrapper whose extra weights are not part of the model."""
     from hydra.utils import instantiate
     from safetensors.torch import save_model
-
-    from orchestrator.train.engine import MODEL_SPEC_FILE
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
