@@ -59,11 +59,11 @@ class FixedMasks:
         return self.sparsity
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sparsity": self.sparsity, "masks": {name: mask.cpu() for name, mask in self.enforcer.masks.items()}}
+        return {"sparsity": self.sparsity, "masks": self.enforcer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sparsity = float(state["sparsity"])
-        self.enforcer.update(state["masks"])
+        self.enforcer.load_state_dict(state["masks"])
 
     def remove(self) -> None:
         self.enforcer.remove()

@@ -106,6 +106,14 @@ class MaskEnforcer:
                 for tensor, pruned in _master_and_state_views(param, ~mask, self._optimizer):
                     tensor.masked_fill_(pruned, 0)
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The masks, on CPU: what a restored run needs to keep pruned weights pruned (hooks are not state)."""
+        return {name: mask.cpu() for name, mask in self._masks.items()}
+
+    def load_state_dict(self, masks: Mapping[str, torch.Tensor]) -> None:
+        """Re-enforce saved masks on this (possibly new) model; hooks are re-registered on its parameters."""
+        self.update(masks)
+
     def remove(self) -> None:
         """Detach the gradient hooks and forget the masks; already-zero weights stay zero until trained."""
         for handle in self._handles.values():

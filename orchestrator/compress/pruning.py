@@ -251,13 +251,12 @@ class GradualPruning:
             "sparsity": self.sparsity,
             "scope": self.scope,
             "schedule": dict(self.schedule),
-            "masks": {name: mask.cpu() for name, mask in self.enforcer.masks.items()},
+            "masks": self.enforcer.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Re-enforce saved masks on this (possibly new) model; hooks are re-registered on its parameters."""
         self.sparsity = float(state["sparsity"])
-        self.enforcer.update(state["masks"])
+        self.enforcer.load_state_dict(state["masks"])
 
     def remove(self) -> None:
         """Stop enforcing (e.g. before export); the weights keep their zeros."""

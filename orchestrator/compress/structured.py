@@ -47,14 +47,11 @@ import torch_pruning as tp
 from torch import nn
 
 from orchestrator.compress.pruning import DEFAULT_HEAD_NAMES
+from orchestrator.models.sizes import parameter_count as count_parameters  # tied tensors count once
 
 __all__ = ["attention_modules", "count_parameters", "default_ignored_layers", "prune_structured", "pruned_model_config"]
 
 
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameter elements; shared (tied) tensors count once."""
-    unique = {id(p): p for p in model.parameters() if p.requires_grad or not trainable_only}
-    return sum(p.numel() for p in unique.values())
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:

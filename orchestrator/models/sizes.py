@@ -44,7 +44,15 @@ _FORMULAS: dict[str, Callable[[Mapping[str, Any]], int]] = {
 }
 
 
+def parameter_count(model: Any, trainable_only: bool = False) -> int:
+    """Parameter elements of a built module: tied tensors count once, and a ZeRO-3 partitioned parameter (an empty
+    placeholder in the module) counts its full size (`ds_numel`)."""
+    unique = {id(p): p for p in model.parameters() if p.requires_grad or not trainable_only}
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in unique.values())
+
+
 def count_parameters(model_cfg: Mapping[str, Any]) -> int:
+    """Parameters of the model a config describes, without building it where a formula is known."""
     formula = _FORMULAS.get(model_cfg["_target_"])
     if formula is not None:
         return formula(model_cfg)
@@ -53,4 +61,4 @@ def count_parameters(model_cfg: Mapping[str, Any]) -> int:
 
     with torch.device("meta"):
         model = instantiate(dict(model_cfg))
-    return sum(p.numel() for p in model.parameters())
+    return parameter_count(model)

@@ -1,4 +1,7 @@
-"""A sweep's overview figures: the metric against each searched key, and every trial across all keys at once."""
+"""A sweep's overview figures: the metric against each searched key, and every trial across all keys at once.
+
+Bare `matplotlib.figure.Figure`s, as for a run's own plots (`orchestrator.track.plots`): no pyplot registry to leak
+into and no process-wide backend to switch."""
 
 from __future__ import annotations
 
@@ -19,12 +22,10 @@ def _axis_values(dim: Dimension, values: Sequence[Any]) -> tuple[list[float], li
 
 
 def metric_vs_key(rows: Sequence[Mapping[str, Any]], dim: Dimension, metric: str):
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure = Figure(figsize=(6, 4))
+    axis = figure.subplots()
     for state, marker in STATE_MARKERS.items():
         chosen = [row for row in rows if row["state"] == state and row.get(metric) is not None]
         if chosen:
@@ -46,11 +47,8 @@ def metric_vs_key(rows: Sequence[Mapping[str, Any]], dim: Dimension, metric: str
 
 def parallel_coordinates(rows: Sequence[Mapping[str, Any]], dimensions: Sequence[Dimension], metric: str, mode: str):
     """One line per trial through every searched key (scaled to [0, 1]) and the metric; colour = the metric."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     from matplotlib import cm, colors
-    from matplotlib import pyplot as plt
+    from matplotlib.figure import Figure
 
     scored = [row for row in rows if row.get(metric) is not None]
     columns, ticks = [], []
@@ -67,7 +65,8 @@ def parallel_coordinates(rows: Sequence[Mapping[str, Any]], dimensions: Sequence
     low, high = (min(metric_values), max(metric_values)) if metric_values else (0.0, 1.0)
     columns.append([(v - low) / (high - low) if high > low else 0.5 for v in metric_values])
     ticks.append(f"{metric}\n[{low:.4g}, {high:.4g}]")
-    figure, axis = plt.subplots(figsize=(2.2 * len(ticks) + 1, 4.5))
+    figure = Figure(figsize=(2.2 * len(ticks) + 1, 4.5))
+    axis = figure.subplots()
     norm = colors.Normalize(low, high)
     cmap = cm.viridis if mode == "max" else cm.viridis_r
     for index, row in enumerate(scored):
@@ -88,12 +87,10 @@ def metric_vs_size(rows: Sequence[Mapping[str, Any]], metric: str, dimensions: S
 
     Each point is labelled with its searched values: trials at one sparsity share an x, and only these tell them apart.
     """
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
+    figure = Figure(figsize=(6, 4))
+    axis = figure.subplots()
     sized = [row for row in rows if row.get("nonzero_parameters") and row.get(metric) is not None]
     axis.scatter([row["nonzero_parameters"] for row in sized], [row[metric] for row in sized])
     for row in sized:

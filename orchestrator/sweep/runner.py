@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ from orchestrator.sweep.plan import SweepPlan, apply
 from orchestrator.sweep.space import decode, encode_options, to_tune
 from orchestrator.sweep.tracking import SweepRun
 from orchestrator.sweep.trial import run_trial
-from orchestrator.track.tables import csv_table, markdown_table
+from orchestrator.track.mlflow_run import closed_with_outcome
+from orchestrator.track.tables import csv_table, format_cell, markdown_table
 
 # The trial's own process only drives its Ray Train run (whose controller asks for no CPU either); the workers
 # reserve the CPUs/GPUs in their own placement group. Tune needs a non-empty request: one byte of Ray's memory
@@ -100,8 +100,7 @@ def run_sweep(plan: SweepPlan, console: Optional[Console] = None, cwd: Optional[
         parent = SweepRun(base.tracking)
         parent.start_sweep(plan, concurrency)
         console.rule(f"[bold]sweep[/bold] {plan.name} · {plan.run_name} · {concurrency} trial(s) at a time")
-        status = "FAILED"
-        try:
+        with closed_with_outcome(parent.finish):
             # --- tune ---
             spec = {
                 "base": plan.base,
@@ -135,13 +134,7 @@ def run_sweep(plan: SweepPlan, console: Optional[Console] = None, cwd: Optional[
             # --- outcome ---
             outcome = _record_outcome(plan, parent, grid, cwd)
             outcome.tune_wall_s, outcome.concurrency = time.monotonic() - started, concurrency
-            status = "FINISHED"
             return outcome
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        finally:
-            parent.finish(status)
 
 
 def trial_state(result, max_steps: int) -> str:
@@ -214,15 +207,12 @@ def _write_tables_and_plots(plan: SweepPlan, rows: list[dict[str, Any]], out: Pa
     (out / "plots").mkdir(parents=True, exist_ok=True)
     (out / "sweep" / "trials.csv").write_text(csv_table(rows))
     (out / "sweep" / "trials.md").write_text(f"# {plan.run_name}\n\n" + markdown_table(rows))
-    import matplotlib.pyplot as plt
-
     figures = {f"{plan.metric}_vs_{dim.key}.png": metric_vs_key(rows, dim, plan.metric) for dim in plan.dimensions}
     figures["parallel_coordinates.png"] = parallel_coordinates(rows, plan.dimensions, plan.metric, plan.mode)
     if any(row.get("nonzero_parameters") for row in rows):
         figures["accuracy_vs_size.png"] = metric_vs_size(rows, plan.metric, plan.dimensions)
     for name, figure in figures.items():
         figure.savefig(out / "plots" / name, dpi=110)
-        plt.close(figure)  # pyplot keeps every figure alive until closed: a long-lived driver would leak them
 
 
 def print_outcome(outcome: SweepOutcome, metric: str, console: Console) -> None:
@@ -233,7 +223,7 @@ def print_outcome(outcome: SweepOutcome, metric: str, console: Console) -> None:
     for column in columns:
         table.add_column(column)
     for row in outcome.trials:
-        table.add_row(*(_cell(row[c]) for c in columns), style="bold green" if row is outcome.best else None)
+        table.add_row(*(format_cell(row[c]) for c in columns), style="bold green" if row is outcome.best else None)
     if not console.is_terminal:
         # a log (or `orch logs` of a submitted sweep) has no width to fit: 80 columns cut every header to "reci…"
         from rich.measure import Measurement
@@ -248,8 +238,3 @@ def print_outcome(outcome: SweepOutcome, metric: str, console: Console) -> None:
     console.print(f"best {metric}: {outcome.best[metric]:.4f} (trial {outcome.best['trial_id']}, run {outcome.best['run_id']})")
     console.print(f"best config: {outcome.best_config_dir}/best.yaml\nrerun it:\n  {outcome.rerun_command}")
 
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float) and not math.isnan(value):
-        return f"{value:.4g}"
-    return str(value)

@@ -7,7 +7,8 @@ import io
 from typing import Any, Mapping, Sequence
 
 
-def _cell(value: Any) -> str:
+def format_cell(value: Any) -> str:
+    """One table cell, the same in every table orch prints or logs: 4 significant digits, shapes as AxB."""
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)):
@@ -20,7 +21,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
         return ""
     columns = list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(format_cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -30,5 +31,5 @@ def csv_table(rows: Sequence[Mapping[str, Any]]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(rows[0]))
     writer.writeheader()
-    writer.writerows({key: _cell(value) if isinstance(value, (list, tuple)) else value for key, value in row.items()} for row in rows)
+    writer.writerows({key: format_cell(value) if isinstance(value, (list, tuple)) else value for key, value in row.items()} for row in rows)
     return out.getvalue()

@@ -12,6 +12,8 @@ from typing import Optional
 
 from torch import nn
 
+from orchestrator.models.sizes import parameter_count
+
 # Dense (no sparsity) bf16 tensor-core TFLOP/s per device, from the vendors' data sheets. Longest name first wins.
 PEAK_BF16_TFLOPS = {
     "H200": 989.0,
@@ -33,11 +35,6 @@ def peak_flops_for(device_name: str, override_tflops: Optional[float] = None) ->
         if key.lower() in device_name.lower():
             return PEAK_BF16_TFLOPS[key] * 1e12
     return None
-
-
-def parameter_count(model: nn.Module) -> int:
-    # ZeRO-3 leaves empty placeholders in the module; the full size is kept as ds_numel
-    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
 
 
 def flops_per_sample(model: nn.Module, tokens_per_sample: int = 1) -> float:

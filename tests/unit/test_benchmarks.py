@@ -14,7 +14,8 @@ from benchmarks.gpu_mfu import tokens_per_s
 from benchmarks.harness import Timeline, ratio, read_timeline, summarize
 from benchmarks.report import markdown_rows, render
 from orchestrator import timeline as orch_timeline
-from orchestrator.train.mfu import flops_per_sample, mfu, parameter_count, peak_flops_for
+from orchestrator.models.sizes import parameter_count
+from orchestrator.train.mfu import flops_per_sample, mfu, peak_flops_for
 
 
 def test_summarize_gives_median_and_interquartile_range():

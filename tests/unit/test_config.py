@@ -183,3 +183,16 @@ def test_orch_plan_names_an_unknown_key(tmp_path):
     )
     assert out.returncode == 2
     assert "trainer.nope" in out.stderr and "TrainerConfig" in out.stderr
+
+
+@pytest.mark.parametrize("command", [["plan"], ["run", "--plan"], ["submit", "--address", "http://127.0.0.1:9"]])
+def test_plan_run_and_submit_validate_every_pipeline_stage_with_the_command_line(tmp_path, command):
+    # the prune stage refuses ZeRO-3: found only if the command line's override reaches the stages, as it does in a run
+    extra = ["trainer.storage_path=/tmp/x", "tracking.uri=http://127.0.0.1:9"] if command[0] == "submit" else []
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *command, "recipe=pipeline", "trainer.zero_stage=3", *extra],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr
+    assert "pipeline.stages[pruned]" in out.stderr and "ZeRO-3" in out.stderr
+    assert not (tmp_path / "orch_runs").exists() and not (tmp_path / "mlflow.db").exists()
