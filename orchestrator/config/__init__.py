@@ -43,7 +43,9 @@ class Composed:
 
 @dataclass(frozen=True)
 class ConfigSource:
-    """Where configs come from: the shipped conf/ plus one extra directory (a project's ./conf, or --config-dir).
+    """Where configs come from besides the shipped conf/ and the project's ./conf (which a Hydra search-path plugin,
+    `orchestrator.config.project_conf`, puts first in every composition, so it overrides shipped options): one extra
+    directory, e.g. Hydra's `--config-dir`, searched after them (it adds options).
 
     Carried explicitly from the command line to every place that composes (a pipeline's stages, a sweep's base recipe
     and probes, submit's local check), so that they all see the same configs as the command that started them.
@@ -53,9 +55,21 @@ class ConfigSource:
 
     @classmethod
     def for_directory(cls, cwd: Optional[Path] = None) -> "ConfigSource":
+        """The configs of a project in `cwd`: its ./conf is the plugin's when `cwd` is this process's directory."""
+        if cwd is None or Path(cwd).resolve() == Path.cwd().resolve():
+            return cls(None)
         return cls(user_config_dir(cwd))
 
+    def directories(self) -> list[Path]:
+        """The directories searched besides the shipped conf/, first first."""
+        dirs = [d for d in (user_config_dir(), self.extra_dir) if d is not None]
+        return [d for i, d in enumerate(dirs) if d.resolve() not in {e.resolve() for e in dirs[:i]}]
+
     def compose(self, overrides: Sequence[str] = ()) -> Composed:
+        return compose(overrides, self)
+
+
+def compose(self, overrides: Sequence[str] = ()) -> Composed:
         return compose(overrides, self)
 
 
@@ -69,6 +83,9 @@ def compose(overrides: Sequence[str] = (), source: Optional[ConfigSource] = None
     from hydra.core.global_hydra import GlobalHydra
     from hydra.initialize import get_gh_backup, restore_gh_from_backup
 
+    from orchestrator.config.project_conf import use_project_conf
+
+    use_project_conf()
     source = source if source is not None else ConfigSource.for_directory()
     search = [f"hydra.searchpath=[file://{source.extra_dir}]"] if source.extra_dir else []
     backup = get_gh_backup()
@@ -92,7 +109,7 @@ def config_groups(source: Optional["ConfigSource"] = None) -> dict[str, list[str
     """
     groups: dict[str, set[str]] = {}
     source = source if source is not None else ConfigSource.for_directory()
-    for root in filter(None, (Path(str(resources.files(CONFIG_MODULE))), source.extra_dir)):
+    for root in (Path(str(resources.files(CONFIG_MODULE))), *source.directories()):
         for option in root.glob("*/*.yaml"):
             groups.setdefault(option.parent.name, set()).add(option.stem)
     return {group: sorted(options) for group, options in sorted(groups.items())}

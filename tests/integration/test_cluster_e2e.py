@@ -179,8 +179,12 @@ def test_submit_follow_and_stop_jobs_through_the_jobs_api(cluster):
     assert logs.returncode == 0 and "done train" in logs.stdout, logs.stdout[-3000:] + logs.stderr[-2000:]
     assert "s3cr3t-value" not in logs.stdout
     status = _orch(cluster, "status", job_id, "--address", cluster["jobs"])
-    assert status.stdout.strip().startswith(f"{job_id}: SUCCEEDED")
+    assert status.returncode == 0 and status.stdout.strip().startswith(f"{job_id}: SUCCEEDED")
+    assert json.loads(_orch(cluster, "status", job_id, "--json", "--address", cluster["jobs"]).stdout)["status"] == "SUCCEEDED"
     assert job_id in _orch(cluster, "list", "--address", cluster["jobs"]).stdout
+    assert job_id in {job["job_id"] for job in json.loads(_orch(cluster, "list", "--json", "--address", cluster["jobs"]).stdout)}
+    tail = _orch(cluster, "logs", job_id, "--tail", "3", "--address", cluster["jobs"]).stdout
+    assert len(tail.splitlines()) == 3 and all(line in logs.stdout for line in tail.splitlines())
 
     run = MlflowClient(f"sqlite:///{cluster['shared'] / 'mlflow.db'}").search_runs(
         ["1"], filter_string="tags.`orch.run_name` = 'submitted'"
@@ -196,9 +200,10 @@ def test_submit_follow_and_stop_jobs_through_the_jobs_api(cluster):
     stop = _orch(cluster, "stop", long_job, "--address", cluster["jobs"])
     assert stop.returncode == 0 and "stop requested" in stop.stdout
     deadline = time.time() + 120
-    while "STOPPED" not in _orch(cluster, "status", long_job, "--address", cluster["jobs"]).stdout:
+    while "STOPPED" not in (stopped := _orch(cluster, "status", long_job, "--address", cluster["jobs"])).stdout:
         assert time.time() < deadline, "the job did not stop"
         time.sleep(2)
+    assert stopped.returncode == 1  # scripts can branch on a job that did not succeed
     # stopped means no more training: no checkpoint appears afterwards (a job stopped while still PENDING once
     # went on training for 10 minutes, holding the cluster's CPUs)
     run_dir = cluster["shared"] / "orch_runs" / "to-stop"

@@ -13,9 +13,11 @@ import argparse
 import os
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
+
+from orchestrator.cli.output import fail, print_json
 
 if TYPE_CHECKING:
     from orchestrator.config import ConfigSource
@@ -28,8 +30,12 @@ commands:
   sweep   hyperparameter search (Ray Tune): sweep=<name> from conf/sweep/, each trial a run and an MLflow child run
   ui      start the MLflow UI for the local tracking store
   submit  ship this directory and `orch run [key=value ...]` to a Ray cluster as a job; prints the job id
-  status  JOB       a job's state          logs JOB [--follow]   its driver's output
+  status  JOB       a job's state          logs JOB [--follow] [--tail N]   its driver's output
   stop    JOB       stop a job             list                  the cluster's jobs
+  ls      [GROUP]   the config groups and options, one line each   cp GROUP/OPTION [DEST]   copy one to ./conf to edit
+
+  --json (plan, run, sweep, submit, status, list): one JSON document on stdout for scripts
+  orch --install-completion [bash|zsh]: print the shell completion script (eval "$(orch --install-completion)")
 
 examples:
   orch run
@@ -52,14 +58,10 @@ class _Mode:
 
     source: "ConfigSource"
     plan_only: bool = False
+    json: bool = False
     sweep: bool = False
     sweep_overrides: list[str] = field(default_factory=list)
     space_edits: list[tuple] = field(default_factory=list)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    print(f"orch: error: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 def _app(cfg, mode: _Mode, choices: Optional[dict] = None, overrides: Optional[list[str]] = None) -> None:
@@ -83,13 +85,16 @@ def _app(cfg, mode: _Mode, choices: Optional[dict] = None, overrides: Optional[l
     try:
         plan = build_run_plan(Composed(cfg, {str(k): str(v) for k, v in choices.items()}), overrides, source=mode.source)
     except ConfigError as error:
-        _fail(str(error))
+        fail(str(error))
     except OmegaConfBaseException as error:
-        _fail(str(error).replace("\n", "\n    "))
+        fail(str(error).replace("\n", "\n    "))
     if mode.plan_only:
-        print_plan(plan)
+        if mode.json:
+            print_json(asdict(plan))
+        else:
+            print_plan(plan)
         return
-    _train(plan)
+    _train(plan, mode)
 
 
 def _plan(overrides: list[str], mode: _Mode) -> None:
@@ -103,18 +108,19 @@ def _plan(overrides: list[str], mode: _Mode) -> None:
         composed = mode.source.compose(overrides)
     except Exception as error:  # noqa: BLE001 - Hydra's composition errors name the bad key: one line, no traceback
         cause = f"\n{error.__cause__}" if error.__cause__ is not None else ""
-        _fail(f"{error}{cause}".replace("\n", "\n    "))
+        fail(f"{error}{cause}".replace("\n", "\n    "))
     _app(composed.cfg, mode, composed.choices, overrides)
 
 
-def _train(plan) -> None:
+def _train(plan, mode: _Mode) -> None:
     from rich.console import Console
 
     from orchestrator.config.validate import ConfigError
     from orchestrator.pipeline.plan import PipelinePlan
     from orchestrator.plan_view import print_summary
 
-    console = Console(soft_wrap=True)  # long paths and run ids stay on one line, copyable
+    # long paths and run ids stay on one line, copyable; with --json stdout holds the JSON document alone
+    console = Console(soft_wrap=True, stderr=mode.json)
     console.print(f"[bold]orch[/bold] run [cyan]{plan.run_name}[/cyan] → MLflow {plan.tracking.uri}")
     try:
         if isinstance(plan, PipelinePlan):
@@ -126,20 +132,23 @@ def _train(plan) -> None:
 
             results = run_plan(plan, console)
     except ConfigError as error:
-        _fail(str(error))
+        fail(str(error))
     except KeyboardInterrupt:
-        _fail("interrupted; the run is marked KILLED in MLflow. Continue it with resume=" + plan.run_name, 130)
+        fail("interrupted; the run is marked KILLED in MLflow. Continue it with resume=" + plan.run_name, 130)
     except Exception as error:  # noqa: BLE001 - a training failure: one clear line, details are in the logs
         from ray.train import TrainingFailedError
 
         from orchestrator.train.steps import TrainingDiverged
 
         if isinstance(error, TrainingDiverged):
-            _fail(f"training diverged: {error}; the run is marked FAILED in MLflow", 1)
+            fail(f"training diverged: {error}; the run is marked FAILED in MLflow", 1)
         if isinstance(error, TrainingFailedError):
-            _fail(f"training failed: {error}\nthe run is marked FAILED in MLflow; fix and continue with resume={plan.run_name}", 1)
+            fail(f"training failed: {error}\nthe run is marked FAILED in MLflow; fix and continue with resume={plan.run_name}", 1)
         raise
-    print_summary(results, console)
+    if mode.json:
+        print_json([asdict(result) for result in results])
+    else:
+        print_summary(results, console)
 
 
 def _sweep(cfg, mode: _Mode) -> None:
@@ -151,13 +160,18 @@ def _sweep(cfg, mode: _Mode) -> None:
     from orchestrator.sweep.space import apply_space_edits
 
     if cfg.get("sweep") is None:
-        _fail("sweep=None: pick a sweep with sweep=<name> (conf/sweep/)")
+        fail("sweep=None: pick a sweep with sweep=<name> (conf/sweep/)")
     sweep = OmegaConf.to_container(cfg.sweep, resolve=True, enum_to_str=True)
     try:
         sweep["space"] = apply_space_edits(sweep["space"], mode.space_edits)
         plan = plan_sweep(sweep, mode.sweep_overrides, source=mode.source)
     except ConfigError as error:
-        _fail(str(error))
+        fail(str(error))
+    if mode.plan_only and mode.json:
+        print_json({"name": plan.name, "num_samples": plan.num_samples, "search": plan.search, "scheduler": plan.scheduler,
+                    "metric": plan.metric, "mode": plan.mode, "space": {d.key: d.describe() for d in plan.dimensions},
+                    "overrides": plan.overrides})
+        return
     if mode.plan_only:
         print(f"sweep {plan.name}: {plan.num_samples} trial(s), search={plan.search}, scheduler={plan.scheduler['name']}, "
               f"metric={plan.metric} ({plan.mode})")
@@ -167,14 +181,17 @@ def _sweep(cfg, mode: _Mode) -> None:
         return
     from orchestrator.sweep.runner import print_outcome, run_sweep
 
-    console = Console(soft_wrap=True)
+    console = Console(soft_wrap=True, stderr=mode.json)
     try:
         outcome = run_sweep(plan, console)
     except ConfigError as error:
-        _fail(str(error))
+        fail(str(error))
     except KeyboardInterrupt:
-        _fail("interrupted; the sweep's parent run is marked KILLED in MLflow", 130)
-    print_outcome(outcome, plan.metric, console)
+        fail("interrupted; the sweep's parent run is marked KILLED in MLflow", 130)
+    if mode.json:
+        print_json(asdict(outcome))
+    else:
+        print_outcome(outcome, plan.metric, console)
     if outcome.best is None:
         sys.exit(1)
 
@@ -188,10 +205,11 @@ def _run_hydra(command: str, argv: list[str]) -> None:
         _print_run_help(command)
         return
     plan_only = command == "plan" or "--plan" in argv
-    argv = [arg for arg in argv if arg != "--plan"]
+    as_json = "--json" in argv
+    argv = [arg for arg in argv if arg not in ("--plan", "--json")]
     given_dir = _config_dir_flag(argv)
     source = ConfigSource(Path(given_dir).resolve()) if given_dir else ConfigSource.for_directory()
-    mode = _Mode(source=source, plan_only=plan_only, sweep=command == "sweep")
+    mode = _Mode(source=source, plan_only=plan_only, json=as_json, sweep=command == "sweep")
     if plan_only and command != "sweep" and not any(arg.startswith("-") for arg in argv):
         _plan(argv, mode)  # no Hydra flags: compose once, without Hydra's app runner
         return
@@ -206,10 +224,11 @@ def _run_hydra(command: str, argv: list[str]) -> None:
         try:  # sweep.space.KEY=... has a dotted KEY, which Hydra's grammar cannot express: orch applies it
             argv, mode.space_edits = split_space_edits(argv)
         except ConfigError as error:
-            _fail(str(error))
-    if source.extra_dir and not given_dir:
-        argv = ["--config-dir", str(source.extra_dir), *argv]
+            fail(str(error))
     sys.argv = [f"orch {command}", *argv]
+    from orchestrator.config.project_conf import use_project_conf
+
+    use_project_conf()
 
     def task(cfg) -> None:
         _app(cfg, mode)
@@ -250,7 +269,7 @@ def _ui(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     uri = args.backend_store_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     if uri.startswith("http"):
-        _fail(f"the tracking store is a server ({uri}); open it in a browser instead")
+        fail(f"the tracking store is a server ({uri}); open it in a browser instead")
     print(f"MLflow UI for {uri}\n  http://{args.host}:{args.port}\n(Ctrl-C to stop)", flush=True)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port), "--workers", "1"]
     try:
@@ -259,99 +278,29 @@ def _ui(argv: list[str]) -> None:
         sys.exit(0)
 
 
-def _validate_for_cluster(overrides: list[str], sweep: bool = False) -> None:
-    """Compose and validate locally so a bad key fails here, in a second, not minutes later on the cluster."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    from orchestrator.config import ConfigSource
-    from orchestrator.config.validate import ConfigError
-    from orchestrator.pipeline.plan import build_run_plan
-
-    source = ConfigSource.for_directory()
-    try:
-        if sweep:
-            from orchestrator.sweep.plan import plan_sweep_from_overrides
-
-            cfg = plan_sweep_from_overrides(["cluster=ray", *overrides]).base
-        else:
-            composed = source.compose(["cluster=ray", *overrides])
-            cfg = composed.cfg
-            build_run_plan(composed, overrides, source=source)
-    except ConfigError as error:
-        _fail(str(error))
-    except OmegaConfBaseException as error:
-        _fail(str(error).replace("\n", "\n    "))
-    except Exception as error:  # noqa: BLE001 - Hydra composition errors: one line, no traceback
-        _fail(str(error))
-    if cfg.trainer.storage_path is None:
-        _fail("trainer.storage_path=None: a cluster job needs storage every node can reach, e.g. "
-              "trainer.storage_path=/mnt/shared/orch_runs (NFS) or s3://bucket/orch_runs")
-    if cfg.tracking.uri is None and "MLFLOW_TRACKING_URI" not in os.environ:
-        _fail("tracking.uri=None: a cluster job needs a tracking server it can reach, e.g. "
-              "tracking.uri=http://mlflow:5000 (or export MLFLOW_TRACKING_URI)")
-
-
-def _jobs(command: str, argv: list[str]) -> None:
-    from orchestrator.launch import jobs
-
-    parser = argparse.ArgumentParser(prog=f"orch {command}")
-    parser.add_argument("--address", default=None, help="Ray job server, http://HEAD:8265 (default: RAY_ADDRESS)")
-    if command == "submit":
-        parser.add_argument("--env", action="append", default=[], metavar="NAME", help="pass this variable to the job")
-        parser.add_argument("--follow", action="store_true", help="stream the job's output until it ends")
-        parser.add_argument("--sweep", action="store_true", help="run `orch sweep` (conf/sweep/) instead of `orch run`")
-        parser.add_argument("overrides", nargs="*", help="key=value config overrides, as for orch run")
-    elif command in ("status", "logs", "stop"):
-        parser.add_argument("job_id")
-        if command == "logs":
-            parser.add_argument("--follow", "-f", action="store_true")
-    args = parser.parse_args(argv)
-    try:
-        if command == "submit":
-            _validate_for_cluster(args.overrides, sweep=args.sweep)
-            job_id = jobs.submit(args.address, args.overrides, args.env, Path.cwd(), command="sweep" if args.sweep else "run")
-            print(job_id)
-            print(f"follow: orch logs {job_id} --follow   status: orch status {job_id}   stop: orch stop {job_id}", file=sys.stderr)
-            if args.follow:
-                jobs.follow_logs(args.address, job_id)
-        elif command == "status":
-            info = jobs.client(args.address).get_job_info(args.job_id)
-            print(f"{args.job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
-        elif command == "logs":
-            if args.follow:
-                jobs.follow_logs(args.address, args.job_id)
-            else:
-                print(jobs.client(args.address).get_job_logs(args.job_id), end="")
-        elif command == "stop":
-            stopped = jobs.stop(args.address, args.job_id)
-            print(f"{args.job_id}: {'stop requested' if stopped else 'already finished'}")
-        else:
-            for info in jobs.client(args.address).list_jobs():
-                print(f"{info.submission_id or info.job_id}\t{info.status.value}\t{info.entrypoint}")
-    except jobs.ClusterUnreachable as error:
-        _fail(str(error))
-    except KeyError as error:
-        _fail(str(error.args[0]))
-    except RuntimeError as error:  # the job server's own errors (unknown job id, ...): its message, no traceback
-        _fail(str(error))
-
-
 def main(argv: Optional[list[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
-    if command in HYDRA_COMMANDS:
+    if command == "--install-completion":
+        from orchestrator.cli.completion import script
+
+        print(script(rest[0] if rest else "bash"))
+    elif command in ("ls", "cp"):
+        from orchestrator.cli import catalogue
+
+        catalogue.run(command, rest)
+    elif command in HYDRA_COMMANDS:
         _run_hydra(command, rest)
     elif command == "ui":
         _ui(rest)
     elif command in JOB_COMMANDS:
-        _jobs(command, rest)
+        from orchestrator.cli import jobs
+
+        jobs.run(command, rest)
     else:
         print(USAGE, file=sys.stderr)
-        _fail(f"unknown command {command!r}; expected one of: run, plan, ui, submit, status, logs, stop, list")
+        fail(f"unknown command {command!r}; expected one of: run, plan, sweep, ui, submit, status, logs, stop, list, ls, cp")
 
-
-if __name__ == "__main__":
-    main()
