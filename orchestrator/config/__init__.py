@@ -69,10 +69,6 @@ class ConfigSource:
         return compose(overrides, self)
 
 
-def compose(self, overrides: Sequence[str] = ()) -> Composed:
-        return compose(overrides, self)
-
-
 def compose(overrides: Sequence[str] = (), source: Optional[ConfigSource] = None) -> Composed:
     """The one composition of orch: conf/ + the source's extra directory + `overrides`, as `orch run` sees them.
 
