@@ -13,13 +13,14 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 from omegaconf import OmegaConf
 
 from orchestrator.config import Composed, validate
-from orchestrator.config.reads import recipe_inputs
+from orchestrator.config.reads import recipe_inputs, recipe_reads
+from orchestrator.config.trust import checked_model_config, trusted_model_targets
 from orchestrator.config.validate import ConfigError
 from orchestrator.models.sizes import count_parameters
 
@@ -198,7 +199,7 @@ def new_run_name(recipe: str) -> str:
 
 
 # Keys that change where or how a run is tracked and scheduled, never the model it produces.
-_NOT_IN_KEY = {"name", "resume", "tracking", "cluster", "pipeline", "sweep"}
+_NOT_IN_KEY = {"name", "resume", "tracking", "cluster", "pipeline", "sweep", "trust"}
 _TRAINER_NOT_IN_KEY = {"storage_path", "max_failures", "keep_checkpoints", "log_every", "peak_tflops", "callbacks"}
 
 
@@ -210,13 +211,16 @@ def stage_key(config: Mapping[str, Any], input_keys: Mapping[str, str]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def read_model_config(directory: str) -> Optional[dict[str, Any]]:
-    """The model config stored beside exported weights (model.yaml) or in an orch checkpoint (orch_model.yaml)."""
+def read_model_config(directory: str, key: str, allowed: Sequence[str]) -> Optional[dict[str, Any]]:
+    """The model config stored beside exported weights (model.yaml) or in an orch checkpoint (orch_model.yaml),
+    checked against the `allowed` classes by name only: nothing is imported at plan time. Refusals name `key`."""
     for name, field_name in (("model.yaml", None), ("orch_model.yaml", "model")):
         path = Path(directory).expanduser() / name
         if path.is_file():
             loaded = yaml.safe_load(path.read_text())
-            return loaded[field_name] if field_name else loaded
+            if field_name:
+                loaded = loaded.get(field_name) if isinstance(loaded, dict) else None
+            return checked_model_config(loaded, key, allowed, origin=str(path))
     return None
 
 
@@ -258,6 +262,9 @@ def plan_stage(container: dict[str, Any], name: str, kind: str) -> StagePlan:
 def run_identity(container: Mapping[str, Any], default_name: str, cwd: Path) -> tuple[str, str, bool]:
     """(run name, storage root, resuming): a new name unless one is given, checked against what is stored."""
     storage_path = container["trainer"]["storage_path"] or str(cwd / "orch_runs")
+    for key in ("resume", "name"):
+        if container.get(key):
+            validate.validate_run_name_format(key, container[key])
     resume = container.get("resume")
     run_name = resume or container.get("name") or new_run_name(default_name)
     validate.validate_run_name(run_name, resume, storage_path)
@@ -284,9 +291,10 @@ def build_plan(composed: Composed, cwd: Optional[Path] = None) -> Plan:
     container = resolved_container(composed)
     validate.validate_standalone_references(container)
     inputs = recipe_inputs(container["recipe"])
+    reads, allowed = recipe_reads(container["recipe"]), trusted_model_targets(container)
     for role, reference in inputs.items():
         if validate.reference_kind(reference) == "path":
-            model = read_model_config(reference)
+            model = read_model_config(reference, f"recipe.{reads[role][0]}", allowed)
             if role == "teacher" and model:
                 validate.validate_teacher_matches_student("recipe.distill.teacher", model, container["model"])
             elif role == "input" and model:

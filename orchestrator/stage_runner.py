@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
 from rich.console import Console
 
 from orchestrator import timeline
+from orchestrator.config.trust import trusted_model_targets
 from orchestrator.launch.ray_session import (
     RaySession,
     cluster_capacity,
@@ -85,7 +86,8 @@ def resolve_sources(stage: StagePlan, stage_runs: Mapping[str, str], tracking_ur
     teacher = sources.get("teacher")
     if teacher is not None and "stage" not in teacher and "run_id" in teacher:
         key = "recipe.distill.teacher"
-        validate_teacher_matches_student(key, source_model_config(teacher, key), stage.config["model"])
+        teacher_model = source_model_config(teacher, key, trusted_model_targets(stage.config))
+        validate_teacher_matches_student(key, teacher_model, stage.config["model"])
     return sources
 
 
@@ -132,7 +134,7 @@ def run_stage(
         model_uri = None
         if model_dir.is_dir():
             tracking.log_artifacts(model_dir, "model")
-            tracking.log_compression(model_dir, stage.config["recipe"])
+            tracking.log_compression(model_dir, stage.config["recipe"], trusted_model_targets(stage.config))
             model_uri = f"runs:/{run_id}/model"
             tracking.set_tag(CACHE_KEY_TAG, stage.key)  # only a run whose model was logged can be reused
         return StageResult(
@@ -207,7 +209,7 @@ def _fit(
         from orchestrator.artifacts.export import export_model
 
         with result.checkpoint.as_directory() as checkpoint_dir:
-            export_model(checkpoint_dir, stage.config["model"], model_dir)
+            export_model(checkpoint_dir, stage.config["model"], model_dir, trusted_model_targets(stage.config))
     tracking.set_tag("orch.checkpoint", result.checkpoint.path)
     tracking.log_curves(label)
     return dict(result.metrics or {}), result.checkpoint.path

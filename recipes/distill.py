@@ -30,6 +30,7 @@ from orchestrator.compress import (
     freeze_teacher,
     kd_loss,
 )
+from orchestrator.config.trust import trusted_model_targets
 from orchestrator.train.compression import pruning_hook
 from orchestrator.train.data_order import example_inputs
 from orchestrator.train.engine import build_engine
@@ -41,10 +42,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     settings, sources = recipe["distill"], loop_config["sources"]
     start_worker(loop_config)
     data = instantiate(cfg["data"])
-    teacher, _ = load_model(sources["teacher"])
+    trusted = trusted_model_targets(cfg)
+    teacher, _ = load_model(sources["teacher"], trusted)
     freeze_teacher(teacher)
     if "input" in sources:  # continue from a trained (e.g. structurally pruned) student
-        student, student_cfg = load_model(sources["input"])
+        student, student_cfg = load_model(sources["input"], trusted)
     else:
         student, student_cfg = instantiate(cfg["model"]), cfg["model"]
     student.train()

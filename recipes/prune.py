@@ -24,6 +24,7 @@ from orchestrator.recipes.train import fit
 from orchestrator.artifacts.source import load_model
 from orchestrator.compress import prune_structured, pruned_model_config
 from orchestrator.compress.lm_structured import prune_causal_lm
+from orchestrator.config.trust import trusted_model_targets
 from orchestrator.models.hf_causal_lm import hf_model_config
 from orchestrator.train.compression import pruning_hook
 from orchestrator.train.data_order import example_inputs
@@ -35,7 +36,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg, trainer, recipe = loop_config["config"], loop_config["config"]["trainer"], loop_config["config"]["recipe"]
     start_worker(loop_config)
     data = instantiate(cfg["data"])
-    model, model_cfg = load_model(loop_config["sources"]["input"])
+    model, model_cfg = load_model(loop_config["sources"]["input"], trusted_model_targets(cfg))
     model.train()
     structured = recipe["structured"]
     if structured["ratio"] > 0:

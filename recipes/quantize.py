@@ -20,14 +20,15 @@ from hydra.utils import instantiate
 from orchestrator.artifacts.export import load_exported, mark_quantized
 from orchestrator.artifacts.source import fetch_model_dir
 from orchestrator.compress import quantize_dynamic_int8, serialized_size_bytes
+from orchestrator.config.trust import trusted_model_targets
 from orchestrator.train.objective import evaluate_module
 
 
 def run_on_driver(config: Mapping[str, Any], sources: Mapping[str, Mapping[str, str]], out_dir: Path) -> dict[str, float]:
-    recipe = config["recipe"]
+    recipe, trusted = config["recipe"], trusted_model_targets(config)
     with tempfile.TemporaryDirectory(prefix="orch-quantize-") as scratch:
-        shutil.copytree(fetch_model_dir(sources["input"], scratch), out_dir, dirs_exist_ok=True)
-    model = load_exported(out_dir)
+        shutil.copytree(fetch_model_dir(sources["input"], scratch, trusted), out_dir, dirs_exist_ok=True)
+    model = load_exported(out_dir, allowed=trusted)
     quantized = quantize_dynamic_int8(model, skip=recipe["skip"])
     mark_quantized(out_dir, recipe["skip"])
     data = instantiate(config["data"])

@@ -3,7 +3,8 @@
 The driver turns each reference written in the config (a pipeline stage name, a run id, a `runs:/` URI, a path) into
 a *source*: a small plain dict that crosses into Ray. Workers and the driver then fetch the model from it. Loading
 is always safetensors plus a YAML config (`orchestrator.artifacts.export.load_exported`): no pickle from another run is
-ever executed. On a cluster, a path must be visible to every worker; MLflow sources work anywhere the tracking
+ever executed, and the config may only name the classes the caller's own config trusts
+(`orchestrator.config.trust.trusted_model_targets`). On a cluster, a path must be visible to every worker; MLflow sources work anywhere the tracking
 server is reachable.
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import yaml
 from torch import nn
@@ -23,6 +24,7 @@ from orchestrator.artifacts.export import (
     export_model,
     load_exported,
 )
+from orchestrator.config.trust import BUILT_IN_MODEL_TARGETS, checked_model_config
 from orchestrator.config.validate import RUN_ID, ConfigError
 
 MODEL_ARTIFACT = "model"
@@ -42,8 +44,9 @@ def model_source(reference: str, tracking_uri: str, stage_runs: Mapping[str, str
     return {"path": str(Path(reference).expanduser().resolve())}
 
 
-def fetch_model_dir(source: Mapping[str, str], scratch: str | Path) -> Path:
-    """A local directory with model.yaml + model.safetensors for `source`; downloads or exports into `scratch`."""
+def fetch_model_dir(source: Mapping[str, str], scratch: str | Path, allowed: Iterable[str] = BUILT_IN_MODEL_TARGETS) -> Path:
+    """A local directory with model.yaml + model.safetensors for `source`; downloads or exports into `scratch`.
+    `allowed`: the classes a checkpoint's model spec may name, when a checkpoint is exported."""
     if "run_id" in source:
         import mlflow
 
@@ -60,7 +63,7 @@ def fetch_model_dir(source: Mapping[str, str], scratch: str | Path) -> Path:
         raise FileNotFoundError(f"{path} holds neither an exported model ({CONFIG_FILE}) nor an orch checkpoint")
     if not (checkpoint / MODEL_SPEC_FILE).is_file():
         raise FileNotFoundError(f"checkpoint {checkpoint} has no {MODEL_SPEC_FILE}: it was not written by orch's loop")
-    return export_model(checkpoint, {}, Path(scratch) / "exported")
+    return export_model(checkpoint, {}, Path(scratch) / "exported", allowed)
 
 
 def _latest_checkpoint(path: Path) -> Optional[Path]:
@@ -71,27 +74,35 @@ def _latest_checkpoint(path: Path) -> Optional[Path]:
     return candidates[-1] if candidates else None
 
 
-def load_model(source: Mapping[str, str]) -> tuple[nn.Module, dict[str, Any]]:
+def load_model(source: Mapping[str, str], allowed: Iterable[str] = BUILT_IN_MODEL_TARGETS) -> tuple[nn.Module, dict[str, Any]]:
     """The model `source` names (eval mode, CPU; fp32, or int8 if its stage quantized it) and its config, which
-    is the architecture it really has (a structured-pruning stage upstream made it smaller than its stage config)."""
+    is the architecture it really has (a structured-pruning stage upstream made it smaller than its stage config).
+    `allowed`: the classes its config may name (`trusted_model_targets` of the loading run's config)."""
     with tempfile.TemporaryDirectory(prefix="orch-model-") as scratch:
-        model_dir = fetch_model_dir(source, scratch)
-        return load_exported(model_dir), yaml.safe_load((model_dir / CONFIG_FILE).read_text())
+        model_dir = fetch_model_dir(source, scratch, allowed)
+        model = load_exported(model_dir, allowed=allowed)
+        return model, checked_model_config(yaml.safe_load((model_dir / CONFIG_FILE).read_text()), str(model_dir / CONFIG_FILE), allowed)
 
 
-def source_model_config(source: Mapping[str, str], key: str) -> dict[str, Any]:
-    """The config of the model a source names (for checks on the driver); a missing model is a ConfigError on `key`."""
+def source_model_config(source: Mapping[str, str], key: str, allowed: Iterable[str] = BUILT_IN_MODEL_TARGETS) -> dict[str, Any]:
+    """The config of the model a source names (for checks on the driver), checked against `allowed` by name (nothing
+    is built); a missing model is a ConfigError on `key`, and so is a config that names another class."""
     try:
         with tempfile.TemporaryDirectory(prefix="orch-model-") as scratch:
             if "run_id" in source:
                 import mlflow
 
-                local = mlflow.artifacts.download_artifacts(
+                local = Path(mlflow.artifacts.download_artifacts(
                     run_id=source["run_id"], artifact_path=f"{source['artifact_path']}/{CONFIG_FILE}",
                     dst_path=scratch, tracking_uri=source["tracking_uri"],
-                )
-                return yaml.safe_load(Path(local).read_text())
-            model_dir = fetch_model_dir(source, scratch)
-            return yaml.safe_load((model_dir / CONFIG_FILE).read_text())
+                ))
+            else:
+                local = fetch_model_dir(source, scratch, allowed) / CONFIG_FILE
+            loaded, origin = yaml.safe_load(local.read_text()), str(local)
+    except ConfigError:
+        raise
     except Exception as error:  # noqa: BLE001 - any way of not finding it is the same user error
         raise ConfigError(key, source.get("run_id") or source.get("path"), f"no model found there ({error})") from error
+    if "run_id" in source:
+        origin = f"runs:/{source['run_id']}/{source['artifact_path']}/{CONFIG_FILE}"  # not the temporary download
+    return checked_model_config(loaded, key, allowed, origin=origin)

@@ -114,6 +114,15 @@ class TrackingConfig:
     log_model: bool = True
 
 
+@dataclass
+class TrustConfig:
+    """What your config trusts beyond orch's own classes (orchestrator.config.trust). Never read from an artifact."""
+
+    # classes (dotted paths) a model.yaml / orch_model.yaml read from a folder, a run or a checkpoint may name,
+    # besides orch's models and your config's own model._target_
+    model_targets: List[str] = field(default_factory=list)
+
+
 class RunsOn(str, Enum):
     workers = "workers"  # the module's train_loop_per_worker, on Ray Train workers (DeepSpeed)
     driver = "driver"  # the module's run_on_driver, in the driver process: no Ray is started for it
@@ -378,8 +387,11 @@ class OrchConfig:
     trainer: TrainerConfig = MISSING
     cluster: ClusterConfig = MISSING
     tracking: TrackingConfig = MISSING
-    name: Optional[str] = None  # run name; null = <recipe>-<timestamp>; a name already used is refused
-    resume: Optional[str] = None  # name of an earlier run to continue from its last checkpoint
+    trust: TrustConfig = field(default_factory=TrustConfig)
+    # run name: [A-Za-z0-9._-], no leading dot, at most 128 characters; null = <recipe>-<timestamp>-<hex>; a name
+    # already used is refused
+    name: Optional[str] = None
+    resume: Optional[str] = None  # name (not a path) of an earlier run to continue from its last checkpoint
     pipeline: Optional[PipelineConfig] = None  # recipe=pipeline only (conf/pipeline/)
     sweep: Optional[SweepConfig] = None  # `orch sweep` only (conf/sweep/)
 

@@ -152,6 +152,22 @@ def validate_recipe(cfg: Mapping[str, Any]) -> None:
         raise ConfigError("recipe.name", name, "no recipe module orchestrator.recipes.<name> with that name")
 
 
+# A run name becomes a directory under trainer.storage_path, a Ray Train run name and a value in MLflow search filters
+# (tags.`orch.run_name` = '<name>'): no separators, no quotes, no "..", nothing hidden.
+RUN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+def validate_run_name_format(key: str, value: Any) -> None:
+    """`name=` and `resume=` as typed: a plain name, never a path."""
+    if not isinstance(value, str) or not RUN_NAME.fullmatch(value):
+        path_hint = "; resume takes the name of a run under trainer.storage_path, not a path" if key == "resume" else ""
+        raise ConfigError(
+            key, value,
+            "expected a run name of letters, digits, '.', '_' and '-', not starting with '.', at most 128 "
+            f"characters{path_hint}",
+        )
+
+
 def validate_run_name(name: str, resume: Optional[str], storage_path: str) -> None:
     """A new run never silently continues an old one; `resume=` must name a run that exists."""
     if "://" in storage_path:  # remote storage: Ray Train checks when it opens the run

@@ -12,7 +12,7 @@ import io
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from hydra.utils import instantiate
@@ -76,12 +76,16 @@ def measure(fp32_model: nn.Module, served_model: nn.Module, data, batch_size: in
     return row
 
 
-def stage_row(name: str, kind: str, run_id: str, model_dir: Path, data_cfg: Mapping[str, Any], batch_size: int) -> dict[str, Any]:
+def stage_row(
+    name: str, kind: str, run_id: str, model_dir: Path, data_cfg: Mapping[str, Any], batch_size: int, allowed: Iterable[str]
+) -> dict[str, Any]:
+    """`allowed`: the classes the stage's logged model.yaml may name (its config's trusted model targets)."""
     from orchestrator.artifacts.export import load_exported
 
     data = instantiate(dict(data_cfg))
     row = {"stage": name, "kind": kind, "run_id": run_id}
-    row.update(measure(load_exported(model_dir, quantized=False), load_exported(model_dir), data, batch_size))
+    fp32, served = load_exported(model_dir, quantized=False, allowed=allowed), load_exported(model_dir, allowed=allowed)
+    row.update(measure(fp32, served, data, batch_size))
     return row
 
 

@@ -24,6 +24,7 @@ from typing import Optional
 from rich.console import Console
 
 from orchestrator.artifacts.source import fetch_model_dir, model_source
+from orchestrator.config.trust import trusted_model_targets
 from orchestrator.launch.ray_session import RaySession
 from orchestrator.pipeline.lineage import PipelineRun, input_tags
 from orchestrator.pipeline.plan import PipelinePlan
@@ -76,7 +77,7 @@ def run_pipeline(plan: PipelinePlan, console: Optional[Console] = None) -> list[
                 model_dir = fetch_model_dir(source, Path(scratch) / stage.name)
                 rows.append(
                     stage_row(stage.name, stage.kind, results[stage.name].run_id, model_dir,
-                              stage.config["data"], plan.report_batch_size)
+                              stage.config["data"], plan.report_batch_size, trusted_model_targets(stage.config))
                 )
             title = f"compression report · {plan.run_name}"
             write_report(rows, Path(scratch) / "report", title)

@@ -11,10 +11,11 @@ import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import yaml
 
+from orchestrator.config.trust import BUILT_IN_MODEL_TARGETS
 from orchestrator.plan import StagePlan, TrackingPlan
 
 RUN_NAME_TAG = "orch.run_name"
@@ -153,8 +154,9 @@ class StageRun:
         }
         self.client.log_figure(self.run_id, loss_curve(history, title), "plots/loss_curve.png")
 
-    def log_compression(self, model_dir: str | Path, recipe: Mapping[str, Any]) -> None:
-        """For a stage that pruned: the per-layer sparsity table (MLflow table + markdown) and the totals."""
+    def log_compression(self, model_dir: str | Path, recipe: Mapping[str, Any], allowed: Iterable[str] = BUILT_IN_MODEL_TARGETS) -> None:
+        """For a stage that pruned: the per-layer sparsity table (MLflow table + markdown) and the totals.
+        `allowed`: the classes the exported model.yaml may name (the stage config's trusted model targets)."""
         pruned = (recipe.get("pruning") or {}).get("schedule", "none") != "none"
         if not pruned and not (recipe.get("structured") or {}).get("ratio", 0):
             return
@@ -167,7 +169,7 @@ class StageRun:
         )
         from orchestrator.track.tables import markdown_table
 
-        model = load_exported(model_dir)
+        model = load_exported(model_dir, allowed=allowed)
         rows = [{**row, "shape": "x".join(map(str, row["shape"]))} for row in sparsity_table(model)]
         self.client.log_table(self.run_id, {key: [row[key] for row in rows] for key in rows[0]}, "sparsity/table.json")
         self.client.log_text(self.run_id, markdown_table(rows), "sparsity/table.md")
