@@ -97,19 +97,33 @@ def _app(cfg, mode: _Mode, choices: Optional[dict] = None, overrides: Optional[l
     _train(plan, mode)
 
 
-def _plan(overrides: list[str], mode: _Mode) -> None:
-    """`orch plan` through orch's one composition function: the same config, composed once.
+def _compose_once(overrides: list[str], mode: _Mode) -> None:
+    """`orch run|plan|sweep` without Hydra's flags: compose through orch's one composition function, once, and run.
 
-    hydra.main composes every config twice (once only to read `hydra.mode`), and the plan is what users run to check
-    a config before anything starts, so it should answer at once. Hydra's flags (-m, --cfg, --config-dir, ...) still
-    go through hydra.main.
+    hydra.main composes every config twice (once only to read `hydra.mode`) and reports a bad override in several
+    lines with a hint to use `+`; here it is one line naming the key with the closest existing name. Hydra's flags
+    (-m, --cfg, --info, -sc, --config-name ...) still go through hydra.main. A run gets Hydra's job logging as
+    hydra.main would configure it.
     """
+    from orchestrator.config.overrides import explain
+
     try:
         composed = mode.source.compose(overrides)
-    except Exception as error:  # noqa: BLE001 - Hydra's composition errors name the bad key: one line, no traceback
-        cause = f"\n{error.__cause__}" if error.__cause__ is not None else ""
-        fail(f"{error}{cause}".replace("\n", "\n    "))
+    except Exception as error:  # noqa: BLE001 - Hydra's composition errors: one line naming the key
+        fail(explain(error, _default_config(mode)))
+    if not mode.plan_only and composed.hydra is not None:
+        from hydra.core.utils import configure_log
+
+        configure_log(composed.hydra.job_logging, composed.hydra.verbose)
     _app(composed.cfg, mode, composed.choices, overrides)
+
+
+def _default_config(mode: _Mode):
+    """The config without overrides, where a did-you-mean looks up the keys that exist (None if even that fails)."""
+    try:
+        return mode.source.compose(["sweep=default"] if mode.sweep else []).cfg
+    except Exception:  # noqa: BLE001 - no suggestion then
+        return None
 
 
 def _train(plan, mode: _Mode) -> None:
@@ -210,11 +224,8 @@ def _run_hydra(command: str, argv: list[str]) -> None:
     given_dir = _config_dir_flag(argv)
     source = ConfigSource(Path(given_dir).resolve()) if given_dir else ConfigSource.for_directory()
     mode = _Mode(source=source, plan_only=plan_only, json=as_json, sweep=command == "sweep")
-    if plan_only and command != "sweep" and not any(arg.startswith("-") for arg in argv):
-        _plan(argv, mode)  # no Hydra flags: compose once, without Hydra's app runner
-        return
     if command == "sweep":
-        # Hydra composes the sweep section only; the trials' overrides (recipe=distill recipe.distill.teacher=...)
+        # the sweep section is composed here; the trials' overrides (recipe=distill recipe.distill.teacher=...)
         # make sense on the sweep's base recipe, which the sweep composes itself
         from orchestrator.config.validate import ConfigError
         from orchestrator.sweep.plan import split_sweep_overrides
@@ -225,6 +236,12 @@ def _run_hydra(command: str, argv: list[str]) -> None:
             argv, mode.space_edits = split_space_edits(argv)
         except ConfigError as error:
             fail(str(error))
+    if not any(arg.startswith("-") for arg in argv):
+        _compose_once(argv, mode)
+        return
+    from orchestrator.config.overrides import normalize
+
+    argv = normalize(argv)
     sys.argv = [f"orch {command}", *argv]
     from orchestrator.config.project_conf import use_project_conf
 

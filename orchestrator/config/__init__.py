@@ -39,6 +39,7 @@ class Composed:
 
     cfg: DictConfig
     choices: dict[str, str]
+    hydra: Optional[DictConfig] = None  # Hydra's own node of the composition (job logging, verbosity)
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,11 @@ def compose(overrides: Sequence[str] = (), source: Optional[ConfigSource] = None
     from orchestrator.config.project_conf import use_project_conf
 
     use_project_conf()
+    from orchestrator.config.overrides import normalize
+
     source = source if source is not None else ConfigSource.for_directory()
     search = [f"hydra.searchpath=[file://{source.extra_dir}]"] if source.extra_dir else []
+    overrides = normalize(overrides)
     backup = get_gh_backup()
     GlobalHydra.instance().clear()
     try:
@@ -92,9 +96,10 @@ def compose(overrides: Sequence[str] = (), source: Optional[ConfigSource] = None
     finally:
         restore_gh_from_backup(backup)
     choices = {str(group): str(option) for group, option in cfg.hydra.runtime.choices.items()}
+    hydra_node = cfg.hydra
     with open_dict(cfg):
         del cfg["hydra"]
-    return Composed(cfg, choices)
+    return Composed(cfg, choices, hydra_node)
 
 
 def config_groups(source: Optional["ConfigSource"] = None) -> dict[str, list[str]]:

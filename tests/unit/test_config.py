@@ -182,7 +182,36 @@ def test_orch_plan_names_an_unknown_key(tmp_path):
         [sys.executable, "-m", "orchestrator.cli", "plan", "trainer.nope=1"], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 2
-    assert "trainer.nope" in out.stderr and "TrainerConfig" in out.stderr
+    # one line naming the key; no Hydra hint to append it with `+` (that would silently add an unused key)
+    assert out.stderr.strip() == "orch: error: trainer.nope: no such key"
+
+
+@pytest.mark.parametrize(
+    "command, override, line",
+    [
+        ("plan", "trainer.zero_stag=1", "trainer.zero_stag: no such key; did you mean trainer.zero_stage?"),
+        ("run", "trainer.optimizer.lrr=1", "trainer.optimizer.lrr: no such key; did you mean trainer.optimizer.lr?"),
+        ("run", "model=cnnn", "model=cnnn: no such option; did you mean cnn? (options: cnn, gpt, hf_causal_lm, hf_llama, mlp)"),
+        ("run", "trainer.zero_stage=two", "trainer.zero_stage=two: expected integer"),
+        ("sweep", "sweep.num_sampls=3", "sweep.num_sampls: no such key; did you mean sweep.num_samples?"),
+    ],
+)
+def test_a_bad_override_is_one_line_with_the_closest_name(tmp_path, command, override, line):
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", command, override], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.strip() == f"orch: error: {line}"
+    assert not (tmp_path / "orch_runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_free_form_mappings_take_plain_overrides_as_the_readme_writes_them(tmp_path):
+    composed = compose(["trainer.deepspeed={zero_optimization: {overlap_comm: true}}", "cluster.env.FOO=bar", "cluster.env={BAZ: qux}"])
+    assert composed.cfg.trainer.deepspeed == {"zero_optimization": {"overlap_comm": True}}
+    assert dict(composed.cfg.cluster.env) == {"FOO": "bar", "BAZ": "qux"}
+    plan = build_run_plan(composed, cwd=tmp_path)
+    assert plan.stages[0].deepspeed["zero_optimization"] == {"stage": 0, "overlap_comm": True}
+    out = subprocess.run([sys.executable, "-m", "orchestrator.cli", "sweep", "--plan", "sweep.space={trainer.optimizer.weight_decay: {choice: [0.0, 0.01]}}"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "trainer.optimizer.weight_decay: choice(0.0, 0.01)" in out.stdout and "trainer.optimizer.lr: loguniform" in out.stdout
 
 
 @pytest.mark.parametrize("command", [["plan"], ["run", "--plan"], ["submit", "--address", "http://127.0.0.1:9"]])
