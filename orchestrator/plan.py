@@ -259,7 +259,7 @@ def plan_stage(container: dict[str, Any], name: str, kind: str) -> StagePlan:
     )
 
 
-def run_identity(container: Mapping[str, Any], default_name: str, cwd: Path) -> tuple[str, str, bool]:
+def run_identity(container: Mapping[str, Any], default_name: str, cwd: Path, paths_here: bool = True) -> tuple[str, str, bool]:
     """(run name, storage root, resuming): a new name unless one is given, checked against what is stored."""
     storage_path = container["trainer"]["storage_path"] or str(cwd / "orch_runs")
     for key in ("resume", "name"):
@@ -267,40 +267,44 @@ def run_identity(container: Mapping[str, Any], default_name: str, cwd: Path) -> 
             validate.validate_run_name_format(key, container[key])
     resume = container.get("resume")
     run_name = resume or container.get("name") or new_run_name(default_name)
-    validate.validate_run_name(run_name, resume, storage_path)
+    validate.validate_run_name(run_name, resume, storage_path, paths_here)
     return run_name, storage_path, bool(resume)
 
 
-def resolved_container(composed: Composed) -> dict[str, Any]:
+def resolved_container(composed: Composed, paths_here: bool = True) -> dict[str, Any]:
     """The composed config as plain containers, checked first where resolving would hide the real mistake."""
     # before resolving: a model/data mismatch would otherwise surface as an obscure missing interpolation
-    validate.validate_model_and_data(composed.cfg, composed.choices)
+    validate.validate_known_keys(composed.cfg)
+    validate.validate_model_and_data(composed.cfg, composed.choices, paths_here)
     container = OmegaConf.to_container(composed.cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
     assert isinstance(container, dict)
     return container
 
 
-def build_plan(composed: Composed, cwd: Optional[Path] = None) -> Plan:
+def build_plan(composed: Composed, cwd: Optional[Path] = None, paths_here: bool = True) -> Plan:
     """Validate one composed config and turn it into the Plan of its single stage. Raises ConfigError naming the key
-    on any user error. A config with a pipeline is planned by `orchestrator.pipeline.plan.build_pipeline_plan`."""
+    on any user error. A config with a pipeline is planned by `orchestrator.pipeline.plan.build_pipeline_plan`.
+
+    `paths_here=False` (`orch submit`): files, folders and stored runs the config names live on the cluster, so they
+    are not looked for here; the job's driver checks them before it starts Ray, with the same one-line errors."""
     cwd = cwd or Path.cwd()
     if composed.cfg.get("pipeline") is not None:
         raise ConfigError(
             "pipeline", composed.cfg.pipeline.get("name"), "a pipeline is planned by orchestrator.pipeline (orch run pipeline=NAME)"
         )
-    container = resolved_container(composed)
-    validate.validate_standalone_references(container)
+    container = resolved_container(composed, paths_here)
+    validate.validate_standalone_references(container, paths_here)
     inputs = recipe_inputs(container["recipe"])
     reads, allowed = recipe_reads(container["recipe"]), trusted_model_targets(container)
     for role, reference in inputs.items():
-        if validate.reference_kind(reference) == "path":
+        if paths_here and validate.reference_kind(reference) == "path":
             model = read_model_config(reference, f"recipe.{reads[role][0]}", allowed)
             if role == "teacher" and model:
                 validate.validate_teacher_matches_student("recipe.distill.teacher", model, container["model"])
             elif role == "input" and model:
                 container["model"] = model  # the input defines the architecture the stage starts from
 
-    run_name, storage_path, resuming = run_identity(container, container["recipe"]["name"], cwd)
+    run_name, storage_path, resuming = run_identity(container, container["recipe"]["name"], cwd, paths_here)
     container["trainer"]["storage_path"] = storage_path
     container["name"] = run_name
 

@@ -111,20 +111,30 @@ def validate_for_cluster(overrides: list[str], sweep: bool = False) -> None:
         if sweep:
             from orchestrator.sweep.plan import plan_sweep_from_overrides
 
-            cfg = plan_sweep_from_overrides(["cluster=ray", *overrides]).base
+            cfg = plan_sweep_from_overrides(["cluster=ray", *overrides], paths_here=False).base
         else:
             composed = source.compose(["cluster=ray", *overrides])
             cfg = composed.cfg
-            build_run_plan(composed, overrides, source=source)
+            # files and runs the config names live on the cluster: the job's driver checks them at its start
+            build_run_plan(composed, overrides, source=source, paths_here=False)
     except ConfigError as error:
         fail(str(error))
     except OmegaConfBaseException as error:
         fail(str(error).replace("\n", "\n    "))
-    except Exception as error:  # noqa: BLE001 - Hydra composition errors: one line, no traceback
-        fail(str(error))
+    except Exception as error:  # noqa: BLE001 - Hydra composition errors: one line naming the key, no traceback
+        from orchestrator.config.overrides import explain
+
+        fail(explain(error, _default_config(source)))
     if cfg.trainer.storage_path is None:
         fail("trainer.storage_path=None: a cluster job needs storage every node can reach, e.g. "
              "trainer.storage_path=/mnt/shared/orch_runs (NFS) or s3://bucket/orch_runs")
     if cfg.tracking.uri is None and "MLFLOW_TRACKING_URI" not in os.environ:
         fail("tracking.uri=None: a cluster job needs a tracking server it can reach, e.g. "
              "tracking.uri=http://mlflow:5000 (or export MLFLOW_TRACKING_URI)")
+
+
+def _default_config(source):
+    try:
+        return source.compose(["cluster=ray"]).cfg
+    except Exception:  # noqa: BLE001 - no suggestion then
+        return None

@@ -7,6 +7,7 @@ schemas in `orchestrator.config.schema`.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import math
 import os
@@ -55,6 +56,7 @@ def validate_trainer(cfg: Mapping[str, Any]) -> None:
             "fp16 with loss scaling runs on GPUs only (DeepSpeed refuses fp16 on CPU); "
             "use trainer.precision=bf16 or fp32 on CPU, or trainer=gpu on a GPU cluster",
         )
+    validate_deepspeed_overlay(trainer.get("deepspeed") or {})
     if trainer["optimizer"]["lr"] <= 0:
         raise ConfigError("trainer.optimizer.lr", trainer["optimizer"]["lr"], "expected a positive learning rate")
     if not 0 <= trainer["scheduler"]["warmup_steps"] < trainer["max_steps"]:
@@ -63,6 +65,59 @@ def validate_trainer(cfg: Mapping[str, Any]) -> None:
             trainer["scheduler"]["warmup_steps"],
             f"expected 0 <= warmup_steps < trainer.max_steps ({trainer['max_steps']})",
         )
+
+
+# DeepSpeed keys that the typed `trainer` keys generate: the raw `trainer.deepspeed` overlay may not set them, or it
+# would bypass the rules that check those keys (fp16 on CPU, ZeRO-3 with pruning, the batch arithmetic ...).
+OWNED_BY_TRAINER = {
+    "train_micro_batch_size_per_gpu": "trainer.micro_batch_size",
+    "gradient_accumulation_steps": "trainer.grad_accum_steps",
+    "train_batch_size": "trainer.micro_batch_size, trainer.grad_accum_steps and trainer.num_workers",
+    "zero_optimization.stage": "trainer.zero_stage",
+    "fp16": "trainer.precision",
+    "bf16": "trainer.precision",
+    "gradient_clipping": "trainer.grad_clip",
+    "optimizer": "trainer.optimizer",
+    "scheduler": "trainer.scheduler",
+}
+
+
+def validate_deepspeed_overlay(overlay: Mapping[str, Any]) -> None:
+    """The overlay adds what the schema does not cover (overlap_comm, bucket sizes, offload ...); what a typed key
+    owns is set through that key, where orch's rules see it."""
+    for dotted, owner in OWNED_BY_TRAINER.items():
+        node: Any = overlay
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is not None:
+            raise ConfigError(f"trainer.deepspeed.{dotted}", node, f"set it through {owner} (the overlay is for keys the trainer group does not have)")
+
+
+def validate_known_keys(cfg: Any) -> None:
+    """A key added with `+` under a typed section (`+trainer.foo=1`) would be accepted and ignored: refuse it.
+    Free-form mappings (trainer.deepspeed, cluster.env, model/data arguments) may hold any key."""
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    def walk(node: Any, path: str) -> None:
+        if not isinstance(node, DictConfig):
+            return
+        schema = OmegaConf.get_type(node)
+        if schema is not None and dataclasses.is_dataclass(schema):
+            known = {f.name for f in dataclasses.fields(schema)}
+            for key in node.keys():
+                if key not in known:
+                    close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                    hint = f"; did you mean {path}{close[0]}?" if close else ""
+                    child = node._get_node(key)
+                    value = "{...}" if isinstance(child, DictConfig) else child._value()
+                    raise ConfigError(f"{path}{key}", value, f"no such key in {path.rstrip('.') or 'the config'}{hint}")
+        for key in node.keys():
+            if schema is not None and dataclasses.is_dataclass(schema):
+                walk(node._get_node(key), f"{path}{key}.")
+
+    walk(cfg, "")
 
 
 def validate_resources(cfg: Mapping[str, Any], available_cpus: float, available_gpus: float, where: str) -> None:
@@ -88,7 +143,9 @@ def validate_resources(cfg: Mapping[str, Any], available_cpus: float, available_
             )
 
 
-def validate_model_and_data(cfg: Mapping[str, Any], choices: Mapping[str, str]) -> None:
+def validate_model_and_data(cfg: Mapping[str, Any], choices: Mapping[str, str], paths_here: bool = True) -> None:
+    """`paths_here`: the files the config names are on this machine (False for `orch submit`: they are checked by
+    the job's driver on the cluster, in its first seconds, with the same errors)."""
     """`choices` are the group options picked (model=..., data=...), used only to word the errors."""
     model, data = cfg["model"], cfg["data"]
     model_name, data_name = choices.get("model", model.get("_target_")), choices.get("data", data.get("_target_"))
@@ -114,17 +171,17 @@ def validate_model_and_data(cfg: Mapping[str, Any], choices: Mapping[str, str]) 
         raise ConfigError("model.n_head", model["n_head"], f"must divide model.n_embd={model['n_embd']}")
     if "val_fraction" in data and not 0 < data["val_fraction"] < 1:
         raise ConfigError("data.val_fraction", data["val_fraction"], "expected a fraction strictly between 0 and 1")
-    if "path" in data:
+    if "path" in data and paths_here:
         import glob
 
         path = str(Path(str(data["path"])).expanduser())
         if not any(Path(match).is_file() for match in glob.glob(path, recursive=True)):
             raise ConfigError("data.path", str(data["path"]), "no such file; expected a readable text/JSONL file or a glob of them")
-    if model.get("pretrained_path"):
+    if model.get("pretrained_path") and paths_here:
         reason = missing_pretrained_reason(str(model["pretrained_path"]))
         if reason:
             raise ConfigError("model.pretrained_path", str(model["pretrained_path"]), reason)
-    if data.get("tokenizer"):
+    if data.get("tokenizer") and paths_here:
         tokenizer = Path(str(data["tokenizer"])).expanduser()
         if not tokenizer.is_dir():
             raise ConfigError("data.tokenizer", str(data["tokenizer"]), "no such directory; expected a local tokenizer directory (or null for bytes)")
@@ -168,9 +225,9 @@ def validate_run_name_format(key: str, value: Any) -> None:
         )
 
 
-def validate_run_name(name: str, resume: Optional[str], storage_path: str) -> None:
+def validate_run_name(name: str, resume: Optional[str], storage_path: str, paths_here: bool = True) -> None:
     """A new run never silently continues an old one; `resume=` must name a run that exists."""
-    if "://" in storage_path:  # remote storage: Ray Train checks when it opens the run
+    if "://" in storage_path or not paths_here:  # remote storage: Ray Train checks when it opens the run
         return
     run_dir = Path(storage_path) / name
     if resume:
@@ -197,22 +254,23 @@ REFERENCE_FORMS = (
 )
 
 
-def reference_kind(value: str) -> Optional[str]:
-    """What a model reference outside a pipeline's stage names is: "run", "path", or None when it is neither."""
+def reference_kind(value: str, paths_here: bool = True) -> Optional[str]:
+    """What a model reference outside a pipeline's stage names is: "run", "path", or None when it is neither.
+    Without `paths_here` a path is taken at its word when it is written as one (it is checked where it lives)."""
     if value.startswith("runs:/") or RUN_ID.fullmatch(value):
         return "run"
-    if Path(value).expanduser().is_dir():
+    if Path(value).expanduser().is_dir() or (not paths_here and value.startswith(("/", "~", "./", "../"))):
         return "path"
     return None
 
 
-def validate_reference(key: str, value: Optional[str], stage_names: Sequence[str] = ()) -> str:
+def validate_reference(key: str, value: Optional[str], stage_names: Sequence[str] = (), paths_here: bool = True) -> str:
     """A model reference is a pipeline stage name, an MLflow run, or a directory; returns its kind."""
     if value is None or value == "":
         raise ConfigError(key, value, f"this recipe needs a model to start from: {REFERENCE_FORMS}")
     if value in stage_names:
         return "stage"
-    kind = reference_kind(value)
+    kind = reference_kind(value, paths_here)
     if kind is None:
         known = f"no stage of this pipeline is named {value!r} (stages: {', '.join(stage_names)}) and it is not " if stage_names else "expected "
         raise ConfigError(key, value, known + REFERENCE_FORMS)
@@ -322,7 +380,7 @@ def pruning_window(pruning: Mapping[str, Any], max_steps: int) -> tuple[int, int
     return int(pruning["start_fraction"] * max_steps), int(pruning["end_fraction"] * max_steps)
 
 
-def validate_standalone_references(cfg: Mapping[str, Any]) -> None:
+def validate_standalone_references(cfg: Mapping[str, Any], paths_here: bool = True) -> None:
     """Outside a pipeline, every model reference the recipe reads (recipe.input, recipe.distill.teacher ...) must
     name an MLflow run or a directory; a required one must be given."""
     from orchestrator.config.reads import recipe_reads, recipe_value
@@ -331,7 +389,7 @@ def validate_standalone_references(cfg: Mapping[str, Any]) -> None:
     for key, required in recipe_reads(recipe).values():
         value = recipe_value(recipe, key)
         if value is not None or required:
-            validate_reference(f"recipe.{key}", value)
+            validate_reference(f"recipe.{key}", value, paths_here=paths_here)
 
 
 def validate_teacher_matches_student(key: str, teacher_model: Mapping[str, Any], student_model: Mapping[str, Any]) -> None:

@@ -45,11 +45,13 @@ def build_run_plan(
     command_line: Sequence[str] = (),
     cwd: Optional[Path] = None,
     source: Optional[ConfigSource] = None,
+    paths_here: bool = True,
 ) -> Plan:
-    """What `orch run` / `orch plan` / `orch submit` plan: a pipeline when the config has one, else its single stage."""
+    """What `orch run` / `orch plan` / `orch submit` plan: a pipeline when the config has one, else its single stage.
+    `paths_here`: see `orchestrator.plan.build_plan`."""
     if is_pipeline(composed.cfg):
-        return build_pipeline_plan(composed, command_line, cwd, source)
-    return build_plan(composed, cwd)
+        return build_pipeline_plan(composed, command_line, cwd, source, paths_here)
+    return build_plan(composed, cwd, paths_here)
 
 
 def command_line_overrides(overrides: Sequence[str]) -> list[str]:
@@ -97,7 +99,7 @@ def _find_cycle(
 
 
 def check_references(
-    stages: Sequence[Mapping[str, Any]], reads: Mapping[str, Mapping[str, tuple[str, bool]]]
+    stages: Sequence[Mapping[str, Any]], reads: Mapping[str, Mapping[str, tuple[str, bool]]], paths_here: bool = True
 ) -> dict[str, dict[str, str]]:
     """Per stage, role -> reference; every reference a known stage, a run or a directory; each stage gets what its
     recipe declares it reads (`reads`: stage name -> role -> (recipe key, required))."""
@@ -116,7 +118,7 @@ def check_references(
             if role not in allowed:
                 hint = " (use kind=finetune to continue training another stage's model)" if "input" not in allowed else ""
                 raise ConfigError(key, value, f"a {kind} stage takes no {role}{hint}")
-            validate.validate_reference(key, value, names)
+            validate.validate_reference(key, value, names, paths_here)
             references[name][role] = value
     return references
 
@@ -152,6 +154,7 @@ def build_pipeline_plan(
     command_line: Sequence[str] = (),
     cwd: Optional[Path] = None,
     source: Optional[ConfigSource] = None,
+    paths_here: bool = True,
 ) -> PipelinePlan:
     """`command_line`: the overrides the user typed; every stage receives them last (those that pick or name the
     pipeline excepted). `source`: where the stages' configs come from (default: conf/ and ./conf)."""
@@ -165,20 +168,20 @@ def build_pipeline_plan(
     if not pipeline["stages"]:
         raise ConfigError("pipeline.stages", [], "expected at least one stage")
     _check_names(pipeline["stages"])
-    run_name, storage_root, resuming = run_identity(container, pipeline["name"], cwd)
+    run_name, storage_root, resuming = run_identity(container, pipeline["name"], cwd, paths_here)
     if not container["tracking"]["log_model"]:
         raise ConfigError("tracking.log_model", False, "a pipeline passes models between stages as MLflow artifacts; set it to true")
 
     overrides = command_line_overrides(command_line)
     composed_stages = {stage["name"]: compose_stage(stage, pipeline, overrides, source) for stage in pipeline["stages"]}
     reads = {name: recipe_reads(stage.cfg.recipe) for name, stage in composed_stages.items()}
-    references = check_references(pipeline["stages"], reads)
+    references = check_references(pipeline["stages"], reads, paths_here)
     order = dependency_order(pipeline["stages"], references)
     stages = {stage["name"]: stage for stage in pipeline["stages"]}
     planned: dict[str, StagePlan] = {}
     for name in order:
         try:
-            stage_plan = _plan_one(stages[name], composed_stages[name], references[name], planned, container)
+            stage_plan = _plan_one(stages[name], composed_stages[name], references[name], planned, container, paths_here)
         except ConfigError as error:
             raise _stage_error(name, error) from error
         stage_plan.storage_path = str(Path(storage_root) / run_name)
@@ -206,8 +209,10 @@ def _plan_one(
     references: Mapping[str, str],
     planned: Mapping[str, StagePlan],
     base: Mapping[str, Any],
+    paths_here: bool = True,
 ) -> StagePlan:
-    validate.validate_model_and_data(composed.cfg, composed.choices)
+    validate.validate_known_keys(composed.cfg)
+    validate.validate_model_and_data(composed.cfg, composed.choices, paths_here)
     config = OmegaConf.to_container(composed.cfg, resolve=True, throw_on_missing=True, enum_to_str=True)
     assert isinstance(config, dict)
     # one Ray instance and one MLflow experiment for the whole pipeline: the pipeline's own settings

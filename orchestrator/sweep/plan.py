@@ -96,12 +96,14 @@ def _check_keys(base: DictConfig, dimensions: Sequence[Dimension], recipe: str) 
             raise ConfigError(f"sweep.space.{dim.key}", dim.describe(), "expected a key that shapes training, not naming, tracking or placement")
 
 
-def _check_probes(base: DictConfig, dimensions: Sequence[Dimension], choices: Mapping[str, str], cwd: Path) -> None:
+def _check_probes(
+    base: DictConfig, dimensions: Sequence[Dimension], choices: Mapping[str, str], cwd: Path, paths_here: bool = True
+) -> None:
     """Each dimension's bounds/options set one at a time on the base config must compose and plan."""
     for dim in dimensions:
         for value in dim.probes():
             try:
-                build_plan(Composed(apply(base, {dim.key: value}), dict(choices)), cwd=cwd)
+                build_plan(Composed(apply(base, {dim.key: value}), dict(choices)), cwd=cwd, paths_here=paths_here)
             except ConfigError as error:
                 raise ConfigError(
                     f"sweep.space.{dim.key}", value, f"this value fails the recipe's own checks: {error}"
@@ -205,15 +207,17 @@ def build_sweep_plan(
     choices: Mapping[str, str],
     overrides: Sequence[str],
     cwd: Optional[Path] = None,
+    paths_here: bool = True,
 ) -> SweepPlan:
-    """`sweep` is the composed sweep section; `base` the base recipe composed with sweep.overrides + command line."""
+    """`sweep` is the composed sweep section; `base` the base recipe composed with sweep.overrides + command line.
+    `paths_here`: see `orchestrator.plan.build_plan` (False for `orch submit --sweep`)."""
     cwd = cwd or Path.cwd()
     dimensions = parse_space(sweep["space"])
     with open_dict(base):
         base.sweep = None
     if base.get("pipeline") is not None or base.recipe.name == "pipeline":
         raise ConfigError("sweep.overrides", list(sweep["overrides"]), "a sweep searches one training recipe; recipe=pipeline is not supported (sweep a pipeline's stage as its recipe, with its input/teacher as a run id)")
-    base_plan = build_plan(Composed(base, dict(choices)), cwd=cwd)
+    base_plan = build_plan(Composed(base, dict(choices)), cwd=cwd, paths_here=paths_here)
     stage = base_plan.stages[0]
     recipe = stage.config["recipe"]["name"]
     if stage.config["recipe"]["runs_on"] != "workers":
@@ -226,7 +230,7 @@ def build_sweep_plan(
         max_steps = max(int(v) for v in steps_dim.values)
     scheduler = _check_search(sweep, dimensions, max_steps, stage.config["trainer"])
     _check_concurrency(sweep, stage.config)
-    _check_probes(base, dimensions, choices, cwd)
+    _check_probes(base, dimensions, choices, cwd, paths_here)
     return SweepPlan(
         name=sweep["name"],
         run_name=new_sweep_name(sweep["name"]),
@@ -257,7 +261,11 @@ def base_overrides(sweep: Mapping[str, Any], command_line: Sequence[str]) -> lis
 
 
 def plan_sweep(
-    sweep: Mapping[str, Any], command_line: Sequence[str], cwd: Optional[Path] = None, source: Optional[ConfigSource] = None
+    sweep: Mapping[str, Any],
+    command_line: Sequence[str],
+    cwd: Optional[Path] = None,
+    source: Optional[ConfigSource] = None,
+    paths_here: bool = True,
 ) -> SweepPlan:
     """Compose the base recipe (from conf/ and `source`'s directory, default ./conf) and plan the sweep."""
     from hydra.errors import HydraException
@@ -267,7 +275,7 @@ def plan_sweep(
         base = compose(overrides, source if source is not None else ConfigSource.for_directory(cwd))
     except (OmegaConfBaseException, HydraException) as error:
         raise ConfigError("sweep.overrides", overrides, str(error).splitlines()[0]) from error
-    return build_sweep_plan(sweep, base.cfg, base.choices, overrides, cwd)
+    return build_sweep_plan(sweep, base.cfg, base.choices, overrides, cwd, paths_here)
 
 
 HYDRA_FLAGS_WITH_VALUE = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp")
@@ -294,7 +302,7 @@ def _top_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~").split(".", 1)[0]
 
 
-def plan_sweep_from_overrides(overrides: Sequence[str], cwd: Optional[Path] = None) -> SweepPlan:
+def plan_sweep_from_overrides(overrides: Sequence[str], cwd: Optional[Path] = None, paths_here: bool = True) -> SweepPlan:
     """`orch sweep [overrides]` without the command line: picks sweep=default unless an override names one."""
     from orchestrator.sweep.space import apply_space_edits, split_space_edits
 
@@ -307,4 +315,4 @@ def plan_sweep_from_overrides(overrides: Sequence[str], cwd: Optional[Path] = No
     sweep = OmegaConf.to_container(cfg.sweep, resolve=True, enum_to_str=True)
     assert isinstance(sweep, dict)
     sweep["space"] = apply_space_edits(sweep["space"], edits)
-    return plan_sweep(sweep, overrides, cwd, source)
+    return plan_sweep(sweep, overrides, cwd, source, paths_here)

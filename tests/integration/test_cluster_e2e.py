@@ -211,6 +211,13 @@ def test_submit_follow_and_stop_jobs_through_the_jobs_api(cluster):
     time.sleep(20)
     assert sorted(run_dir.glob("checkpoint_step_*")) == before, "the stopped job is still training"
 
+    # a path that lives on the cluster is checked there, by the job's driver before it starts Ray: `orch submit`
+    # passes it on, and the job fails in its first seconds with the same one line `orch run` would print
+    missing = _orch(cluster, "submit", "--follow", "--address", cluster["jobs"], *_common(cluster["shared"], "no-corpus"),
+                    "model=gpt", "data=text", "data.path=/no/such/corpus.txt", timeout=300)
+    assert missing.returncode == 1 and "orch: error: data.path='/no/such/corpus.txt'" in missing.stdout, missing.stdout[-2000:]
+    assert "ended FAILED" in missing.stderr
+
 
 def test_unreachable_cluster_fails_fast_with_a_clear_error(tmp_path):
     port = free_port()  # nothing listens there

@@ -225,3 +225,47 @@ def test_plan_run_and_submit_validate_every_pipeline_stage_with_the_command_line
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr
     assert "pipeline.stages[pruned]" in out.stderr and "ZeRO-3" in out.stderr
     assert not (tmp_path / "orch_runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=gpt", "data=text", "data.path=/shared/corpus.txt"],  # the example in conf/data/text.yaml
+        ["resume=a-run-on-the-cluster"],
+        ["recipe=prune", "recipe.input=/mnt/shared/models/teacher"],
+        ["recipe=pipeline", "pipeline=text_structured", "model=gpt", "data=text", "data.path=/shared/corpus.txt"],
+    ],
+)
+def test_submit_leaves_what_lives_on_the_cluster_to_the_cluster(tmp_path, overrides):
+    # paths and runs on the cluster are not looked for on the laptop: validation passes and the submission goes on to
+    # the (here unreachable) job server; the job's driver checks them before it starts Ray
+    out = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "submit", "--address", "http://127.0.0.1:9", *overrides,
+         "trainer.storage_path=/mnt/shared/orch_runs", "tracking.uri=http://127.0.0.1:9"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2 and "no Ray job server answers" in out.stderr, out.stderr
+    # the same config is still checked where the files should be: by plan (and by the job's own `orch run`)
+    local = subprocess.run([sys.executable, "-m", "orchestrator.cli", "plan", *overrides, "trainer.storage_path=/mnt/shared/orch_runs"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert local.returncode == 2 and local.stderr.startswith("orch: error:") and len(local.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "overrides, key, expected",
+    [
+        (["+trainer.foo=1"], "trainer.foo", "no such key in trainer"),
+        (["+trainer.optimizer.lrr=1"], "trainer.optimizer.lrr", "did you mean trainer.optimizer.lr?"),
+        (["+model.depth=3"], "model.depth", "no such key in model"),
+        (["trainer.deepspeed={fp16: {enabled: true}}"], "trainer.deepspeed.fp16", "trainer.precision"),
+        (["trainer.deepspeed={zero_optimization: {stage: 3}}"], "trainer.deepspeed.zero_optimization.stage", "trainer.zero_stage"),
+        (["trainer.deepspeed={train_micro_batch_size_per_gpu: 8}"], "trainer.deepspeed.train_micro_batch_size_per_gpu", "trainer.micro_batch_size"),
+        (["recipe=pipeline", "trainer.deepspeed={zero_optimization: {stage: 3}}"], "pipeline.stages[teacher].trainer.deepspeed.zero_optimization.stage", "trainer.zero_stage"),
+    ],
+)
+def test_keys_outside_the_schema_and_overlay_keys_a_rule_owns_are_refused(tmp_path, overrides, key, expected):
+    with pytest.raises(ConfigError) as error:
+        build_run_plan(compose(overrides), list(overrides), cwd=tmp_path)
+    assert error.value.key == key and expected in str(error.value)
+    # what the overlay is for still passes
+    build_run_plan(compose(["trainer.deepspeed={zero_optimization: {overlap_comm: true}, wall_clock_breakdown: true}"]), cwd=tmp_path)
