@@ -68,9 +68,9 @@ def find(reference: str, source: Optional[ConfigSource] = None) -> Option:
 def _shipped(group: str, name: str, reference: str) -> Option:
     path = shipped_conf() / group / f"{name}.yaml"
     if group in HIDDEN_GROUPS or not path.is_file():
-        shipped = {g: list(o) for g, o in options(ConfigSource(None)).items() if any(opt.shipped for opt in o.values())}
-        raise ConfigError("GROUP/OPTION", reference, f"expected a shipped option: " + "; ".join(
-            f"{g}/{{{','.join(n for n in names)}}}" for g, names in shipped.items()))
+        shipped = {g: [n for n, opt in o.items() if opt.shipped] for g, o in options(ConfigSource(None)).items()}
+        raise ConfigError("GROUP/OPTION", reference, "expected a shipped option: " + "; ".join(
+            f"{g}/{{{','.join(names)}}}" for g, names in shipped.items() if names))
     return Option(group, name, description(path), path, True)
 
 
