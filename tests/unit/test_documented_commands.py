@@ -31,6 +31,7 @@ import json
 import logging
 import re
 import shlex
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,15 @@ CONF = REPO / "conf"
 
 FAKE_RUN_ID = "0123456789abcdef0123456789abcdef"  # an MLflow run id as orch recognises one; not looked up at plan time
 JOB_ID = "raysubmit_XXXX"
-NO_SERVER = "http://127.0.0.1:9"  # the discard port: nothing listens, a connection is refused at once
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+NO_SERVER = f"http://127.0.0.1:{_closed_port()}"  # nothing listens there: a connection is refused at once
 UNREACHABLE = "no Ray job server answers at " + NO_SERVER
 JOB_COMMANDS = ("submit", "status", "logs", "stop", "list")
 
@@ -127,7 +136,8 @@ def commands_in_markdown(text: str, name: str) -> list[Documented]:
     while index < len(lines):
         line, lineno = lines[index], index + 1
         if FENCE.match(line):
-            in_fence, transcript = not in_fence, _close(transcript, name, found)
+            _close(transcript, name, found)
+            in_fence, transcript = not in_fence, None
             prose[index] = ""
             index += 1
             continue
@@ -141,10 +151,9 @@ def commands_in_markdown(text: str, name: str) -> list[Documented]:
             line = line.rstrip()[:-1] + " " + lines[index].strip()
         stripped = line.strip()
         if stripped.startswith("$ "):
-            transcript = _close(transcript, name, found)
+            _close(transcript, name, found)
             command = _command(stripped[2:])
-            if command:
-                transcript = [lineno, command, []]
+            transcript = [lineno, command, []] if command else None
         elif transcript is not None:
             transcript[2].append(stripped)
         else:
@@ -183,7 +192,6 @@ def _close(transcript: Optional[list], name: str, found: list[Documented]) -> No
         lineno, command, output = transcript
         errors = [line for line in output if line.startswith("orch: error:")]
         found.append(Documented(f"{name}:{lineno}", command, errors[0] if errors else None))
-    return None
 
 
 def commands_in_yaml(text: str, name: str) -> list[Documented]:
@@ -321,7 +329,8 @@ def pretrained_dir(path: Path, model: str) -> None:
                              num_attention_heads=2, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
                              bos_token_id=0, eos_token_id=0)
     else:
-        config = GPT2Config(vocab_size=256, n_embd=16, n_layer=1, n_head=2, n_positions=128, bos_token_id=0, eos_token_id=0)
+        config = GPT2Config(vocab_size=256, n_embd=16, n_layer=1, n_head=2, n_positions=128,
+                            bos_token_id=0, eos_token_id=0)
     config.save_pretrained(path)
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tokenizer = Tokenizer(models.BPE(vocab={char: i for i, char in enumerate(alphabet)}, merges=[]))
@@ -433,7 +442,7 @@ def orch(argv: list[str], capsys) -> tuple[int, str, str]:
 @pytest.fixture
 def isolated(tmp_path, monkeypatch):
     """A directory of its own, no cluster, no tracking server from the environment, no MLflow UI started."""
-    import orchestrator.cli as cli
+    from orchestrator import cli
     from orchestrator.config import validate
 
     monkeypatch.chdir(tmp_path)
@@ -529,12 +538,16 @@ def test_extraction_picks_up_fenced_inline_transcript_and_header_commands():
 def test_synopsis_words_and_placeholders_are_filled_and_unknown_ones_are_named():
     assert words_of("orch submit [--address URL] [--env NAME] [--follow] [--sweep] [key=value ...]") == [
         "submit", "--address", NO_SERVER, "--env", "HOME", "--follow", "--sweep", *CLUSTER_OVERRIDES]
-    assert words_of("orch run -m model=mlp model.hidden_sizes=[64],[256,256]")[-1] == "model.hidden_sizes=[64],[256,256]"
+    lists = "model.hidden_sizes=[64],[256,256]"
+    assert words_of(f"orch run -m model=mlp {lists}")[-1] == lists
     assert words_of("orch run recipe.input=<mlflow run id of a pruned model>") == ["run", f"recipe.input={FAKE_RUN_ID}"]
     with pytest.raises(UnknownPlaceholder, match="<your thing>"):
         words_of("orch run model=<your thing>")
     with pytest.raises(UnknownPlaceholder, match="WIDGET"):
         words_of("orch cp WIDGET")
     assert multirun_jobs(["model=cnn", "model.channels=[8,16],[16,32]", "trainer.seed=0,1"]) == [
-        ["model=cnn", "model.channels=[8,16]", "trainer.seed=0"], ["model=cnn", "model.channels=[8,16]", "trainer.seed=1"],
-        ["model=cnn", "model.channels=[16,32]", "trainer.seed=0"], ["model=cnn", "model.channels=[16,32]", "trainer.seed=1"]]
+        ["model=cnn", "model.channels=[8,16]", "trainer.seed=0"],
+        ["model=cnn", "model.channels=[8,16]", "trainer.seed=1"],
+        ["model=cnn", "model.channels=[16,32]", "trainer.seed=0"],
+        ["model=cnn", "model.channels=[16,32]", "trainer.seed=1"],
+    ]
