@@ -41,7 +41,8 @@ def parser_for(command: str) -> argparse.ArgumentParser:
 def run(command: str, argv: list[str]) -> None:
     from orchestrator.launch import jobs
 
-    args = parser_for(command).parse_args(argv)
+    # intermixed: overrides may come before and after the options (`orch submit data=digits --address URL x=1`)
+    args = parser_for(command).parse_intermixed_args(argv)
     try:
         if command == "submit":
             submit(args)

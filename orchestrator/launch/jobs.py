@@ -55,10 +55,10 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
 
 
 def client(address: Optional[str]):
+    resolved = resolve_address(address)
+    check_reachable(resolved)  # before importing Ray (seconds): a wrong address fails at once
     from ray.job_submission import JobSubmissionClient
 
-    resolved = resolve_address(address)
-    check_reachable(resolved)
     try:
         return JobSubmissionClient(resolved)
     except ConnectionError as error:
@@ -69,9 +69,9 @@ def stop(address: Optional[str], job_id: str, pending_timeout_s: float = 300.0) 
     """Stop a job; True if it was still running. A job still PENDING is first waited for: Ray's stop_job on a
     pending job can report STOPPED while the entrypoint starts afterwards and trains on (ray-project/ray#58353;
     seen here: a job stopped right after submission wrote checkpoints for 10 more minutes)."""
+    jobs = client(address)
     from ray.job_submission import JobStatus
 
-    jobs = client(address)
     deadline = time.monotonic() + pending_timeout_s
     while jobs.get_job_status(job_id) == JobStatus.PENDING:
         if time.monotonic() > deadline:
