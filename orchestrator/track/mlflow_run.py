@@ -102,12 +102,18 @@ def register_model(tracking_uri: str, run_id: str, name: str, alias: str) -> str
     from orchestrator.artifacts.source import MODEL_ARTIFACT
 
     client = MlflowClient(tracking_uri)
+    source = f"{MODEL_ARTIFACT}/{MLFLOW_MODEL_DIR}"
+    if not client.list_artifacts(run_id, source):
+        from orchestrator.config.validate import ConfigError
+
+        reason = client.get_run(run_id).data.tags.get("orch.mlflow_model_error", "it was not logged")
+        raise ConfigError("tracking.register_as", name, f"run {run_id} has no MLflow Model ({source}) to register: {reason}")
     try:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description="registered by orch (tracking.register_as)")
     version = client.create_model_version(
-        name, f"runs:/{run_id}/{MODEL_ARTIFACT}/{MLFLOW_MODEL_DIR}", run_id=run_id,
+        name, f"runs:/{run_id}/{source}", run_id=run_id,
         tags={"orch.run_name": client.get_run(run_id).data.tags.get(RUN_NAME_TAG, "")},
     )
     if alias:

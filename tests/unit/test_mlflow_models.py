@@ -92,48 +92,45 @@ LOADER = textwrap.dedent(
                 raise ImportError(f"{name} is not installed here")
     sys.meta_path.insert(0, Refuse())
     import numpy as np, torch, mlflow.pytorch
-    model = mlflow.pytorch.load_model(sys.argv[1])
-    batch = torch.from_numpy(np.load(sys.argv[2]))
-    np.save(sys.argv[3], model(batch).detach().numpy())
+    for folder in sys.argv[1:]:
+        model = mlflow.pytorch.load_model(folder + "/mlflow_model")
+        batch = torch.from_numpy(np.load(folder + "/batch.npy"))
+        np.save(folder + "/out.npy", model(batch).detach().numpy())
     """
 )
 
 
-@pytest.mark.parametrize("kind", ["mlp", "gpt"])
-def test_an_exported_model_is_an_mlflow_model_that_loads_without_orchestrator(tmp_path, kind):
+def test_exported_models_are_mlflow_models_that_load_without_orchestrator(tmp_path):
+    """An MLP (digits) and a GPT (tokens; batch and sequence length both vary) in one clean process."""
     from safetensors.torch import save_model
 
-    if kind == "mlp":
-        folder, example = trained_mlp_folder(tmp_path / "model"), input_example(DIGITS)
-        batch = torch.rand(5, 1, 8, 8)  # another batch size than the example's
-    else:
-        from orchestrator.models.gpt import GPT
+    from orchestrator.models.gpt import GPT
 
-        config = {"_target_": "orchestrator.models.gpt.GPT", "vocab_size": 256, "block_size": 16, "n_layer": 1,
-                  "n_head": 2, "n_embd": 16}
-        folder = tmp_path / "model"
-        folder.mkdir()
-        save_model(GPT(256, 16, 1, 2, 16), str(folder / WEIGHTS_FILE))
-        (folder / CONFIG_FILE).write_text(yaml.safe_dump(config))
-        example = torch.randint(0, 256, (2, 16))
-        batch = torch.randint(0, 256, (3, 9))  # and a shorter sequence
-    target = save_mlflow_model(folder, example)
+    mlp = trained_mlp_folder(tmp_path / "mlp")
+    gpt = tmp_path / "gpt"
+    gpt.mkdir()
+    save_model(GPT(256, 16, 1, 2, 16), str(gpt / WEIGHTS_FILE))
+    (gpt / CONFIG_FILE).write_text(yaml.safe_dump({"_target_": "orchestrator.models.gpt.GPT", "vocab_size": 256,
+                                                   "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}))
+    cases = [  # folder, input example, a batch of another size (and length), the signature's input shape
+        (mlp, input_example(DIGITS), torch.rand(5, 1, 8, 8), [-1, 1, 8, 8]),
+        (gpt, torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (3, 9)), [-1, -1]),
+    ]
+    for folder, example, batch, shape in cases:
+        target = save_mlflow_model(folder, example)
+        mlmodel = yaml.safe_load((target / "MLmodel").read_text())
+        assert (target / "data" / "model.pt2").is_file() and not list(target.rglob("*.pth"))  # no pickled module
+        assert json.loads(mlmodel["signature"]["inputs"])[0]["tensor-spec"]["shape"] == shape
+        assert mlmodel["saved_input_example_info"] and mlmodel["metadata"]["orch_model"]["_target_"].startswith("orchestrator.models.")
+        np.save(folder / "batch.npy", batch.numpy())
 
-    mlmodel = yaml.safe_load((target / "MLmodel").read_text())
-    assert (target / "data" / "model.pt2").is_file() and not list(target.rglob("*.pth"))  # no pickle of the module
-    inputs = json.loads(mlmodel["signature"]["inputs"])
-    assert inputs[0]["tensor-spec"]["shape"] == ([-1, 1, 8, 8] if kind == "mlp" else [-1, -1])
-    assert mlmodel["saved_input_example_info"] and mlmodel["metadata"]["orch_model"]["_target_"].endswith(kind.upper())
-
-    np.save(tmp_path / "batch.npy", batch.numpy())
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    loaded = subprocess.run(
-        [sys.executable, "-c", LOADER, str(target), str(tmp_path / "batch.npy"), str(tmp_path / "out.npy")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
-    )
+    loaded = subprocess.run([sys.executable, "-c", LOADER, str(mlp), str(gpt)], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
-    expected = load_exported(folder)(batch).detach().numpy()
-    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, atol=1e-5)
+    for folder, _, batch, _ in cases:
+        expected = load_exported(folder)(batch).detach().numpy()
+        np.testing.assert_allclose(np.load(folder / "out.npy"), expected, atol=1e-5)
 
 
 def test_a_quantized_model_goes_out_as_its_fp32_weights_marked_in_the_metadata(tmp_path):
@@ -182,6 +179,15 @@ def test_register_as_adds_a_version_moves_the_alias_and_models_uris_resolve_to_t
     registered = mlflow.pytorch.load_model("models:/digits-mlp@newest", dst_path=str(tmp_path / "download"))
     batch = torch.rand(3, 1, 8, 8)
     torch.testing.assert_close(registered(batch), load_exported(folder)(batch))
+
+
+def test_a_run_without_an_mlflow_model_is_not_registered(tmp_path, store):
+    tracking, stage = store
+    run_id = logged_run(tracking, stage, trained_mlp_folder(tmp_path / "model", steps=1))  # safetensors only
+    with pytest.raises(ConfigError) as error:
+        register_model(tracking.uri, run_id, "digits-mlp", "newest")
+    assert error.value.key == "tracking.register_as" and "no MLflow Model" in str(error.value)
+    assert not MlflowClient(tracking.uri).search_registered_models()
 
 
 def test_a_missing_registered_model_is_an_error_naming_the_key(store):
@@ -283,9 +289,3 @@ def test_orch_eval_evaluates_a_folder_and_a_registered_model_on_the_driver(tmp_p
     tags = client.get_run(result["run_id"]).data.tags
     assert tags["orch.input_run_id"] == logged and tags["orch.input_model_uri"] == "models:/digits-mlp/1"
     assert result["metrics"]["val_accuracy"] == pytest.approx(expected["val_accuracy"])
-
-
-def test_orch_eval_without_a_model_says_what_it_takes(tmp_path):
-    done = orch(["eval", "models:/nobody@latest"], tmp_path)
-    last = done.stderr.strip().splitlines()[-1]  # (after MLflow's own lines creating a new store)
-    assert done.returncode == 2 and last.startswith("orch: error: recipe.input='models:/nobody@latest': no such")
