@@ -229,6 +229,7 @@ def plan_stage(container: dict[str, Any], name: str, kind: str) -> StagePlan:
     validate.validate_recipe(container)
     validate.validate_trainer(container)
     validate.validate_compression(container)
+    validate.validate_registration(container)
     trainer = container["trainer"]
     if container["cluster"]["kind"] == "local":
         cpus = container["cluster"]["num_cpus"] or validate.local_cpu_count()
@@ -290,7 +291,7 @@ def build_plan(composed: Composed, cwd: Optional[Path] = None, paths_here: bool 
     cwd = cwd or Path.cwd()
     if composed.cfg.get("pipeline") is not None:
         raise ConfigError(
-            "pipeline", composed.cfg.pipeline.get("name"), "a pipeline is planned by orchestrator.pipeline (orch run pipeline=NAME)"
+            "pipeline", composed.cfg.pipeline.get("name"), "a pipeline is planned by orchestrator.pipeline (orch run recipe=pipeline pipeline=NAME)"
         )
     container = resolved_container(composed, paths_here)
     validate.validate_standalone_references(container, paths_here)

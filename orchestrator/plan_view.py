@@ -83,6 +83,8 @@ def print_summary(results: Sequence["StageResult"], console: Optional[Console] =
         console.print(f"MLflow run:  {result.run_id} (experiment {result.experiment_id}, {result.tracking_uri})")
         console.print(f"checkpoint:  {result.checkpoint_path}")
         if result.model_artifact_uri:
-            console.print(f"model:       {result.model_artifact_uri} (safetensors + model.yaml)")
+            console.print(f"model:       {result.model_artifact_uri} (safetensors + model.yaml; MLflow Model: mlflow_model/)")
+        if result.registered_model_uri:
+            console.print(f"registered:  {result.registered_model_uri}")
     if results and results[0].tracking_uri.startswith("sqlite:"):
         console.print("open the UI:  orch ui   (then http://127.0.0.1:5000)")

@@ -45,6 +45,7 @@ class StageResult:
     checkpoint_path: Optional[str]
     model_artifact_uri: Optional[str]
     reused: bool = False  # a pipeline found this stage finished with the same config and inputs
+    registered_model_uri: Optional[str] = None  # models:/NAME/VERSION when tracking.register_as registered it
 
 
 def recipe_module(stage: StagePlan) -> ModuleType:
@@ -80,9 +81,14 @@ def resolve_sources(stage: StagePlan, stage_runs: Mapping[str, str], tracking_ur
     if not stage.inputs:
         return {}
     from orchestrator.artifacts.source import model_source, source_model_config
+    from orchestrator.config.reads import recipe_reads
     from orchestrator.config.validate import validate_teacher_matches_student
 
-    sources = {role: model_source(reference, tracking_uri, stage_runs) for role, reference in stage.inputs.items()}
+    keys = {role: f"recipe.{key}" for role, (key, _) in recipe_reads(stage.config["recipe"]).items()}
+    sources = {
+        role: model_source(reference, tracking_uri, stage_runs, keys.get(role, role))
+        for role, reference in stage.inputs.items()
+    }
     teacher = sources.get("teacher")
     if teacher is not None and "stage" not in teacher and "run_id" in teacher:
         key = "recipe.distill.teacher"
@@ -92,15 +98,42 @@ def resolve_sources(stage: StagePlan, stage_runs: Mapping[str, str], tracking_ur
 
 
 def run_plan(plan: Plan, console: Optional[Console] = None) -> list[StageResult]:
-    """Run a single-stage plan (`orchestrator.plan.build_plan`)."""
+    """Run a single-stage plan (`orchestrator.plan.build_plan`); its model is registered if the config asks."""
     console = console or Console()
     [stage] = plan.stages
     sources = resolve_sources(stage, {}, plan.tracking.uri)
+    tags = source_tags(sources)
     if not needs_ray(stage):
-        return [run_stage(plan.tracking, stage, console, resuming=plan.resuming, sources=sources)]
-    # Ray starts while the MLflow run and the trainer are set up
-    with cluster_session(stage.config["cluster"], plan.stages, in_background=True) as session:
-        return [run_stage(plan.tracking, stage, console, resuming=plan.resuming, sources=sources, session=session)]
+        result = run_stage(plan.tracking, stage, console, resuming=plan.resuming, sources=sources, tags=tags)
+    else:
+        # Ray starts while the MLflow run and the trainer are set up
+        with cluster_session(stage.config["cluster"], plan.stages, in_background=True) as session:
+            result = run_stage(plan.tracking, stage, console, resuming=plan.resuming, sources=sources, tags=tags, session=session)
+    register_result(result, stage.config["tracking"])
+    return [result]
+
+
+def source_tags(sources: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+    """Which runs (and registered versions) a stage read: orch.<role>_run_id, orch.<role>_model_uri, orch.<role>_path."""
+    tags = {}
+    for role, source in sources.items():
+        for field_name, tag in (("run_id", "run_id"), ("model_uri", "model_uri"), ("path", "path")):
+            if field_name in source:
+                tags[f"orch.{role}_{tag}"] = source[field_name]
+    return tags
+
+
+def register_result(result: StageResult, tracking: Mapping[str, Any]) -> None:
+    """`tracking.register_as=NAME`: the result's model becomes a new version of NAME, with `tracking.alias` on it."""
+    if not tracking.get("register_as"):
+        return
+    if result.model_artifact_uri is None:
+        from orchestrator.config.validate import ConfigError
+
+        raise ConfigError("tracking.register_as", tracking["register_as"], f"stage {result.stage} logged no model to register")
+    from orchestrator.track.mlflow_run import register_model
+
+    result.registered_model_uri = register_model(result.tracking_uri, result.run_id, tracking["register_as"], tracking["alias"])
 
 
 def run_stage(
@@ -133,6 +166,7 @@ def run_stage(
             metrics, checkpoint_path = _fit(recipe, stage, sources, tracking, console, model_dir, train_callbacks)
         model_uri = None
         if model_dir.is_dir():
+            _save_mlflow_model(model_dir, stage, tracking)
             tracking.log_artifacts(model_dir, "model")
             tracking.log_compression(model_dir, stage.config["recipe"], trusted_model_targets(stage.config))
             model_uri = f"runs:/{run_id}/model"
@@ -147,6 +181,17 @@ def run_stage(
             checkpoint_path=checkpoint_path,
             model_artifact_uri=model_uri,
         )
+
+
+def _save_mlflow_model(model_dir: Path, stage: StagePlan, tracking: "StageRun") -> None:
+    """The exported model as an MLflow Model as well (model/mlflow_model). A model torch.export cannot trace (a
+    custom class of yours) keeps its safetensors export: the run records why and goes on."""
+    from orchestrator.artifacts.mlflow_model import input_example, save_mlflow_model
+
+    try:
+        save_mlflow_model(model_dir, input_example(stage.config["data"]), trusted_model_targets(stage.config))
+    except Exception as error:  # noqa: BLE001 - the safetensors export, which orch loads, is already there
+        tracking.set_tag("orch.mlflow_model_error", f"{type(error).__name__}: {error}"[:4000])
 
 
 def _fit(

@@ -150,7 +150,8 @@ def is_hf_model(model: nn.Module) -> bool:
 
 def export_hf_model(model: nn.Module, model_cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     """Hugging Face LMs also go out as `save_pretrained` (plus the tokenizer of a pretrained source), so that
-    `AutoModelForCausalLM.from_pretrained(<model>/hf)` loads them anywhere. Returns the model.yaml to write: the full
+    `AutoModelForCausalLM.from_pretrained(<model>/hf)` loads them anywhere (their MLflow Model, like every model's,
+    is written by `orchestrator.artifacts.mlflow_model`). Returns the model.yaml to write: the full
     architecture, independent of the pretrained directory it may have started from."""
     from orchestrator.models.hf_causal_lm import hf_model_config
 
@@ -161,25 +162,7 @@ def export_hf_model(model: nn.Module, model_cfg: Mapping[str, Any], out_dir: Pat
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(source, local_files_only=True).save_pretrained(str(hf_dir))
-    save_mlflow_model(model.hf, out_dir / MLFLOW_MODEL_DIR)  # type: ignore[union-attr, arg-type]
     return hf_model_config(model)  # type: ignore[arg-type]
-
-
-MLFLOW_MODEL_DIR = "mlflow_model"  # an MLflow Model (pytorch flavour): `mlflow.register_model("runs:/<id>/model/mlflow_model", ...)`
-
-
-def save_mlflow_model(hf_model: nn.Module, path: Path) -> None:
-    """The transformers model as an MLflow Model, so that the run's model can be registered and served.
-
-    pytorch flavour, because MLflow's transformers flavour needs a tokenizer to build a pipeline and byte-level
-    models have none; "pickle" serialization, because "pt2" traces one fixed input shape. Loading it unpickles:
-    the pickle-free ways to the same weights are `hf/` (from_pretrained) and model.safetensors (load_exported).
-    Requirements are given, not inferred: inference imports the model in a subprocess (slow)."""
-    import mlflow.pytorch
-    import transformers
-
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]
-    mlflow.pytorch.save_model(hf_model, str(path), pip_requirements=requirements, serialization_format="pickle")
 
 
 def mark_quantized(model_dir: str | Path, skip: list[str]) -> None:

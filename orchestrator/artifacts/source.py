@@ -1,4 +1,5 @@
-"""Where a stage's model comes from: an MLflow run's `model` artifact, an exported model dir, or an orch checkpoint.
+"""Where a stage's model comes from: an MLflow run's `model` artifact (by run id, runs:/ URI, or a Model Registry
+version, models:/), an exported model dir, or an orch checkpoint.
 
 The driver turns each reference written in the config (a pipeline stage name, a run id, a `runs:/` URI, a path) into
 a *source*: a small plain dict that crosses into Ray. Workers and the driver then fetch the model from it. Loading
@@ -25,23 +26,62 @@ from orchestrator.artifacts.export import (
     load_exported,
 )
 from orchestrator.config.trust import BUILT_IN_MODEL_TARGETS, checked_model_config
-from orchestrator.config.validate import RUN_ID, ConfigError
+from orchestrator.config.validate import REGISTERED_MODEL, RUN_ID, ConfigError
 
 MODEL_ARTIFACT = "model"
 # a progress bar per download floods the logs of every worker of every stage
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def model_source(reference: str, tracking_uri: str, stage_runs: Mapping[str, str]) -> dict[str, str]:
-    """`stage_runs` maps the pipeline's finished stages to their MLflow run ids."""
+def model_source(reference: str, tracking_uri: str, stage_runs: Mapping[str, str], key: str = "model") -> dict[str, str]:
+    """`stage_runs` maps the pipeline's finished stages to their MLflow run ids. A registered model (models:/) is
+    looked up here, on the driver: the source names the run that logged that version (`key`: the config key that
+    holds the reference, for errors)."""
     if reference in stage_runs:
         return {"run_id": stage_runs[reference], "artifact_path": MODEL_ARTIFACT, "tracking_uri": tracking_uri, "stage": reference}
+    if reference.startswith("models:/"):
+        return registered_model_source(reference, tracking_uri, key)
     if reference.startswith("runs:/"):
         run_id, _, path = reference[len("runs:/"):].partition("/")
         return {"run_id": run_id, "artifact_path": path or MODEL_ARTIFACT, "tracking_uri": tracking_uri}
     if RUN_ID.fullmatch(reference):
         return {"run_id": reference, "artifact_path": MODEL_ARTIFACT, "tracking_uri": tracking_uri}
     return {"path": str(Path(reference).expanduser().resolve())}
+
+
+def registered_model_source(reference: str, tracking_uri: str, key: str) -> dict[str, str]:
+    """The run behind a Model Registry version (models:/NAME@alias or models:/NAME/VERSION). orch reads that run's
+    `model` folder (safetensors + model.yaml), never the registered MLflow Model itself (a version's source is the
+    run's model/mlflow_model, as `tracking.register_as` registers it)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    match = REGISTERED_MODEL.fullmatch(reference)
+    if match is None:
+        raise ConfigError(key, reference, "expected models:/NAME@alias or models:/NAME/VERSION")
+    client = MlflowClient(tracking_uri)
+    try:
+        if match["alias"]:
+            version = client.get_model_version_by_alias(match["name"], match["alias"])
+        elif match["version"] == "latest":
+            newest = client.search_model_versions(f"name = '{match['name']}'", order_by=["version_number DESC"], max_results=1)
+            if not newest:
+                raise ConfigError(key, reference, f"registered model {match['name']!r} has no versions at {tracking_uri}")
+            version = newest[0]
+        else:
+            version = client.get_model_version(match["name"], match["version"])
+    except MlflowException as error:
+        raise ConfigError(key, reference, f"no such registered model version at {tracking_uri} ({error.message})") from error
+    if not version.run_id:
+        raise ConfigError(key, reference, "this version was not logged by a run: orch reads a run's model folder")
+    artifact_path = MODEL_ARTIFACT
+    if version.source.startswith("runs:/"):  # runs:/<id>/<folder>/mlflow_model: the folder beside it
+        path = version.source[len("runs:/"):].partition("/")[2]
+        artifact_path = path.rsplit("/", 1)[0] if path.endswith("/mlflow_model") else (path or MODEL_ARTIFACT)
+    return {
+        "run_id": version.run_id, "artifact_path": artifact_path, "tracking_uri": tracking_uri,
+        "model_uri": f"models:/{match['name']}/{version.version}",
+    }
 
 
 def fetch_model_dir(source: Mapping[str, str], scratch: str | Path, allowed: Iterable[str] = BUILT_IN_MODEL_TARGETS) -> Path:

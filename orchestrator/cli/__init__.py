@@ -3,6 +3,7 @@
     orch run [--plan] [key=value ...]   train (Hydra overrides; -m for multirun; --help lists the config groups)
     orch plan [key=value ...]            validate and print the plan; starts nothing
     orch sweep [sweep=NAME] [key=value ...]  hyperparameter search on Ray Tune (conf/sweep/)
+    orch eval MODEL [key=value ...]      evaluate a model on a data config's validation split (driver, no Ray)
     orch ui [--port 5000]                MLflow UI for the local store
     orch submit|status|logs|stop|list    Ray Jobs on a cluster
 """
@@ -28,6 +29,8 @@ commands:
   run     train a recipe on Ray workers with DeepSpeed, tracked in MLflow (orch run --help lists config groups)
   plan    validate a config and print what `orch run` would do, without starting anything
   sweep   hyperparameter search (Ray Tune): sweep=<name> from conf/sweep/, each trial a run and an MLflow child run
+  eval    MODEL [key=value ...]: evaluate a model (run id, runs:/ or models:/ URI, model folder) on data=...'s
+          validation split, on this machine's CPU, as an MLflow run (sugar for orch run recipe=evaluate recipe.input=MODEL)
   ui      start the MLflow UI for the local tracking store
   submit  ship this directory and `orch run [key=value ...]` to a Ray cluster as a job; prints the job id
   status  JOB       a job's state          logs JOB [--follow] [--tail N]   its driver's output
@@ -44,6 +47,7 @@ examples:
   orch sweep                                   # the demo search on digits (conf/sweep/default.yaml)
   orch sweep sweep.num_samples=8 sweep.search=random
   orch sweep 'sweep.space.trainer.optimizer.lr={uniform: [1e-3, 1e-2]}' '~sweep.space.model.hidden_sizes'
+  orch eval models:/digits-mlp@newest data=digits
   orch ui
   orch submit --address http://HEAD:8265 trainer.num_workers=8 trainer.storage_path=/mnt/shared/orch_runs
 """
@@ -274,6 +278,22 @@ def _print_run_help(command: str) -> None:
     print("\nHydra's own flags (--cfg job, --info, --hydra-help, -m ...) work as usual.")
 
 
+def eval_overrides(argv: list[str]) -> list[str]:
+    """`orch eval MODEL [args ...]` as `orch run` arguments: recipe=evaluate recipe.input='MODEL' [args ...]. The
+    reference is quoted for Hydra's grammar (models:/NAME@alias holds an '@', a path may hold anything)."""
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: orch eval MODEL [--json] [key=value ...]\n\n"
+              "MODEL: an MLflow run id, runs:/<run id>/model, models:/NAME@alias, models:/NAME/VERSION, or a model folder\n"
+              "evaluates it on the validation split of data=... (default: the config's data) on this machine's CPU and\n"
+              "logs an MLflow run (recipe=evaluate): val_loss and val_accuracy or val_perplexity")
+        sys.exit(0 if argv else 2)
+    model, rest = argv[0], argv[1:]
+    if model.startswith("-") or "=" in model and not Path(model).exists():
+        fail(f"orch eval: expected a model reference first (run id, runs:/, models:/ or a folder), got {model!r}")
+    quoted = model.replace("'", "\\'")
+    return ["recipe=evaluate", f"recipe.input='{quoted}'", *rest]
+
+
 def _ui(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="orch ui", description="Start the MLflow UI for the local tracking store.")
     parser.add_argument("--host", default="127.0.0.1")
@@ -311,6 +331,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         catalogue.run(command, rest)
     elif command in HYDRA_COMMANDS:
         _run_hydra(command, rest)
+    elif command == "eval":
+        _run_hydra("run", eval_overrides(rest))
     elif command == "ui":
         _ui(rest)
     elif command in JOB_COMMANDS:
@@ -319,5 +341,5 @@ def main(argv: Optional[list[str]] = None) -> None:
         jobs.run(command, rest)
     else:
         print(USAGE, file=sys.stderr)
-        fail(f"unknown command {command!r}; expected one of: run, plan, sweep, ui, submit, status, logs, stop, list, ls, cp")
+        fail(f"unknown command {command!r}; expected one of: run, plan, sweep, eval, ui, submit, status, logs, stop, list, ls, cp")
 

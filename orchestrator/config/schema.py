@@ -111,7 +111,13 @@ class TrackingConfig:
     experiment: Optional[str] = None  # null: MLFLOW_EXPERIMENT_NAME if set, else "orchestrator"
     artifact_location: Optional[str] = None  # local store only; null = ./mlartifacts
     system_metrics: bool = True
-    log_model: bool = True
+    log_model: bool = True  # the final model: safetensors + model.yaml, and an MLflow Model (model/mlflow_model)
+    # at the end of a run (a pipeline: of its final stage), register its model as a new version of this name in
+    # MLflow's Model Registry; null = no registration
+    register_as: Optional[str] = None
+    # set on the new version (moved from the previous one): models:/NAME@newest; "" = none. MLflow reserves "latest"
+    # (models:/NAME/latest is the newest version anyway)
+    alias: str = "newest"
 
 
 @dataclass
@@ -231,6 +237,16 @@ class QuantizeRecipeConfig(RecipeConfig):
     reads: Dict[str, ModelRead] = field(default_factory=lambda: {"input": ModelRead("input", required=True)})
     input: Optional[str] = None  # the fp32 model to quantize: an MLflow run id/URI, a pipeline stage name, or a dir
     skip: List[str] = field(default_factory=list)  # Linear modules kept in fp32 (e.g. the head)
+    eval_batch_size: int = 256
+
+
+@dataclass
+class EvaluateRecipeConfig(RecipeConfig):
+    name: str = "evaluate"
+    runs_on: RunsOn = RunsOn.driver
+    reads: Dict[str, ModelRead] = field(default_factory=lambda: {"input": ModelRead("input", required=True)})
+    # the model to evaluate: an MLflow run id/URI, models:/NAME@alias or models:/NAME/VERSION, or a model folder
+    input: Optional[str] = None
     eval_batch_size: int = 256
 
 
@@ -404,6 +420,7 @@ def register_schemas() -> None:
     cs.store(group="schema/recipe", name="prune", node=PruneRecipeConfig)
     cs.store(group="schema/recipe", name="distill", node=DistillRecipeConfig)
     cs.store(group="schema/recipe", name="quantize", node=QuantizeRecipeConfig)
+    cs.store(group="schema/recipe", name="evaluate", node=EvaluateRecipeConfig)
     cs.store(group="schema/recipe", name="pipeline", node=PipelineRecipeConfig)
     cs.store(group="schema/pipeline", name="pipeline", node=PipelineConfig)
     cs.store(group="schema/sweep", name="sweep", node=SweepConfig)

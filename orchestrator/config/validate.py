@@ -203,6 +203,26 @@ def missing_pretrained_reason(path: str) -> Optional[str]:
     return None
 
 
+# MLflow's own rules, checked before a run rather than after it: a registered model's name holds no '/' or ':', an
+# alias is letters, digits, '_' and '-', and "latest" and v<N> are reserved (models:/NAME/latest, version aliases)
+ALIAS = re.compile(r"[\w-]{1,255}")
+
+
+def validate_registration(cfg: Mapping[str, Any]) -> None:
+    tracking = cfg["tracking"]
+    name, alias = tracking.get("register_as"), tracking.get("alias")
+    if name is None:
+        return
+    if not str(name).strip() or any(c in str(name) for c in "/:"):
+        raise ConfigError("tracking.register_as", name, "expected a registered model name without '/' or ':'")
+    if alias and (not ALIAS.fullmatch(alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias)):
+        raise ConfigError(
+            "tracking.alias", alias,
+            "expected letters, digits, '_' and '-' (MLflow reserves 'latest', which models:/NAME/latest already "
+            "means, and v<N>); or '' for no alias",
+        )
+
+
 def validate_recipe(cfg: Mapping[str, Any]) -> None:
     name = cfg["recipe"]["name"]
     if importlib.util.find_spec(f"orchestrator.recipes.{name}") is None:
@@ -249,16 +269,22 @@ RUN_ID = re.compile(r"[0-9a-f]{32}")
 STRUCTURED_MODELS = ("orchestrator.models.mlp.MLP", "orchestrator.models.cnn.CNN", "orchestrator.models.gpt.GPT")
 HF_MODEL = "orchestrator.models.hf_causal_lm.HFCausalLM"
 REFERENCE_FORMS = (
-    "an MLflow run id (32 hex characters), a runs:/<run id>/model URI, or a directory holding an exported model "
-    "(model.yaml + model.safetensors) or an orch checkpoint"
+    "an MLflow run id (32 hex characters), a runs:/<run id>/model URI, a registered model (models:/NAME@alias or "
+    "models:/NAME/VERSION), or a directory holding an exported model (model.yaml + model.safetensors) or an orch "
+    "checkpoint"
 )
+# models:/NAME@ALIAS, models:/NAME/VERSION or models:/NAME/latest (the newest version): MLflow's Model Registry
+REGISTERED_MODEL = re.compile(r"models:/(?P<name>[^/@:]+)(?:@(?P<alias>[\w-]+)|/(?P<version>[0-9]+|latest))")
 
 
 def reference_kind(value: str, paths_here: bool = True) -> Optional[str]:
-    """What a model reference outside a pipeline's stage names is: "run", "path", or None when it is neither.
-    Without `paths_here` a path is taken at its word when it is written as one (it is checked where it lives)."""
+    """What a model reference outside a pipeline's stage names is: "run", "registered", "path", or None when it is
+    none of them. Without `paths_here` a path is taken at its word when it is written as one (it is checked where it
+    lives)."""
     if value.startswith("runs:/") or RUN_ID.fullmatch(value):
         return "run"
+    if REGISTERED_MODEL.fullmatch(value):
+        return "registered"
     if Path(value).expanduser().is_dir() or (not paths_here and value.startswith(("/", "~", "./", "../"))):
         return "path"
     return None

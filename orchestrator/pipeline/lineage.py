@@ -4,6 +4,7 @@
   orch.stage.<name>.run_id per stage, and the compression report.
 * Child (one per stage, `mlflow.parentRunId` = parent): orch.stage, orch.kind, orch.<role>_run_id and
   orch.<role>_stage for every input it read (role: input, teacher), and, once its model is logged, orch.cache_key.
+  The parent's metrics summarize the report: the final stage's quality and size and its ratios to the first stage.
 * Cache: a stage is reused when a FINISHED run carries its cache key (a hash of its resolved config and, recursively,
   of its inputs' configs: `orchestrator.plan.stage_key`) *and* read the very same input runs. A reused stage that
   belongs to another pipeline run gets a small FINISHED child here, tagged orch.reused_run_id, so the parent still
@@ -33,6 +34,8 @@ def input_tags(stage: StagePlan, sources: Mapping[str, Mapping[str, str]], pipel
             tags[f"orch.{role}_stage"] = source["stage"]
         if "path" in source:
             tags[f"orch.{role}_path"] = source["path"]
+        if "model_uri" in source:
+            tags[f"orch.{role}_model_uri"] = source["model_uri"]
     return tags
 
 
@@ -92,6 +95,9 @@ class PipelineRun:
 
     def log_report(self, directory: str) -> None:
         self.parent.log_artifacts(directory, "report")
+
+    def log_summary(self, metrics: Mapping[str, float]) -> None:
+        self.parent.log_metrics(metrics)
 
     def finish(self, status: str) -> None:
         self.parent.finish(status)

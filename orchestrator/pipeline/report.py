@@ -89,6 +89,23 @@ def stage_row(
     return row
 
 
+def summary_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """What a pipeline's parent run shows in the runs table: the final stage's quality and size, and how it compares
+    with the first stage (ratios first / final: 4.0 means four times smaller; latency: times faster)."""
+    first, final = rows[0], rows[-1]
+    summary = {f"final_{key}": float(final[key]) for key in ("val_accuracy", "val_perplexity", "parameters",
+                                                               "nonzero_parameters", "sparsity", "size_bytes",
+                                                               "size_gzip_bytes", "latency_ms") if key in final}
+    for key, name in (("size_bytes", "size_ratio"), ("size_gzip_bytes", "size_gzip_ratio"),
+                      ("nonzero_parameters", "nonzero_parameters_ratio"), ("latency_ms", "latency_speedup")):
+        if final.get(key):
+            summary[name] = float(first[key]) / float(final[key])
+    for key in ("val_accuracy", "val_perplexity"):
+        if key in final and key in first:
+            summary[f"{key}_change"] = float(final[key]) - float(first[key])
+    return summary
+
+
 def write_report(rows: Sequence[Mapping[str, Any]], out_dir: Path, title: str) -> list[Path]:
     from orchestrator.track.plots import quality_vs_size
 

@@ -9,7 +9,9 @@
                       stage that needs workers and serves all the others (a driver-side recipe, quantize, needs none). Under `resume=`, a
                       stage this pipeline run started and did not finish continues from its last checkpoint.
   report   every stage's model measured on the driver's CPU (`orchestrator.pipeline.report`): printed, and logged
-           to the parent run as CSV, markdown and a PNG of accuracy vs size
+           to the parent run as CSV, markdown and a PNG of accuracy vs size; the final stage against the first as
+           the parent's metrics (final_val_accuracy, size_ratio ...), so the runs table compares pipelines
+  register the final stage's model in the Model Registry when tracking.register_as names one
 A failure marks the parent FAILED; running the same pipeline again reuses the finished stages and starts at the
 one that failed.
 """
@@ -28,11 +30,12 @@ from orchestrator.config.trust import trusted_model_targets
 from orchestrator.launch.ray_session import RaySession
 from orchestrator.pipeline.lineage import PipelineRun, input_tags
 from orchestrator.pipeline.plan import PipelinePlan
-from orchestrator.pipeline.report import print_report, stage_row, write_report
+from orchestrator.pipeline.report import print_report, stage_row, summary_metrics, write_report
 from orchestrator.stage_runner import (
     StageResult,
     cluster_session,
     needs_ray,
+    register_result,
     resolve_sources,
     run_stage,
 )
@@ -82,7 +85,11 @@ def run_pipeline(plan: PipelinePlan, console: Optional[Console] = None) -> list[
             title = f"compression report · {plan.run_name}"
             write_report(rows, Path(scratch) / "report", title)
             lineage.log_report(str(Path(scratch) / "report"))
+            lineage.log_summary(summary_metrics(rows))
         print_report(rows, console, title)
+        # --- register: the final stage's model, if tracking.register_as asks ---
+        final = plan.stages[-1]
+        register_result(results[final.name], final.config["tracking"])
     return [results[stage.name] for stage in plan.stages]
 
 

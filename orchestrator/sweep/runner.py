@@ -182,7 +182,8 @@ def _record_outcome(plan: SweepPlan, parent: SweepRun, grid, cwd: Path) -> Sweep
         parent.log_artifacts(str(best_dir), "best")
     _write_tables_and_plots(plan, rows, out)
     parent.log_artifacts(str(out))
-    parent.log_metrics({"trials": len(rows), "trials_early_stopped": sum(r["state"] == "early_stopped" for r in rows),
+    parent.log_metrics({"trials": len(rows), "trials_completed": sum(r["state"] == "completed" for r in rows),
+                        "trials_early_stopped": sum(r["state"] == "early_stopped" for r in rows),
                         "trials_failed": sum(r["state"] == "failed" for r in rows)})
     return SweepOutcome(
         run_name=plan.run_name,

@@ -24,6 +24,10 @@ PARENT_TAG = "mlflow.parentRunId"
 # reuses a FINISHED run that carries its stage's key
 CACHE_KEY_TAG = "orch.cache_key"
 METRICS_PLOTTED = ("loss", "val_loss", "val_accuracy", "val_perplexity")
+# MLflow 3's experiment kind (the UI reads it to pick its layout): "custom_model_development" opens on the runs table,
+# where genai_development would open on traces
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -46,11 +50,75 @@ def git_commit() -> Optional[str]:
 
 
 def experiment_id(client: Any, tracking: TrackingPlan) -> str:
-    """The id of the plan's experiment, created (with its artifact location) the first time it is used."""
+    """The id of the plan's experiment, created (with its artifact location) the first time it is used, and marked
+    as a model-training experiment unless it already has a kind (someone else's choice stays)."""
     experiment = client.get_experiment_by_name(tracking.experiment)
-    if experiment is not None:
-        return experiment.experiment_id
-    return client.create_experiment(tracking.experiment, artifact_location=tracking.artifact_location)
+    if experiment is None:
+        return client.create_experiment(
+            tracking.experiment, artifact_location=tracking.artifact_location,
+            tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND},
+        )
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    return experiment.experiment_id
+
+
+def data_name(data_cfg: Mapping[str, Any]) -> str:
+    """A dataset's name in MLflow: the data module (digits, synthetic, text), and the files of a text dataset."""
+    target = str(data_cfg.get("_target_", "data"))
+    name = target.rsplit(".", 2)[-2] if target.count(".") >= 2 else target
+    return f"{name}:{Path(str(data_cfg['path'])).name}" if data_cfg.get("path") else name
+
+
+def log_dataset_input(client: Any, run_id: str, data_cfg: Mapping[str, Any], context: str) -> None:
+    """The run's data as an MLflow dataset input (the runs table's Datasets column): metadata only, nothing is
+    uploaded. Its source holds the data config and its digest is a hash of it, so runs on the same data (same
+    split, same limit) show the same digest."""
+    import hashlib
+
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    config = json.dumps(dict(data_cfg), sort_keys=True, default=str)
+    dataset = MetaDataset(
+        CodeDatasetSource(tags={"orch.data": config}),
+        name=data_name(data_cfg),
+        digest=hashlib.sha256(config.encode()).hexdigest()[:16],
+    )
+    client.log_inputs(
+        run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])]
+    )
+
+
+def register_model(tracking_uri: str, run_id: str, name: str, alias: str) -> str:
+    """A new version of registered model `name` from the run's MLflow Model, with `alias` pointing at it (moved from
+    an older version). Returns its URI, models:/NAME/VERSION."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from orchestrator.artifacts.mlflow_model import MLFLOW_MODEL_DIR
+    from orchestrator.artifacts.source import MODEL_ARTIFACT
+
+    client = MlflowClient(tracking_uri)
+    source = f"{MODEL_ARTIFACT}/{MLFLOW_MODEL_DIR}"
+    if not client.list_artifacts(run_id, source):
+        from orchestrator.config.validate import ConfigError
+
+        reason = client.get_run(run_id).data.tags.get("orch.mlflow_model_error", "it was not logged")
+        raise ConfigError("tracking.register_as", name, f"run {run_id} has no MLflow Model ({source}) to register: {reason}")
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="registered by orch (tracking.register_as)")
+    version = client.create_model_version(
+        name, f"runs:/{run_id}/{source}", run_id=run_id,
+        tags={"orch.run_name": client.get_run(run_id).data.tags.get(RUN_NAME_TAG, "")},
+    )
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return f"models:/{name}/{version.version}"
 
 
 def new_run_tags(run_name: str, **tags: str) -> dict[str, str]:
@@ -129,6 +197,8 @@ class StageRun:
 
             params = [Param(key, str(value)) for key, value in flatten(stage.config).items()]
             self.client.log_batch(self.run_id, params=params, synchronous=True)
+            context = "training" if stage.config["recipe"]["runs_on"] == "workers" else "evaluation"
+            log_dataset_input(self.client, self.run_id, stage.config["data"], context)
         self.client.log_text(self.run_id, yaml.safe_dump(stage.config, sort_keys=False), f"config/resolved{suffix}.yaml")
         self.client.log_dict(self.run_id, stage.deepspeed, f"config/deepspeed{suffix}.json")
         return self.run_id

@@ -37,7 +37,8 @@ def user_run(tmp_path_factory):
     """`orch run` with small settings, exactly as typed at a shell, in an empty directory."""
     cwd = tmp_path_factory.mktemp("user")
     out = subprocess.run(
-        [*ORCH, "run", "name=first", "trainer.max_steps=30", "trainer.eval_every=15", "trainer.checkpoint_every=15"],
+        [*ORCH, "run", "name=first", "trainer.max_steps=30", "trainer.eval_every=15", "trainer.checkpoint_every=15",
+         "tracking.register_as=digits-first"],
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -54,11 +55,49 @@ def test_orch_run_prints_progress_and_a_summary_and_writes_the_local_store(user_
         assert line in stdout
     assert (cwd / "mlflow.db").is_file()
     assert list((cwd / "orch_runs" / "first").glob("checkpoint_step_00000030"))
-    run = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}").search_runs(["1"])[0]
+    run = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}").search_runs(["1"], order_by=["attributes.start_time ASC"])[0]
     assert run.info.run_name == "first" and run.info.status == "FINISHED"
     assert run.data.metrics["val_accuracy"] > 0.5
     # precision=auto (the default) became bf16 only where the CPU computes bf16 natively
     assert run.data.tags["orch.precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
+
+
+def test_the_run_registers_its_mlflow_model_and_orch_eval_measures_the_registered_version(user_run, tmp_path):
+    """tracking.register_as: a Model Registry version (alias newest) of the run's MLflow Model, which MLflow loads;
+    `orch eval models:/...` evaluates it on the driver and tags the run it evaluated."""
+    import mlflow.pytorch
+    import torch
+
+    from orchestrator.data.digits import load_digits_splits
+
+    cwd, stdout = user_run
+    uri = f"sqlite:///{cwd / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    [run] = client.search_runs(["1"], filter_string="tags.`orch.run_name` = 'first'")
+    assert "registered:  models:/digits-first/1" in stdout
+    version = client.get_model_version_by_alias("digits-first", "newest")
+    assert version.run_id == run.info.run_id and version.source == f"runs:/{run.info.run_id}/model/mlflow_model"
+    assert client.get_experiment("1").tags["mlflow.experimentKind"] == "custom_model_development"
+    [dataset] = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "digits"
+
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        (tmp_path / "download").mkdir()
+        served = mlflow.pytorch.load_model("models:/digits-first@newest", dst_path=str(tmp_path / "download"))
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    inputs, targets = load_digits_splits().val.tensors
+    with torch.no_grad():
+        accuracy = (served(inputs).argmax(-1) == targets).float().mean().item()
+    assert accuracy == pytest.approx(run.data.metrics["val_accuracy"], abs=0.02)
+
+    out = subprocess.run([*ORCH, "eval", "models:/digits-first@newest", "data=digits"], cwd=cwd, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    [evaluation] = client.search_runs(["1"], filter_string="tags.`orch.recipe` = 'evaluate'")
+    assert evaluation.data.tags["orch.input_run_id"] == run.info.run_id
+    assert evaluation.data.metrics["val_accuracy"] == pytest.approx(accuracy, abs=1e-6)
 
 
 def test_a_second_run_with_the_same_name_is_refused_and_nothing_is_touched(user_run):
@@ -67,7 +106,8 @@ def test_a_second_run_with_the_same_name_is_refused_and_nothing_is_touched(user_
     out = subprocess.run([*ORCH, "run", "name=first"], cwd=cwd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "resume=first" in out.stderr
     assert sorted(p.name for p in (cwd / "orch_runs" / "first").iterdir()) == before
-    assert len(MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}").search_runs(["1"])) == 1
+    runs = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}").search_runs(["1"], filter_string="tags.`orch.run_name` = 'first'")
+    assert len(runs) == 1
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (.ci/run installs it)")
@@ -89,7 +129,7 @@ def test_orch_ui_shows_the_run_and_its_metrics_in_a_browser(user_run):
             assert ui.poll() is None, ui.stdout.read().decode()[-2000:] if ui.stdout else "orch ui exited"
             assert time.time() < deadline, "orch ui did not answer within 120 s"
             time.sleep(1)
-        run = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}").search_runs(["1"])[0]
+        run = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}").search_runs(["1"], order_by=["attributes.start_time ASC"])[0]
         with tempfile.TemporaryDirectory(prefix="orch-chromium-") as profile:
             dom = subprocess.run(
                 [

@@ -87,6 +87,13 @@ def test_the_exported_model_is_a_hugging_face_directory(gpt2_run, client, tmp_pa
     client.create_registered_model("lm-e2e-gpt2")
     version = client.create_model_version("lm-e2e-gpt2", f"runs:/{result.run_id}/model/mlflow_model", run_id=result.run_id)
     assert version.status == "READY" and (local / "mlflow_model" / "MLmodel").is_file()
+    # a torch.export archive, not a pickle: MLflow loads it with torch alone, sequence length free up to the block
+    import mlflow.pytorch
+
+    assert (local / "mlflow_model" / "data" / "model.pt2").is_file()
+    served = mlflow.pytorch.load_model(str(local / "mlflow_model"))
+    tokens = torch.randint(0, 256, (3, 10))
+    assert torch.allclose(served(tokens), ours(tokens), atol=1e-5)
 
 
 @pytest.fixture(scope="module")

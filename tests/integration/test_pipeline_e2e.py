@@ -113,6 +113,11 @@ def test_parent_run_with_one_nested_child_per_stage_and_lineage_tags(first, clie
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert report == {"report/compression_report.csv", "report/compression_report.md", "report/accuracy_vs_size.png"}
     assert "sparsity/table.json" in {a.path for a in client.list_artifacts(ids["pruned"], "sparsity")}
+    # every stage's model is an MLflow Model too (the quantized one as its fp32 weights), and the parent summarizes
+    for run_id in ids.values():
+        assert "model/mlflow_model/MLmodel" in {a.path for a in client.list_artifacts(run_id, "model/mlflow_model")}
+    summary = parent.data.metrics
+    assert 0 < summary["final_val_accuracy"] <= 1 and summary["size_ratio"] > 1 and summary["nonzero_parameters_ratio"] > 1
 
 
 def test_structured_pruning_shrinks_the_model_masks_hold_and_accuracy_is_measured(first, client, tmp_path):

@@ -28,6 +28,7 @@ NEEDS_A_MODEL = {
     "prune": [f"recipe.input={RUN_ID}"],
     "finetune": [f"recipe.input={RUN_ID}"],
     "quantize": [f"recipe.input={RUN_ID}"],
+    "evaluate": [f"recipe.input={RUN_ID}"],
     "distill": [f"recipe.distill.teacher={RUN_ID}"],
 }
 
