@@ -75,6 +75,8 @@ SYNOPSIS_WORDS = {
     "GROUP": "model",
     "GROUP/OPTION": "model/mlp",
     "DEST": "conf/model/mine.yaml",
+    "MODEL": FAKE_RUN_ID,  # orch eval MODEL
+    "data=...": "data=digits",
 }
 # `key=value ...` and a trailing `...` stand for "your overrides": a cluster job's needs them (shared storage and a
 # tracking server, which `orch submit` checks), anything else is fine without
@@ -400,6 +402,12 @@ def checks_for(doc: Documented, cwd: Path) -> list[Check]:
             args = [a for a in args if a not in ("-m", "--multirun")]
             return [Check(["plan", *job], "ok") for job in multirun_jobs(args)]
         return [Check(["plan", *args], "ok")]
+    if command == "eval" and args and "--help" not in args:
+        # `orch eval MODEL ...` is `orch run recipe=evaluate recipe.input=MODEL ...`: planned the same way
+        model, rest = args[0], args[1:]
+        if not model.startswith(("models:/", "runs:/")) and model != FAKE_RUN_ID:
+            (cwd / model).mkdir(parents=True, exist_ok=True)  # a model folder (an orch run's folder)
+        return [Check(["plan", "recipe=evaluate", f"recipe.input={model}", *rest], "ok")]
     if command == "sweep" and "--plan" not in args and "--help" not in args:
         return [Check(["sweep", "--plan", *args], "ok")]
     if command in JOB_COMMANDS:
