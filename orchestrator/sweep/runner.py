@@ -26,7 +26,7 @@ from orchestrator.sweep.plan import SweepPlan, apply
 from orchestrator.sweep.space import decode, encode_options, to_tune
 from orchestrator.sweep.tracking import SweepRun
 from orchestrator.sweep.trial import run_trial
-from orchestrator.track.mlflow_run import closed_with_outcome
+from orchestrator.track.mlflow_run import closed_with_outcome, log_file_attached
 from orchestrator.track.tables import csv_table, format_cell, markdown_table, print_table
 
 # The trial's own process only drives its Ray Train run (whose controller asks for no CPU either); the workers
@@ -86,7 +86,10 @@ def _scheduler(plan: SweepPlan):
     )
 
 
-def run_sweep(plan: SweepPlan, console: Optional[Console] = None, cwd: Optional[Path] = None) -> SweepOutcome:
+def run_sweep(
+    plan: SweepPlan, console: Optional[Console] = None, cwd: Optional[Path] = None, log_file: Optional[Path] = None
+) -> SweepOutcome:
+    """`log_file`: the sweep's log (`orchestrator.launch.run_log`), logged to the parent run as `logs/driver.log`."""
     import ray.tune
 
     console = console or Console()
@@ -100,7 +103,7 @@ def run_sweep(plan: SweepPlan, console: Optional[Console] = None, cwd: Optional[
         parent = SweepRun(base.tracking)
         parent.start_sweep(plan, concurrency)
         console.rule(f"[bold]sweep[/bold] {plan.name} · {plan.run_name} · {concurrency} trial(s) at a time")
-        with closed_with_outcome(parent.finish):
+        with closed_with_outcome(parent.finish), log_file_attached(parent.parent.log_artifact, log_file):
             # --- tune ---
             spec = {
                 "base": plan.base,
