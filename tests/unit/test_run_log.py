@@ -67,7 +67,7 @@ def _route_every_kind_of_output(path: Path) -> None:
             print("(RayTrainWorker pid=946) Reporting training result 1: TrainingReport(checkpoint=...)")
             print("Token authentication is enabled for this Ray cluster", file=sys.stderr)
             logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
-            logging.getLogger("ray.train").warning("a library warning")
+            logging.getLogger("test_run_log.a_library").warning("a library warning")  # propagates to the root
             deepspeed.warning("Attempting to get learning rate from scheduler before it has started")
             logging.getLogger("orchestrator.train.checkpoints").warning("skipping checkpoint_step_10")
             logging.getLogger("mlflow.tracking").error("could not reach the tracking server")
