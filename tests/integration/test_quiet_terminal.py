@@ -71,7 +71,7 @@ def test_orch_run_in_a_terminal_shows_orchs_lines_and_logs_the_rest(tmp_path):
     assert code == 0, console[-4000:]
     log_file = tmp_path / "orch_runs" / "quiet" / "logs" / "driver.log"
     # orch's own lines: the start line with the log's path, the progress bar, the summary
-    assert "orch run quiet" in console and f"logs: {log_file.relative_to(tmp_path)}" in console
+    assert "orch run quiet" in console and re.search(r"logs: \S*/orch_runs/quiet/logs/driver\.log", console)
     assert "30/30" in console and "val_accuracy" in console
     assert "MLflow run:" in console and "checkpoint:" in console
     # no library line on the console
