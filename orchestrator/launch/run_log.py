@@ -52,9 +52,8 @@ class _OnTerminal(logging.Filter):
 
 
 def _loggers() -> list[logging.Logger]:
-    return [logging.getLogger()] + [
-        logger for logger in logging.Logger.manager.loggerDict.values() if isinstance(logger, logging.Logger)
-    ]
+    existing = list(logging.Logger.manager.loggerDict.values())  # one copy: other threads may add loggers meanwhile
+    return [logging.getLogger()] + [logger for logger in existing if isinstance(logger, logging.Logger)]
 
 
 def _stream_handlers(streams: tuple[TextIO, ...]) -> list[logging.StreamHandler]:
