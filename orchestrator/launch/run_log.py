@@ -3,14 +3,14 @@
 `orch run` and `orch sweep` print their own lines (start line, progress, evaluations, summary, errors) on a console
 bound to the terminal before the run starts; `quiet_terminal(path)` then routes everything else for the block:
 
-  driver     sys.stdout and sys.stderr point at the log file. Ray's handler writes to whatever sys.stderr is when it
-             emits, so its records follow; MLflow's loggers propagate to the root logger
-             (MLFLOW_CONFIGURE_LOGGING=false); handlers already bound to the terminal (Hydra's job logging on the root
-             logger, DeepSpeed's logger) are pointed at the file. The root logger passes INFO.
+  driver     sys.stdout and sys.stderr point at the log file. Ray's and MLflow's handlers write to whatever
+             sys.stderr is when they emit, so their records follow; the root logger (Hydra's job logging) writes to
+             the file, INFO and up, with time, level and logger name; other handlers already bound to the terminal
+             (DeepSpeed's logger) are pointed at the file.
   workers    Ray forwards every worker's and actor's stdout/stderr to the driver (log_to_driver), which prints it
              to sys.stdout/sys.stderr: into the file, with RAY_COLOR_PREFIX=0 (no colour codes) and RAY_DEDUP_LOGS=0
-             (every rank's line, not "[repeated 3x across cluster]"). These switches are read when the library is
-             imported or prints, and the CLI imports Ray and MLflow only after this block is entered.
+             (every rank's line, not "[repeated 3x across cluster]"). These switches are read when Ray is imported
+             or prints, and the CLI imports Ray only after this block is entered.
   terminal   ERROR records of any logger, and orch's own warnings, still reach the terminal (and the file); orch's
              warnings on rank 0 come through the progress board (orchestrator.train.worker_metrics.WarningsToDriver).
 
@@ -31,9 +31,8 @@ from typing import Iterator, TextIO
 LOG_FILE = "driver.log"
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 TERMINAL_FORMAT = "%(levelname)s %(name)s: %(message)s"
-# library switches for a log file: Ray's forwarded worker lines without ANSI colours and without de-duplication;
-# MLflow's loggers left to propagate to the root logger (MLflow imported later), so that its errors reach the terminal
-QUIET_ENV = {"RAY_COLOR_PREFIX": "0", "RAY_DEDUP_LOGS": "0", "MLFLOW_CONFIGURE_LOGGING": "false"}
+# library switches for a log file: Ray's forwarded worker lines without ANSI colours and without de-duplication
+QUIET_ENV = {"RAY_COLOR_PREFIX": "0", "RAY_DEDUP_LOGS": "0"}
 
 
 def run_log_path(storage_path: str, run_name: str) -> Path:
@@ -76,17 +75,18 @@ def quiet_terminal(path: Path) -> Iterator[Path]:
     terminal_out, terminal_err = sys.stdout, sys.stderr
     env_set = [key for key in QUIET_ENV if key not in os.environ]  # a user's own setting wins
     root = logging.getLogger()
-    root_level = root.level
+    root_level, root_handlers = root.level, root.handlers[:]
     repointed: list[tuple[logging.StreamHandler, TextIO]] = []
     added: list[logging.Handler] = []
     detached: list[logging.Logger] = []
     try:
         os.environ.update({key: QUIET_ENV[key] for key in env_set})
+        for handler in root_handlers:
+            root.removeHandler(handler)
         for handler in _stream_handlers((terminal_out, terminal_err)):
             repointed.append((handler, handler.setStream(log)))
-        if not root.handlers:  # no job logging configured (a library caller): the file gets a handler of its own
-            added.append(logging.StreamHandler(log))
-            added[-1].setFormatter(logging.Formatter(FILE_FORMAT))
+        added.append(logging.StreamHandler(log))
+        added[-1].setFormatter(logging.Formatter(FILE_FORMAT))
         added.append(logging.StreamHandler(terminal_err))
         added[-1].setFormatter(logging.Formatter(TERMINAL_FORMAT))
         added[-1].addFilter(_OnTerminal())
@@ -105,6 +105,8 @@ def quiet_terminal(path: Path) -> Iterator[Path]:
         sys.stdout, sys.stderr = terminal_out, terminal_err
         for handler in added:
             root.removeHandler(handler)
+        for handler in root_handlers:
+            root.addHandler(handler)
         for logger in detached:
             logger.removeHandler(added[-1])
         root.setLevel(root_level)
