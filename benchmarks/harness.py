@@ -216,8 +216,9 @@ def orch_executable() -> list[str]:
 
 
 def orch_command(overrides: Sequence[str]) -> list[str]:
-    """(a): `orch run` with its defaults except what the benchmark sets."""
-    return [*orch_executable(), "run", *overrides]
+    """(a): `orch run` with its defaults except what the benchmark sets. `-v`: the libraries' output on the process's
+    own stdout, not in the run's log file (scaling.py reads DeepSpeed's wall_clock_breakdown lines from it)."""
+    return [*orch_executable(), "run", "-v", *overrides]
 
 
 def common_overrides(model: str, workers: int, threads: int, steps: int, batch: int = 32, precision: str = "fp32", zero: int = 0) -> list[str]:

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from orchestrator.pipeline.plan import PipelinePlan
 from orchestrator.plan import Plan
+from orchestrator.track.tables import print_table
 
 if TYPE_CHECKING:
     from orchestrator.stage_runner import StageResult
@@ -74,12 +75,9 @@ def print_summary(results: Sequence["StageResult"], console: Optional[Console] =
     console = console or Console()
     for result in results:
         console.rule(f"[bold green]done[/bold green] {result.stage} · {result.run_name}")
-        table = Table(show_header=False)
-        for key, value in sorted(result.metrics.items()):
-            if key == "rank_weight_digests":
-                continue
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-        console.print(table)
+        metrics = sorted((key, value) for key, value in result.metrics.items() if key != "rank_weight_digests")
+        rows = [[key, f"{value:.4f}" if isinstance(value, float) else str(value)] for key, value in metrics]
+        print_table(console, ["metric", "value"], rows, show_header=False)
         console.print(f"MLflow run:  {result.run_id} (experiment {result.experiment_id}, {result.tracking_uri})")
         console.print(f"checkpoint:  {result.checkpoint_path}")
         if result.model_artifact_uri:

@@ -97,18 +97,20 @@ def resolve_sources(stage: StagePlan, stage_runs: Mapping[str, str], tracking_ur
     return sources
 
 
-def run_plan(plan: Plan, console: Optional[Console] = None) -> list[StageResult]:
-    """Run a single-stage plan (`orchestrator.plan.build_plan`); its model is registered if the config asks."""
+def run_plan(plan: Plan, console: Optional[Console] = None, log_file: Optional[Path] = None) -> list[StageResult]:
+    """Run a single-stage plan (`orchestrator.plan.build_plan`); its model is registered if the config asks.
+    `log_file`: the run's log, logged to its MLflow run."""
     console = console or Console()
     [stage] = plan.stages
     sources = resolve_sources(stage, {}, plan.tracking.uri)
     tags = source_tags(sources)
     if not needs_ray(stage):
-        result = run_stage(plan.tracking, stage, console, resuming=plan.resuming, sources=sources, tags=tags)
+        result = run_stage(plan.tracking, stage, console, resuming=plan.resuming, sources=sources, tags=tags, log_file=log_file)
     else:
         # Ray starts while the MLflow run and the trainer are set up
         with cluster_session(stage.config["cluster"], plan.stages, in_background=True) as session:
-            result = run_stage(plan.tracking, stage, console, resuming=plan.resuming, sources=sources, tags=tags, session=session)
+            result = run_stage(plan.tracking, stage, console, resuming=plan.resuming, sources=sources, tags=tags, session=session,
+                               log_file=log_file)
     register_result(result, stage.config["tracking"])
     return [result]
 
@@ -146,15 +148,21 @@ def run_stage(
     tags: Optional[Mapping[str, str]] = None,
     train_callbacks: Sequence[Any] = (),
     session: Optional[RaySession] = None,
+    log_file: Optional[Path] = None,
 ) -> StageResult:
     """`train_callbacks`: Ray Train callbacks added to the fit (a sweep's trial forwards reports to Tune with one).
-    `session`: the Ray this stage's workers run on, waited for before the fit (none: Ray is up already)."""
-    from orchestrator.track.mlflow_run import StageRun
+    `session`: the Ray this stage's workers run on, waited for before the fit (none: Ray is up already).
+    `log_file`: the run's log (`orchestrator.launch.run_log`), logged as `logs/driver.log` when the stage ends."""
+    from orchestrator.track.mlflow_run import StageRun, log_file_attached
 
     recipe = recipe_module(stage)
     tracking = StageRun(tracking_plan)
     run_id = tracking.start(stage, resuming, parent_run_id, tags)
-    with closed_with_outcome(tracking.finish), tempfile.TemporaryDirectory(prefix="orch-export-") as out:
+    with (
+        closed_with_outcome(tracking.finish),
+        log_file_attached(tracking.log_artifact, log_file),
+        tempfile.TemporaryDirectory(prefix="orch-export-") as out,
+    ):
         model_dir = Path(out) / "model"
         if not needs_ray(stage):
             metrics = recipe.run_on_driver(stage.config, sources, model_dir)
@@ -238,7 +246,8 @@ def _fit(
             failure_config=ray.train.FailureConfig(max_failures=trainer_cfg["max_failures"]),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=trainer_cfg["keep_checkpoints"]),
             worker_runtime_env={"env_vars": worker_env(stage.config["cluster"], stage.use_gpu)},
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            # Ray Train's own INFO (worker group start, reports, checkpoints): in the run's log file, or live with -v
+            logging_config=ray.train.LoggingConfig(log_level="INFO"),
             callbacks=list(callbacks) or None,
         ),
     )

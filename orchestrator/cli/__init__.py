@@ -1,6 +1,6 @@
 """`orch`: the command line. Thin: Hydra owns config composition and overrides; the work lives in the library.
 
-    orch run [--plan] [key=value ...]   train (Hydra overrides; -m for multirun; --help lists the config groups)
+    orch run [--plan] [-v] [key=value ...]   train (Hydra overrides; -m for multirun; --help lists the config groups)
     orch plan [key=value ...]            validate and print the plan; starts nothing
     orch sweep [sweep=NAME] [key=value ...]  hyperparameter search on Ray Tune (conf/sweep/)
     orch eval MODEL [key=value ...]      evaluate a model on a data config's validation split (driver, no Ray)
@@ -38,6 +38,7 @@ commands:
   ls      [GROUP]   the config groups and options, one line each   cp GROUP/OPTION [DEST]   copy one to ./conf to edit
 
   --json (plan, run, sweep, submit, status, list): one JSON document on stdout for scripts
+  -v, --verbose (run, sweep): show Ray's, DeepSpeed's and MLflow's output live instead of in the run's log file
   orch --install-completion [bash|zsh]: print the shell completion script (eval "$(orch --install-completion)")
 
 examples:
@@ -63,6 +64,7 @@ class _Mode:
     source: "ConfigSource"
     plan_only: bool = False
     json: bool = False
+    verbose: bool = False  # libraries' output live on the terminal, not in the run's log file
     sweep: bool = False
     sweep_overrides: list[str] = field(default_factory=list)
     space_edits: list[tuple] = field(default_factory=list)
@@ -131,24 +133,25 @@ def _default_config(mode: _Mode):
 
 
 def _train(plan, mode: _Mode) -> None:
-    from rich.console import Console
-
     from orchestrator.config.validate import ConfigError
+    from orchestrator.launch.run_log import run_log_path
     from orchestrator.pipeline.plan import PipelinePlan
     from orchestrator.plan_view import print_summary
 
-    # long paths and run ids stay on one line, copyable; with --json stdout holds the JSON document alone
-    console = Console(soft_wrap=True, stderr=mode.json)
+    console = _console(mode)
+    log_file = None if mode.verbose else run_log_path(plan.storage_path, plan.run_name)
     console.print(f"[bold]orch[/bold] run [cyan]{plan.run_name}[/cyan] → MLflow {plan.tracking.uri}")
+    _print_log_line(console, log_file)
     try:
-        if isinstance(plan, PipelinePlan):
-            from orchestrator.pipeline.runner import run_pipeline
+        with _quiet(log_file):
+            if isinstance(plan, PipelinePlan):
+                from orchestrator.pipeline.runner import run_pipeline
 
-            results = run_pipeline(plan, console)
-        else:
-            from orchestrator.stage_runner import run_plan
+                results = run_pipeline(plan, console, log_file=log_file)
+            else:
+                from orchestrator.stage_runner import run_plan
 
-            results = run_plan(plan, console)
+                results = run_plan(plan, console, log_file=log_file)
     except ConfigError as error:
         fail(str(error))
     except KeyboardInterrupt:
@@ -158,10 +161,11 @@ def _train(plan, mode: _Mode) -> None:
 
         from orchestrator.train.steps import TrainingDiverged
 
+        logs = f"; its log: {log_file}" if log_file else ""
         if isinstance(error, TrainingDiverged):
-            fail(f"training diverged: {error}; the run is marked FAILED in MLflow", 1)
+            fail(f"training diverged: {error}; the run is marked FAILED in MLflow{logs}", 1)
         if isinstance(error, TrainingFailedError):
-            fail(f"training failed: {error}\nthe run is marked FAILED in MLflow; fix and continue with resume={plan.run_name}", 1)
+            fail(f"training failed: {error}\nthe run is marked FAILED in MLflow{logs}; fix and continue with resume={plan.run_name}", 1)
         raise
     if mode.json:
         print_json([asdict(result) for result in results])
@@ -169,9 +173,30 @@ def _train(plan, mode: _Mode) -> None:
         print_summary(results, console)
 
 
+def _console(mode: _Mode):
+    """orch's own lines: bound to the terminal now, so that they stay there while a quiet run routes the libraries'
+    output to its log file. Long paths and run ids stay on one line, copyable; with --json stdout holds the JSON
+    document alone."""
+    from rich.console import Console
+
+    return Console(file=sys.stderr if mode.json else sys.stdout, soft_wrap=True)
+
+
+def _print_log_line(console, log_file: Optional[Path]) -> None:
+    if log_file is not None:
+        console.print(f"logs: {log_file}  (Ray, DeepSpeed, MLflow; -v shows them here)", highlight=False)
+
+
+def _quiet(log_file: Optional[Path]):
+    from contextlib import nullcontext
+
+    from orchestrator.launch.run_log import quiet_terminal
+
+    return nullcontext() if log_file is None else quiet_terminal(log_file)
+
+
 def _sweep(cfg, mode: _Mode) -> None:
     from omegaconf import OmegaConf
-    from rich.console import Console
 
     from orchestrator.config.validate import ConfigError
     from orchestrator.sweep.plan import plan_sweep
@@ -197,11 +222,15 @@ def _sweep(cfg, mode: _Mode) -> None:
             print(f"  {dim.key}: {dim.describe()}")
         print("base recipe: orch run " + " ".join(plan.overrides))
         return
+    from orchestrator.launch.run_log import run_log_path
     from orchestrator.sweep.runner import print_outcome, run_sweep
 
-    console = Console(soft_wrap=True, stderr=mode.json)
+    console = _console(mode)
+    log_file = None if mode.verbose else run_log_path(plan.base_plan.storage_path, plan.run_name)
+    _print_log_line(console, log_file)
     try:
-        outcome = run_sweep(plan, console)
+        with _quiet(log_file):
+            outcome = run_sweep(plan, console, log_file=log_file)
     except ConfigError as error:
         fail(str(error))
     except KeyboardInterrupt:
@@ -224,10 +253,11 @@ def _run_hydra(command: str, argv: list[str]) -> None:
         return
     plan_only = command == "plan" or "--plan" in argv
     as_json = "--json" in argv
-    argv = [arg for arg in argv if arg not in ("--plan", "--json")]
+    verbose = any(arg in ("-v", "--verbose") for arg in argv)
+    argv = [arg for arg in argv if arg not in ("--plan", "--json", "-v", "--verbose")]
     given_dir = _config_dir_flag(argv)
     source = ConfigSource(Path(given_dir).resolve()) if given_dir else ConfigSource.for_directory()
-    mode = _Mode(source=source, plan_only=plan_only, json=as_json, sweep=command == "sweep")
+    mode = _Mode(source=source, plan_only=plan_only, json=as_json, verbose=verbose, sweep=command == "sweep")
     if command == "sweep":
         # the sweep section is composed here; the trials' overrides (recipe=distill recipe.distill.teacher=...)
         # make sense on the sweep's base recipe, which the sweep composes itself
@@ -271,7 +301,8 @@ def _config_dir_flag(argv: list[str]) -> Optional[str]:
 def _print_run_help(command: str) -> None:
     from orchestrator.config import config_groups
 
-    print(f"usage: orch {command} [--plan] [-m] [key=value ...]   (Hydra overrides; `orch plan` prints the resolved config)\n")
+    print(f"usage: orch {command} [--plan] [-v] [-m] [key=value ...]   (Hydra overrides; `orch plan` prints the resolved config)\n")
+    print("  -v, --verbose: Ray's, DeepSpeed's and MLflow's output live, instead of in the run's log file\n")
     print("config groups (choose one option each, e.g. model=cnn):")
     for group, options in config_groups().items():
         print(f"  {group}: {', '.join(options)}")

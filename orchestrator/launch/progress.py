@@ -6,6 +6,7 @@ the user is looking, and costs rank 0 one fire-and-forget actor call per log int
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -28,6 +29,7 @@ class ProgressBoard:
         self.step, self.metrics = 0, {}
         self.attempts = 0
         self.failure: dict | None = None
+        self.warnings: list[str] = []  # orch's own warnings on rank 0, for the user's terminal
 
     def attempt_started(self) -> int:
         """Rank 0 calls this when a worker group starts: 1 for the first, +1 for each restart after a failure."""
@@ -41,11 +43,14 @@ class ProgressBoard:
     def fail(self, failure: dict) -> None:
         self.failure = failure
 
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+
     def failure_reported(self) -> dict | None:
         return self.failure
 
-    def latest(self) -> tuple[int, dict[str, float]]:
-        return self.step, self.metrics
+    def latest(self, warnings_seen: int = 0) -> tuple[int, dict[str, float], list[str]]:
+        return self.step, self.metrics, self.warnings[warnings_seen:]
 
 
 def _describe(metrics: dict[str, float]) -> str:
@@ -60,21 +65,32 @@ def _describe(metrics: dict[str, float]) -> str:
     return "  ".join(parts)
 
 
-def _poll(board) -> tuple[int, dict[str, float]] | None:
-    try:
-        return ray.get(board.latest.remote(), timeout=5)
-    except Exception:  # noqa: BLE001 - a slow poll must never stop training; try again next time
-        return None
+class _Poll:
+    """The board's latest step and metrics; warnings not shown yet are printed on `console` as they arrive."""
+
+    def __init__(self, board, console: Console) -> None:
+        self.board, self.console, self.warnings_seen = board, console, 0
+
+    def __call__(self) -> tuple[int, dict[str, float]] | None:
+        try:
+            step, metrics, warnings = ray.get(self.board.latest.remote(self.warnings_seen), timeout=5)
+        except Exception:  # noqa: BLE001 - a slow poll must never stop training; try again next time
+            return None
+        for message in warnings:
+            self.console.print(f"[yellow]warning[/yellow] (rank 0) {message}", highlight=False)
+        self.warnings_seen += len(warnings)
+        return step, metrics
 
 
 def _print_lines(thread: threading.Thread, board, total_steps: int, label: str, console: Console) -> None:
     every = max(1, total_steps // 10)
     started, printed = time.monotonic(), 0
+    poll = _Poll(board, console)
     console.print(f"{label}: starting workers…")
     thread.start()
     while thread.is_alive():
         thread.join(timeout=1.0)
-        latest = _poll(board)
+        latest = poll()
         if latest is None:
             continue
         step, metrics = latest
@@ -82,6 +98,10 @@ def _print_lines(thread: threading.Thread, board, total_steps: int, label: str, 
             printed = step
             elapsed = time.monotonic() - started
             console.print(f"{label}: step {step}/{total_steps}  {_describe(metrics)}  elapsed {elapsed:.0f}s")
+
+
+def _is_terminal(stream) -> bool:
+    return bool(getattr(stream, "isatty", lambda: False)())
 
 
 def run_with_progress(fit: Callable[[], Any], board, total_steps: int, label: str, console: Console) -> Any:
@@ -109,12 +129,16 @@ def run_with_progress(fit: Callable[[], Any], board, total_steps: int, label: st
         TextColumn("ETA"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=console, transient=False) as progress:
+    # rich prints what the libraries print while the bar is live above it, when that output reaches a terminal; a
+    # quiet run (orchestrator.launch.run_log) sends it to its log file, where it stays
+    redirect = {"redirect_stdout": _is_terminal(sys.stdout), "redirect_stderr": _is_terminal(sys.stderr)}
+    with Progress(*columns, console=console, transient=False, **redirect) as progress:
         task = progress.add_task(label, total=total_steps, metrics="starting workers…")
+        poll = _Poll(board, progress.console)  # printed above the bar
         thread.start()
         while thread.is_alive():
             thread.join(timeout=0.5)
-            latest = _poll(board)
+            latest = poll()
             if latest is not None:
                 progress.update(task, completed=latest[0], metrics=_describe(latest[1]))
     if "error" in outcome:

@@ -19,7 +19,7 @@ from hydra.utils import instantiate
 from torch import nn
 
 from orchestrator.compress import count_parameters
-from orchestrator.track.tables import csv_table, markdown_table
+from orchestrator.track.tables import csv_table, markdown_table, print_table
 from orchestrator.train.objective import evaluate_module
 
 LATENCY_REPEATS = 50
@@ -131,15 +131,11 @@ HEADERS = {
 
 
 def print_report(rows: Sequence[Mapping[str, Any]], console, title: str) -> None:
-    from rich.table import Table
-
-    table = Table(title=title)
     columns = [column for column in rows[0] if column != "run_id"]
-    for column in columns:
-        table.add_column(HEADERS.get(column, column), justify="left" if column in ("stage", "kind") else "right")
-    for row in rows:
-        table.add_row(*(_show(column, row[column]) for column in columns))
-    console.print(table)
+    headers = [HEADERS.get(column, column) for column in columns]
+    cells = [[_show(column, row[column]) for column in columns] for row in rows]
+    right = [HEADERS.get(column, column) for column in columns if column not in ("stage", "kind")]
+    print_table(console, headers, cells, title=title, right=right)
 
 
 def _show(key: str, value: Any) -> str:

@@ -39,10 +39,11 @@ from orchestrator.stage_runner import (
     resolve_sources,
     run_stage,
 )
-from orchestrator.track.mlflow_run import closed_with_outcome
+from orchestrator.track.mlflow_run import closed_with_outcome, log_file_attached
 
 
-def run_pipeline(plan: PipelinePlan, console: Optional[Console] = None) -> list[StageResult]:
+def run_pipeline(plan: PipelinePlan, console: Optional[Console] = None, log_file: Optional[Path] = None) -> list[StageResult]:
+    """`log_file`: the run's log, logged to every stage's MLflow run and to the pipeline's."""
     console = console or Console()
     # --- parent ---
     lineage = PipelineRun(plan.tracking)
@@ -50,7 +51,7 @@ def run_pipeline(plan: PipelinePlan, console: Optional[Console] = None) -> list[
     console.rule(f"[bold]pipeline[/bold] {plan.name} · {plan.run_name}")
     Path(plan.storage_path, plan.run_name).mkdir(parents=True, exist_ok=True)  # what resume= looks for
     results: dict[str, StageResult] = {}
-    with closed_with_outcome(lineage.finish):
+    with closed_with_outcome(lineage.finish), log_file_attached(lineage.parent.log_artifact, log_file):
         with ExitStack() as ray:
             session: Optional[RaySession] = None
             # --- stages ---
@@ -68,7 +69,8 @@ def run_pipeline(plan: PipelinePlan, console: Optional[Console] = None) -> list[
                     resuming = plan.resuming and lineage.has_unfinished(stage)
                     tags = input_tags(stage, sources, plan.run_name)
                     results[stage.name] = run_stage(
-                        plan.tracking, stage, console, resuming, sources, parent_run_id=lineage.run_id, tags=tags
+                        plan.tracking, stage, console, resuming, sources, parent_run_id=lineage.run_id, tags=tags,
+                        log_file=log_file,
                     )
                 lineage.record_stage(stage, results[stage.name].run_id)
 

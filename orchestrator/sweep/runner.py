@@ -26,8 +26,8 @@ from orchestrator.sweep.plan import SweepPlan, apply
 from orchestrator.sweep.space import decode, encode_options, to_tune
 from orchestrator.sweep.tracking import SweepRun
 from orchestrator.sweep.trial import run_trial
-from orchestrator.track.mlflow_run import closed_with_outcome
-from orchestrator.track.tables import csv_table, format_cell, markdown_table
+from orchestrator.track.mlflow_run import closed_with_outcome, log_file_attached
+from orchestrator.track.tables import csv_table, format_cell, markdown_table, print_table
 
 # The trial's own process only drives its Ray Train run (whose controller asks for no CPU either); the workers
 # reserve the CPUs/GPUs in their own placement group. Tune needs a non-empty request: one byte of Ray's memory
@@ -86,7 +86,10 @@ def _scheduler(plan: SweepPlan):
     )
 
 
-def run_sweep(plan: SweepPlan, console: Optional[Console] = None, cwd: Optional[Path] = None) -> SweepOutcome:
+def run_sweep(
+    plan: SweepPlan, console: Optional[Console] = None, cwd: Optional[Path] = None, log_file: Optional[Path] = None
+) -> SweepOutcome:
+    """`log_file`: the sweep's log (`orchestrator.launch.run_log`), logged to the parent run as `logs/driver.log`."""
     import ray.tune
 
     console = console or Console()
@@ -100,7 +103,7 @@ def run_sweep(plan: SweepPlan, console: Optional[Console] = None, cwd: Optional[
         parent = SweepRun(base.tracking)
         parent.start_sweep(plan, concurrency)
         console.rule(f"[bold]sweep[/bold] {plan.name} · {plan.run_name} · {concurrency} trial(s) at a time")
-        with closed_with_outcome(parent.finish):
+        with closed_with_outcome(parent.finish), log_file_attached(parent.parent.log_artifact, log_file):
             # --- tune ---
             spec = {
                 "base": plan.base,
@@ -217,21 +220,14 @@ def _write_tables_and_plots(plan: SweepPlan, rows: list[dict[str, Any]], out: Pa
 
 
 def print_outcome(outcome: SweepOutcome, metric: str, console: Console) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"sweep {outcome.run_name}")
     columns = [key for key in outcome.trials[0] if key != "run_id"] if outcome.trials else []
-    for column in columns:
-        table.add_column(column)
-    for row in outcome.trials:
-        table.add_row(*(format_cell(row[c]) for c in columns), style="bold green" if row is outcome.best else None)
-    if not console.is_terminal:
-        # a log (or `orch logs` of a submitted sweep) has no width to fit: 80 columns cut every header to "reci…"
-        from rich.measure import Measurement
-
-        needed = Measurement.get(console, console.options.update(width=10_000), table).maximum
-        console.size = (max(needed, console.width), console.height)
-    console.print(table)
+    print_table(
+        console,
+        columns,
+        [[format_cell(row[c]) for c in columns] for row in outcome.trials],
+        title=f"sweep {outcome.run_name}",
+        row_styles=["bold green" if row is outcome.best else None for row in outcome.trials],
+    )
     console.print(f"MLflow parent run {outcome.parent_run_id} ({outcome.tracking_uri}); one child run per trial")
     if outcome.best is None:
         console.print("[red]no trial completed[/red]: no best configuration")

@@ -144,6 +144,17 @@ def closed_with_outcome(finish: Callable[[str], None]) -> Iterator[None]:
         finish(status)
 
 
+@contextmanager
+def log_file_attached(log_artifact: Callable[[str, str], None], log_file: Optional[Path]) -> Iterator[None]:
+    """Log the run's log file as the artifact `logs/<its name>` when the block ends, however it ends: a failed run's
+    log is the one most worth keeping. `log_artifact(path, artifact_dir)`: the run's own method."""
+    try:
+        yield
+    finally:
+        if log_file is not None and log_file.is_file():
+            log_artifact(str(log_file), "logs")
+
+
 class StageRun:
     """One stage's MLflow run, through its own client: no process-global MLflow state (active run, tracking URI)
     is read or written, so two runs in one process cannot cross."""
@@ -212,6 +223,9 @@ class StageRun:
 
     def log_artifacts(self, directory: str | Path, artifact_path: str) -> None:
         self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+
+    def log_artifact(self, path: str | Path, artifact_path: str) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)

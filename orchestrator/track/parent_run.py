@@ -51,6 +51,9 @@ class ParentRun:
     def log_artifacts(self, directory: str, artifact_path: Optional[str] = None) -> None:
         self.client.log_artifacts(self.run_id, directory, artifact_path)
 
+    def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None:
+        self.client.log_artifact(self.run_id, path, artifact_path)
+
     def log_metrics(self, metrics: Mapping[str, Any]) -> None:
         for key, value in metrics.items():
             self.client.log_metric(self.run_id, key, float(value))

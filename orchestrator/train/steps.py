@@ -23,7 +23,10 @@ def start_worker(loop_config: dict) -> tuple[int, int]:
     that writes to MLflow, starts connecting to it now, in the background (see `connect_in_background`)."""
     import ray.train
 
-    from orchestrator.train.worker_metrics import connect_in_background
+    from orchestrator.train.worker_metrics import (
+        connect_in_background,
+        send_warnings_to_driver,
+    )
 
     trainer = loop_config["config"]["trainer"]
     context = ray.train.get_context()
@@ -33,6 +36,8 @@ def start_worker(loop_config: dict) -> tuple[int, int]:
     if rank == 0:
         timeline.mark("worker_start")
         connect_in_background(loop_config["tracking"]["uri"])
+        if loop_config.get("progress") is not None:
+            send_warnings_to_driver(loop_config["progress"])
     return rank, context.get_world_size()
 
 

@@ -13,6 +13,7 @@ belongs to the driver, which alone knows whether the whole stage succeeded.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any, Optional
@@ -44,6 +45,29 @@ def connect_in_background(tracking_uri: str) -> None:
             pass
 
     threading.Thread(target=connect, name="orch-mlflow-connect", daemon=True).start()
+
+
+class WarningsToDriver(logging.Handler):
+    """orch's own warnings on rank 0 (a checkpoint skipped on resume, system metrics lost) posted to the driver's
+    progress board, which shows them on the user's terminal: the workers' output itself goes to the run's log file."""
+
+    def __init__(self, board) -> None:
+        super().__init__(logging.WARNING)
+        self.board = board
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.board.warn.remote(self.format(record))
+        except Exception:  # noqa: BLE001 - logging never raises into the training loop
+            self.handleError(record)
+
+
+def send_warnings_to_driver(board) -> None:
+    """Rank 0: orch's warnings also reach the driver's terminal through `board` (once per process)."""
+    logger = logging.getLogger("orchestrator")
+    for handler in [h for h in logger.handlers if isinstance(h, WarningsToDriver)]:
+        logger.removeHandler(handler)
+    logger.addHandler(WarningsToDriver(board))
 
 
 class WorkerMetrics:
