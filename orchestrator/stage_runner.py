@@ -28,7 +28,7 @@ from orchestrator.launch.ray_session import (
     worker_env,
 )
 from orchestrator.plan import Plan, StagePlan, TrackingPlan
-from orchestrator.track.mlflow_run import CACHE_KEY_TAG, closed_with_outcome
+from orchestrator.track.mlflow_run import CACHE_KEY_TAG, closed_with_outcome, source_tags
 
 if TYPE_CHECKING:
     from orchestrator.track.mlflow_run import StageRun
@@ -113,16 +113,6 @@ def run_plan(plan: Plan, console: Optional[Console] = None, log_file: Optional[P
                                log_file=log_file)
     register_result(result, stage.config["tracking"])
     return [result]
-
-
-def source_tags(sources: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
-    """Which runs (and registered versions) a stage read: orch.<role>_run_id, orch.<role>_model_uri, orch.<role>_path."""
-    tags = {}
-    for role, source in sources.items():
-        for field_name, tag in (("run_id", "run_id"), ("model_uri", "model_uri"), ("path", "path")):
-            if field_name in source:
-                tags[f"orch.{role}_{tag}"] = source[field_name]
-    return tags
 
 
 def register_result(result: StageResult, tracking: Mapping[str, Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -37,6 +38,29 @@ def ray_instance() -> Iterator[None]:
         finally:
             ray.shutdown()
             shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def single_process_group() -> Iterator[None]:
+    """A torch.distributed group of one (gloo), for DeepSpeed engines built in the test process itself; use with
+    `pytest.mark.usefixtures("single_process_group")`. One for the whole session: DeepSpeed caches the groups it
+    derives from the first one (deepspeed.utils.groups), so a group destroyed and created again breaks later engines."""
+    import deepspeed
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    with pytest.MonkeyPatch.context() as env:
+        if created:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                                   LOCAL_RANK="0").items():
+                env.setenv(key, value)
+            deepspeed.init_distributed(dist_backend="gloo")
+        yield
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @pytest.fixture(scope="session")

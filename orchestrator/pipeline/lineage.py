@@ -19,24 +19,14 @@ import yaml
 
 from orchestrator.pipeline.plan import PipelinePlan
 from orchestrator.plan import StagePlan, TrackingPlan
-from orchestrator.track.mlflow_run import CACHE_KEY_TAG, PARENT_TAG
+from orchestrator.track.mlflow_run import CACHE_KEY_TAG, PARENT_TAG, source_tags
 from orchestrator.track.parent_run import ParentRun
 
 REUSED_TAG = "orch.reused_run_id"
 
 
 def input_tags(stage: StagePlan, sources: Mapping[str, Mapping[str, str]], pipeline_run: str) -> dict[str, str]:
-    tags = {"orch.pipeline_run": pipeline_run}
-    for role, source in sources.items():
-        if "run_id" in source:
-            tags[f"orch.{role}_run_id"] = source["run_id"]
-        if "stage" in source:
-            tags[f"orch.{role}_stage"] = source["stage"]
-        if "path" in source:
-            tags[f"orch.{role}_path"] = source["path"]
-        if "model_uri" in source:
-            tags[f"orch.{role}_model_uri"] = source["model_uri"]
-    return tags
+    return {"orch.pipeline_run": pipeline_run, **source_tags(sources)}
 
 
 class PipelineRun:

@@ -130,6 +130,16 @@ def new_run_tags(run_name: str, **tags: str) -> dict[str, str]:
     return all_tags
 
 
+def source_tags(sources: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+    """What a stage read, as tags: orch.<role>_run_id, _stage, _model_uri (a registered version), _path."""
+    tags = {}
+    for role, source in sources.items():
+        for field_name in ("run_id", "stage", "model_uri", "path"):
+            if field_name in source:
+                tags[f"orch.{role}_{field_name}"] = source[field_name]
+    return tags
+
+
 @contextmanager
 def closed_with_outcome(finish: Callable[[str], None]) -> Iterator[None]:
     """Close a run as FINISHED when the block completes, KILLED on Ctrl-C, FAILED on any other error."""

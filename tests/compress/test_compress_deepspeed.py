@@ -3,8 +3,6 @@ across save_checkpoint/load_checkpoint. Single process, gloo, CPU."""
 
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
 import torch
@@ -15,30 +13,12 @@ deepspeed = pytest.importorskip("deepspeed")
 from orchestrator.compress import GradualPruning, prunable_parameters  # noqa: E402
 
 pytestmark = [
+    pytest.mark.usefixtures("single_process_group"),
     pytest.mark.slow,
     pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning"),
 ]
 
 SCHEDULE = dict(initial_sparsity=0.25, final_sparsity=0.75, start_step=0, end_step=4, frequency=2)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_process_group():
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    with pytest.MonkeyPatch.context() as env:
-        if created:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                                   LOCAL_RANK="0").items():
-                env.setenv(key, value)
-            deepspeed.init_distributed(dist_backend="gloo")
-        yield
-        if created and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def make_engine(stage: int, bf16: bool, seed: int):

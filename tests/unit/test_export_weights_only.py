@@ -4,7 +4,6 @@ fp32 weights as DeepSpeed's own loader (which unpickles anything). Single proces
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -16,29 +15,11 @@ from orchestrator.artifacts.export import export_model, load_exported  # noqa: E
 from orchestrator.models.mlp import MLP  # noqa: E402
 
 pytestmark = [
+    pytest.mark.usefixtures("single_process_group"),
     pytest.mark.slow,
     pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning", "ignore::FutureWarning"),
 ]
 MODEL = {"_target_": "orchestrator.models.mlp.MLP", "input_shape": [1, 8, 8], "num_classes": 10, "hidden_sizes": [16]}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_process_group():
-    import torch.distributed as dist
-
-    created = not dist.is_initialized()
-    with pytest.MonkeyPatch.context() as env:
-        if created:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                                   LOCAL_RANK="0").items():
-                env.setenv(key, value)
-            deepspeed.init_distributed(dist_backend="gloo")
-        yield
-        if created and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def checkpoint(tmp_path, stage: int, precision: str, optimizer: str):
