@@ -230,6 +230,7 @@ def plan_stage(container: dict[str, Any], name: str, kind: str) -> StagePlan:
     validate.validate_trainer(container)
     validate.validate_compression(container)
     validate.validate_registration(container)
+    validate.validate_cluster(container)
     trainer = container["trainer"]
     if container["cluster"]["kind"] == "local":
         cpus = container["cluster"]["num_cpus"] or validate.local_cpu_count()

@@ -29,6 +29,14 @@ def explain(error: BaseException, cfg: Any = None) -> str:
 
     `cfg`: a composed config to look the existing keys up in (a default composition will do)."""
     text = f"{error}\n{error.__cause__ or ''}"
+    yaml_file = re.search(r'in "([^"]+\.yaml)", line (\d+), column (\d+)', text)
+    if yaml_file:  # a YAML of the project's ./conf (or a shipped one) does not parse
+        problem = " ".join(line.strip() for line in str(error).splitlines() if not line.strip().startswith("in \""))
+        return f"{yaml_file.group(1)}:{yaml_file.group(2)}:{yaml_file.group(3)}: not valid YAML ({problem})"
+    if type(error).__name__ == "OverrideParseException":
+        override = str(error).splitlines()[0].split(": ", 1)[-1]
+        return (f"{override}: not an override Hydra can parse; quote a value holding spaces, quotes or brackets, "
+                f"e.g. 'key=\"a value\"' (https://hydra.cc/docs/advanced/override_grammar/basic/)")
     missing_option = re.search(r"Could not find '([^']+)/([^']+)'", text)
     if missing_option:
         group, option = missing_option.groups()

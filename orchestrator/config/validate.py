@@ -57,8 +57,26 @@ def validate_trainer(cfg: Mapping[str, Any]) -> None:
             "use trainer.precision=bf16 or fp32 on CPU, or trainer=gpu on a GPU cluster",
         )
     validate_deepspeed_overlay(trainer.get("deepspeed") or {})
-    if trainer["optimizer"]["lr"] <= 0:
-        raise ConfigError("trainer.optimizer.lr", trainer["optimizer"]["lr"], "expected a positive learning rate")
+    optimizer, scheduler = trainer["optimizer"], trainer["scheduler"]
+    if not (math.isfinite(optimizer["lr"]) and optimizer["lr"] > 0):
+        raise ConfigError("trainer.optimizer.lr", optimizer["lr"], "expected a positive, finite learning rate")
+    if not (math.isfinite(optimizer["eps"]) and optimizer["eps"] > 0):
+        raise ConfigError("trainer.optimizer.eps", optimizer["eps"], "expected a small positive number, e.g. 1e-8")
+    if not (math.isfinite(optimizer["weight_decay"]) and optimizer["weight_decay"] >= 0):
+        raise ConfigError("trainer.optimizer.weight_decay", optimizer["weight_decay"], "expected a finite value >= 0")
+    betas = list(optimizer["betas"])
+    if len(betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in betas):
+        raise ConfigError("trainer.optimizer.betas", betas, "expected two coefficients in [0, 1), e.g. [0.9, 0.999]")
+    if not 0 <= optimizer["momentum"] < 1:
+        raise ConfigError("trainer.optimizer.momentum", optimizer["momentum"], "expected a value in [0, 1)")
+    if not (math.isfinite(trainer["grad_clip"])):
+        raise ConfigError("trainer.grad_clip", trainer["grad_clip"], "expected a finite norm (0 disables clipping)")
+    if not 0 <= scheduler["min_lr_ratio"] <= 1:
+        raise ConfigError("trainer.scheduler.min_lr_ratio", scheduler["min_lr_ratio"], "expected a fraction of the peak lr in [0, 1]")
+    if trainer["threads_per_worker"] is not None and trainer["threads_per_worker"] < 1:
+        raise ConfigError("trainer.threads_per_worker", trainer["threads_per_worker"], "expected >= 1, or null for cpus_per_worker")
+    if trainer["use_gpu"] and not trainer["gpus_per_worker"] > 0:
+        raise ConfigError("trainer.gpus_per_worker", trainer["gpus_per_worker"], "expected a positive number of GPUs per worker")
     if not 0 <= trainer["scheduler"]["warmup_steps"] < trainer["max_steps"]:
         raise ConfigError(
             "trainer.scheduler.warmup_steps",
@@ -80,6 +98,33 @@ OWNED_BY_TRAINER = {
     "optimizer": "trainer.optimizer",
     "scheduler": "trainer.scheduler",
 }
+
+
+def _validate_sizes(model: Mapping[str, Any], data: Mapping[str, Any]) -> None:
+    """Sizes a worker would only trip over after Ray started (a layer of -4 units, blocks of 0 tokens)."""
+    for key in ("hidden_sizes", "channels", "n_heads", "mlp_hidden"):
+        sizes = model.get(key)
+        if sizes is not None and not all(isinstance(n, int) and n >= 1 for n in sizes):
+            raise ConfigError(f"model.{key}", list(sizes), "expected positive integers")
+    for key in ("hidden_size", "n_layer", "n_head", "n_embd"):
+        if key in model and model[key] is not None and model[key] < 1:
+            raise ConfigError(f"model.{key}", model[key], "expected a positive integer")
+    if "dropout" in model and not 0 <= model["dropout"] < 1:
+        raise ConfigError("model.dropout", model["dropout"], "expected a probability in [0, 1)")
+    for key, minimum in (("block_size", 1), ("limit_train", 1), ("num_samples", 2), ("val_blocks", 1), ("shuffle_buffer", 0)):
+        if data.get(key) is not None and data[key] < minimum:
+            raise ConfigError(f"data.{key}", data[key], f"expected >= {minimum}" + (" (or null for all)" if key == "limit_train" else ""))
+
+
+def readable_text(path: Path) -> Optional[str]:
+    """Why a text data file cannot be trained on (empty, or binary rather than text), or None."""
+    with path.open("rb") as handle:
+        head = handle.read(4096)
+    if not head:
+        return "the file is empty"
+    if b"\0" in head:
+        return "the file is binary (it holds NUL bytes), not text"
+    return None
 
 
 def validate_deepspeed_overlay(overlay: Mapping[str, Any]) -> None:
@@ -120,6 +165,14 @@ def validate_known_keys(cfg: Any) -> None:
     walk(cfg, "")
 
 
+def validate_cluster(cfg: Mapping[str, Any]) -> None:
+    cluster = cfg["cluster"]
+    if cluster.get("num_cpus") is not None and cluster["num_cpus"] < 1:
+        raise ConfigError("cluster.num_cpus", cluster["num_cpus"], "expected >= 1, or null for all of this machine's CPUs")
+    if cluster.get("num_gpus") is not None and cluster["num_gpus"] < 0:
+        raise ConfigError("cluster.num_gpus", cluster["num_gpus"], "expected >= 0, or null for all of this machine's GPUs")
+
+
 def validate_resources(cfg: Mapping[str, Any], available_cpus: float, available_gpus: float, where: str) -> None:
     """Checked against this machine before a local start, and against the cluster right after connecting."""
     trainer = cfg["trainer"]
@@ -144,9 +197,9 @@ def validate_resources(cfg: Mapping[str, Any], available_cpus: float, available_
 
 
 def validate_model_and_data(cfg: Mapping[str, Any], choices: Mapping[str, str], paths_here: bool = True) -> None:
-    """`paths_here`: the files the config names are on this machine (False for `orch submit`: they are checked by
-    the job's driver on the cluster, in its first seconds, with the same errors)."""
-    """`choices` are the group options picked (model=..., data=...), used only to word the errors."""
+    """`choices` are the group options picked (model=..., data=...), used only to word the errors. `paths_here`: the
+    files the config names are on this machine (False for `orch submit`: they are checked by the job's driver on the
+    cluster, in its first seconds, with the same errors)."""
     model, data = cfg["model"], cfg["data"]
     model_name, data_name = choices.get("model", model.get("_target_")), choices.get("data", data.get("_target_"))
     task = data.get("task")
@@ -167,6 +220,7 @@ def validate_model_and_data(cfg: Mapping[str, Any], choices: Mapping[str, str], 
             "model", model_name, f"needs image-shaped inputs (C, H, W) but data={data_name} gives input_shape="
             f"{list(data['input_shape'])}; use model=mlp"
         )
+    _validate_sizes(model, data)
     if "n_head" in model and model.get("head_dim") is None and model["n_embd"] % model["n_head"]:
         raise ConfigError("model.n_head", model["n_head"], f"must divide model.n_embd={model['n_embd']}")
     if "val_fraction" in data and not 0 < data["val_fraction"] < 1:
@@ -175,8 +229,12 @@ def validate_model_and_data(cfg: Mapping[str, Any], choices: Mapping[str, str], 
         import glob
 
         path = str(Path(str(data["path"])).expanduser())
-        if not any(Path(match).is_file() for match in glob.glob(path, recursive=True)):
+        files = [Path(match) for match in glob.glob(path, recursive=True) if Path(match).is_file()]
+        if not files:
             raise ConfigError("data.path", str(data["path"]), "no such file; expected a readable text/JSONL file or a glob of them")
+        unusable = {str(f): readable_text(f) for f in files[:64]}  # a glob of many shards: the first ones tell
+        if all(unusable.values()):
+            raise ConfigError("data.path", str(data["path"]), next(iter(unusable.values())) + "; expected UTF-8 text or JSONL")
     if model.get("pretrained_path") and paths_here:
         reason = missing_pretrained_reason(str(model["pretrained_path"]))
         if reason:

@@ -18,6 +18,7 @@ in milliseconds. `to_tune` builds the Tune objects only when the sweep runs.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
@@ -70,6 +71,8 @@ def parse_dimension(key: str, spec: Any) -> Dimension:
     if len(values) != 2:
         raise ConfigError(f"{where}.{kind}", list(values), "expected [low, high]")
     low, high = (_number(f"{where}.{kind}", v, kind == "int") for v in values)
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ConfigError(f"{where}.{kind}", list(values), "expected finite bounds")
     if not low < high:
         raise ConfigError(f"{where}.{kind}", list(values), "expected low < high")
     if kind == "loguniform" and low <= 0:
