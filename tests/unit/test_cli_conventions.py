@@ -83,3 +83,15 @@ complete_line "orch cp pipeline/digits_s"
     zsh = orch(tmp_path, "--install-completion", "zsh").stdout
     assert "bashcompinit" in zsh and "complete -o nospace" in zsh
     assert orch(tmp_path, "--install-completion", "fish").returncode == 2
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`orch ls | head -1`: the reader is gone before orch writes; no traceback, the documented status 1."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run([*ORCH, "ls"], cwd=tmp_path, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr
