@@ -79,10 +79,13 @@ GPT_85M = ["model=gpt", "data=text", "model.n_layer=12", "model.n_embd=768", "mo
 def test_offload_keys_become_deepspeeds_offload_sections():
     config = deepspeed_config(trainer("trainer.zero_stage=2", "trainer.offload.optimizer=cpu"), "fp32")
     assert config["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": False}}
-    assert "torch_adam" not in config["optimizer"]["params"]  # DeepSpeed's CPU Adam steps the offloaded states
+    assert config["optimizer"]["params"]["torch_adam"] is True  # CPU workers: no C++ op to build
     config = deepspeed_config(trainer("trainer=gpu", "trainer.zero_stage=3", "trainer.offload.param=cpu"), "bf16")
     assert config["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
     assert "offload_optimizer" not in config["zero_optimization"] and config["optimizer"]["params"]["torch_adam"] is True
+    config = deepspeed_config(trainer("trainer=gpu", "trainer.offload.optimizer=cpu"), "bf16")
+    assert config["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert "torch_adam" not in config["optimizer"]["params"]  # GPU workers: DeepSpeed's CPU Adam steps the states
     config = deepspeed_config(trainer("trainer.zero_stage=1", "trainer.offload.optimizer=cpu", "trainer.optimizer.name=sgd"), "fp32")
     assert config["zero_force_ds_cpu_optimizer"] is False  # torch's SGD on offloaded states, which DeepSpeed refuses by default
 
