@@ -174,3 +174,12 @@ def test_cpu_offload_saves_device_memory_on_gpu_only():
     on_cpu = estimate_memory(10**6, 2, "bf16", 2, "adamw", offload_optimizer="cpu", on_gpu=False)
     assert on_gpu.optimizer == 0 and on_gpu.offloaded == 12 * 10**6 // 2
     assert on_cpu.optimizer == 12 * 10**6 // 2 and on_cpu.offloaded == 0
+
+
+def test_orch_plan_json_carries_the_total_and_the_verdict(tmp_path):
+    from orchestrator.plan_view import plan_document
+
+    plan = build_plan(compose([*GPT_85M, "trainer.memory_budget_gb=1.9"]), cwd=tmp_path)
+    memory = plan_document(plan)["stages"][0]["memory"]
+    assert memory["total"] == plan.stages[0].memory.total and memory["fits"] is False
+    assert memory["suggestion"].startswith("trainer.zero_stage=") and memory["budget"] == 1.9e9
