@@ -49,7 +49,12 @@ def predicted(overrides: list[str]) -> dict[str, int]:
 def measure(name: str, overrides: list[str], workdir) -> dict[str, Any]:
     print(f"  memory_plan {name}", flush=True)
     plan = predicted(overrides)
-    timeline = run_process(orch_command([*overrides, f"name=memory-{name}"]), workdir, timeout_s=1800)
+    for attempt in range(2):
+        timeline = run_process(orch_command([*overrides, f"name=memory-{name}-{attempt}"]), workdir, timeout_s=1800)
+        # On a shared machine under heavy load Ray's own start can fail (its raylet wait is a hard-coded 30 s, the
+        # dashboard's start too): a run that failed before any worker reported is started once more
+        if timeline.returncode == 0 or timeline.peak_rss:
+            break
     peaks = timeline.peak_rss
     peak = max(peaks.values()) if peaks else None
     return {
