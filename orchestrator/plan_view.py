@@ -70,8 +70,8 @@ def print_memory(name: str, memory: MemoryEstimate, trainer: dict[str, Any], con
     """Per-worker memory: model states, activations, the process baseline, the total and whether it fits."""
     checkpointing = "on" if trainer.get("activation_checkpointing", False) else "off"
     estimate = Table(title=f"memory per worker ({name}: {memory.parameters:,} parameters, activation checkpointing {checkpointing})")
-    columns = ["weights", "gradients", "optimizer states", "activations", "runtime", "total"]
-    values = [memory.weights, memory.gradients, memory.optimizer, memory.activations, memory.runtime, memory.total]
+    columns = ["weights", "gradients", "optimizer states", "buffers", "activations", "runtime", "total"]
+    values = [memory.weights, memory.gradients, memory.optimizer, memory.buffers, memory.activations, memory.runtime, memory.total]
     if memory.offloaded:
         columns.append("offloaded")
         values.append(memory.offloaded)
@@ -79,7 +79,7 @@ def print_memory(name: str, memory: MemoryEstimate, trainer: dict[str, Any], con
         estimate.add_column(column)
     cells = [human_bytes(v) for v in values]
     if not memory.activations_known:
-        cells[3] = "unknown"
+        cells[4] = "unknown"
     estimate.add_row(*cells)
     console.print(estimate)
     if memory.budget is None:

@@ -56,7 +56,9 @@ def test_raw_deepspeed_json_overlays_the_generated_config():
 def test_memory_estimate_partitions_by_zero_stage(stage, expected):
     memory = estimate_memory(1_000, stage, "bf16", 4, "adamw")
     assert (memory.weights, memory.gradients, memory.optimizer) == expected
-    assert memory.total == sum(expected)
+    assert memory.model_states == sum(expected)
+    assert memory.total == sum(expected) + memory.buffers
+    assert memory.buffers == (2_000 if stage == 0 else 0)  # ZeRO-0 all-reduces a flat copy of the gradients
 
 
 def test_auto_precision_resolves_to_bf16_and_default_run_names_are_unique(tmp_path, monkeypatch):
@@ -149,7 +151,7 @@ def test_activation_formula_matches_what_autograd_saves():
 def test_plan_adds_activations_and_checkpointing_shrinks_them(tmp_path):
     memory = build_plan(compose([*GPT_85M, "trainer.zero_stage=0"]), cwd=tmp_path).stages[0].memory
     assert memory.activations_known and memory.activations > 0 and memory.runtime > 0
-    assert memory.total == memory.model_states + memory.activations + memory.runtime
+    assert memory.total == memory.model_states + memory.buffers + memory.activations + memory.runtime
     from orchestrator.memory import _memory_of
 
     container = build_plan(compose(GPT_85M), cwd=tmp_path).stages[0].config
