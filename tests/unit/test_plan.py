@@ -58,7 +58,8 @@ def test_memory_estimate_partitions_by_zero_stage(stage, expected):
     assert (memory.weights, memory.gradients, memory.optimizer) == expected
     assert memory.model_states == sum(expected)
     assert memory.total == sum(expected) + memory.buffers
-    assert memory.buffers == (2_000 if stage == 0 else 0)  # ZeRO-0 all-reduces a flat copy of the gradients
+    # ZeRO-0 all-reduces a flat copy of the gradients; ZeRO-1/2 keep a gradient bucket and an fp32 gradient partition
+    assert memory.buffers == {0: 2_000, 1: 4_000 + 1_000, 2: 2_000 + 1_000, 3: 0}[stage]
 
 
 def test_auto_precision_resolves_to_bf16_and_default_run_names_are_unique(tmp_path, monkeypatch):
