@@ -30,6 +30,7 @@ REGISTRY: list[tuple[str, str]] = [
     ("startup", "benchmarks.startup"),
     ("tracking_checkpoint", "benchmarks.tracking_checkpoint"),
     ("zero_precision", "benchmarks.zero_precision"),
+    ("memory_plan", "benchmarks.memory_plan"),
     ("scaling", "benchmarks.scaling"),
     ("gpu_mfu", "benchmarks.gpu_mfu"),
     ("sweep_overhead", "benchmarks.sweep_overhead"),

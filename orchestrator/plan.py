@@ -22,23 +22,9 @@ from orchestrator.config import Composed, validate
 from orchestrator.config.reads import recipe_inputs, recipe_reads
 from orchestrator.config.trust import checked_model_config, trusted_model_targets
 from orchestrator.config.validate import ConfigError
-from orchestrator.models.sizes import count_parameters
+from orchestrator.memory import MemoryEstimate, estimate_memory, plan_memory  # noqa: F401 - estimate_memory: API
 
 DEFAULT_EXPERIMENT = "orchestrator"
-
-
-@dataclass
-class MemoryEstimate:
-    """Bytes per worker for model states (ZeRO paper, Rajbhandari et al. 2020, §3); activations not included."""
-
-    parameters: int
-    weights: int
-    gradients: int
-    optimizer: int
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer
 
 
 @dataclass
@@ -127,6 +113,7 @@ def deepspeed_config(trainer: Mapping[str, Any], precision: str) -> dict[str, An
     else:
         # DeepSpeed has no built-in SGD: the worker passes torch.optim.SGD, which ZeRO accepts with this flag.
         config["zero_allow_untested_optimizer"] = True
+    _map_offload(config, trainer)
     # DeepSpeed's warmup schedulers refuse warmup_num_steps=0: "no warmup" is one step that starts at the peak.
     warmup, total, lr = scheduler["warmup_steps"], trainer["max_steps"], optimizer["lr"]
     steps, start_ratio = (warmup, 0.0) if warmup else (1, 1.0)
@@ -160,6 +147,28 @@ def deepspeed_config(trainer: Mapping[str, Any], precision: str) -> dict[str, An
     return _deep_merge(config, dict(trainer.get("deepspeed") or {}))
 
 
+def _map_offload(config: dict[str, Any], trainer: Mapping[str, Any]) -> None:
+    """trainer.offload.* as DeepSpeed's `offload_optimizer` / `offload_param` (ZeRO-Offload, ZeRO-Infinity)."""
+    offload = trainer.get("offload") or {}
+    zero = config["zero_optimization"]
+    for key, section in (("optimizer", "offload_optimizer"), ("param", "offload_param")):
+        device = offload.get(key, "none")
+        if device == "none":
+            continue
+        # pinned pages speed host-to-GPU copies; on a CPU device there is no copy, and pinning needs an accelerator
+        zero[section] = {"device": device, "pin_memory": bool(trainer["use_gpu"])}
+        if device == "nvme":
+            zero[section]["nvme_path"] = offload["nvme_path"]
+    if offload.get("optimizer", "none") != "none":
+        if "optimizer" not in config:
+            config["zero_force_ds_cpu_optimizer"] = False  # torch's SGD on the offloaded states
+        elif trainer["use_gpu"]:
+            # GPU workers step the offloaded states with DeepSpeed's CPU Adam (its C++ op, built on first use). CPU
+            # workers keep torch's AdamW: the op's build took 2 min 45 s of CPU here (14 min on the shared 2-core
+            # machine), and the states never left the same RAM anyway.
+            config["optimizer"]["params"].pop("torch_adam", None)
+
+
 def _deep_merge(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in overlay.items():
@@ -168,21 +177,6 @@ def _deep_merge(base: dict[str, Any], overlay: Mapping[str, Any]) -> dict[str, A
         else:
             merged[key] = value
     return merged
-
-
-def estimate_memory(parameters: int, zero_stage: int, precision: str, num_workers: int, optimizer: str) -> MemoryEstimate:
-    mixed = precision in ("bf16", "fp16")
-    weight_bytes = 2 if mixed else 4
-    state_bytes = 8 if optimizer == "adamw" else 4  # Adam: m and v in fp32; SGD: momentum
-    if mixed:
-        state_bytes += 4  # fp32 master weights
-    n = num_workers
-    return MemoryEstimate(
-        parameters=parameters,
-        weights=parameters * weight_bytes // (n if zero_stage >= 3 else 1),
-        gradients=parameters * weight_bytes // (n if zero_stage >= 2 else 1),
-        optimizer=parameters * state_bytes // (n if zero_stage >= 1 else 1),
-    )
 
 
 def resolve_tracking(tracking: Mapping[str, Any], cwd: Path) -> TrackingPlan:
@@ -200,7 +194,7 @@ def new_run_name(recipe: str) -> str:
 
 # Keys that change where or how a run is tracked and scheduled, never the model it produces.
 _NOT_IN_KEY = {"name", "resume", "tracking", "cluster", "pipeline", "sweep", "trust"}
-_TRAINER_NOT_IN_KEY = {"storage_path", "max_failures", "keep_checkpoints", "log_every", "peak_tflops", "callbacks"}
+_TRAINER_NOT_IN_KEY = {"storage_path", "max_failures", "keep_checkpoints", "log_every", "peak_tflops", "callbacks", "memory_budget_gb"}
 
 
 def stage_key(config: Mapping[str, Any], input_keys: Mapping[str, str]) -> str:
@@ -249,13 +243,7 @@ def plan_stage(container: dict[str, Any], name: str, kind: str) -> StagePlan:
         backend="nccl" if trainer["use_gpu"] else "gloo",
         precision=precision,
         deepspeed=deepspeed_config(trainer, precision),
-        memory=estimate_memory(
-            count_parameters(container["model"]),
-            trainer["zero_stage"],
-            precision,
-            trainer["num_workers"],
-            trainer["optimizer"]["name"],
-        ),
+        memory=plan_memory(container, precision),
         config=container,
         kind=kind,
     )

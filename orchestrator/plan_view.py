@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Optional, Sequence
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import yaml
 from rich.console import Console
 from rich.table import Table
 
 from orchestrator.pipeline.plan import PipelinePlan
+from orchestrator.memory import MemoryEstimate
 from orchestrator.plan import Plan
 from orchestrator.track.tables import print_table
 
@@ -57,18 +59,46 @@ def print_plan(plan: Plan, console: Optional[Console] = None) -> None:
         )
     console.print(table)
     for stage in plan.stages:
-        memory = stage.memory
-        estimate = Table(title=f"memory per worker, model states only ({stage.name}: {memory.parameters:,} parameters)")
-        estimate.add_column("weights")
-        estimate.add_column("gradients")
-        estimate.add_column("optimizer states")
-        estimate.add_column("total")
-        estimate.add_row(*(human_bytes(v) for v in (memory.weights, memory.gradients, memory.optimizer, memory.total)))
-        console.print(estimate)
+        print_memory(stage.name, stage.memory, stage.config["trainer"], console)
         console.print(f"[bold]DeepSpeed config[/bold] ({stage.name})")
         console.print_json(json.dumps(stage.deepspeed))
     console.print(f"checkpoints: {plan.storage_path}/{plan.run_name}")
     console.print(f"MLflow: {plan.tracking.uri} (experiment {plan.tracking.experiment!r})")
+
+
+def print_memory(name: str, memory: MemoryEstimate, trainer: dict[str, Any], console: Console) -> None:
+    """Per-worker memory: model states, activations, the process baseline, the total and whether it fits."""
+    checkpointing = "on" if trainer.get("activation_checkpointing", False) else "off"
+    estimate = Table(title=f"memory per worker ({name}: {memory.parameters:,} parameters, activation checkpointing {checkpointing})")
+    columns = ["weights", "gradients", "optimizer states", "buffers", "activations", "runtime", "total"]
+    values = [memory.weights, memory.gradients, memory.optimizer, memory.buffers, memory.activations, memory.runtime, memory.total]
+    if memory.offloaded:
+        columns.append("offloaded")
+        values.append(memory.offloaded)
+    for column in columns:
+        estimate.add_column(column)
+    cells = [human_bytes(v) for v in values]
+    if not memory.activations_known:
+        cells[4] = "unknown"
+    estimate.add_row(*cells)
+    console.print(estimate)
+    if memory.budget is None:
+        console.print(f"fit: not checked (budget {memory.budget_source})")
+    elif memory.fits:
+        console.print(f"fit: {human_bytes(memory.total)} fits in {human_bytes(memory.budget)} per worker ({memory.budget_source})")
+    else:
+        console.print(
+            f"fit: [bold red]{human_bytes(memory.total)} does not fit[/bold red] in {human_bytes(memory.budget)} per worker "
+            f"({memory.budget_source}); the cheapest change that fits: {memory.suggestion}"
+        )
+
+
+def plan_document(plan: Plan) -> dict[str, Any]:
+    """`orch plan --json`: the plan as data, each stage's memory with its derived figures (total, fits)."""
+    document = asdict(plan)
+    for stage, data in zip(plan.stages, document["stages"]):
+        data["memory"].update(model_states=stage.memory.model_states, total=stage.memory.total, fits=stage.memory.fits)
+    return document
 
 
 def print_summary(results: Sequence["StageResult"], console: Optional[Console] = None) -> None:

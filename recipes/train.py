@@ -157,6 +157,7 @@ def fit(
 
     # --- cleanup ---
     clock.close()
+    metrics.log_memory(cfg, engine_precision(engine), torch.device(engine.device).type, step)
     metrics.close()
 
 

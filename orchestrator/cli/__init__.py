@@ -77,7 +77,7 @@ def _app(cfg, mode: _Mode, choices: Optional[dict] = None, overrides: Optional[l
     from orchestrator.config import Composed
     from orchestrator.config.validate import ConfigError
     from orchestrator.pipeline.plan import build_run_plan
-    from orchestrator.plan_view import print_plan
+    from orchestrator.plan_view import plan_document, print_plan
 
     if choices is None or overrides is None:
         from hydra.core.hydra_config import HydraConfig
@@ -96,7 +96,7 @@ def _app(cfg, mode: _Mode, choices: Optional[dict] = None, overrides: Optional[l
         fail(str(error).replace("\n", "\n    "))
     if mode.plan_only:
         if mode.json:
-            print_json(asdict(plan))
+            print_json(plan_document(plan))
         else:
             print_plan(plan)
         return

@@ -38,6 +38,12 @@ class ClusterKind(str, Enum):
     ray = "ray"  # connect to an existing Ray cluster at `address`
 
 
+class OffloadDevice(str, Enum):
+    none = "none"
+    cpu = "cpu"
+    nvme = "nvme"
+
+
 class PlacementStrategy(str, Enum):
     PACK = "PACK"
     SPREAD = "SPREAD"
@@ -60,6 +66,15 @@ class SchedulerConfig:
     name: SchedulerName = SchedulerName.cosine
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # cosine: final lr as a fraction of the peak
+
+
+@dataclass
+class OffloadConfig:
+    """ZeRO-Offload / ZeRO-Infinity: where DeepSpeed keeps optimizer states and parameters between uses."""
+
+    optimizer: OffloadDevice = OffloadDevice.none  # needs trainer.zero_stage >= 1
+    param: OffloadDevice = OffloadDevice.none  # needs trainer.zero_stage 3
+    nvme_path: Optional[str] = None  # an existing, writable directory on a local NVMe drive; read when either is nvme
 
 
 @dataclass
@@ -88,6 +103,9 @@ class TrainerConfig:
     storage_path: Optional[str] = None  # checkpoints; null = ./orch_runs (use shared storage on a cluster)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    # per-worker memory `orch plan` checks its estimate against; null = the worker's GPU memory, or this machine's RAM
+    memory_budget_gb: Optional[float] = None
     # raw DeepSpeed JSON, merged over the generated config for anything the schema does not cover
     deepspeed: Dict[str, Any] = field(default_factory=dict)
     # loop callbacks (orchestrator.train.callbacks.LoopCallback), each a `_target_` dict built on every worker:

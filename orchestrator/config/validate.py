@@ -83,6 +83,46 @@ def validate_trainer(cfg: Mapping[str, Any]) -> None:
             trainer["scheduler"]["warmup_steps"],
             f"expected 0 <= warmup_steps < trainer.max_steps ({trainer['max_steps']})",
         )
+    validate_offload(trainer)
+    budget = trainer.get("memory_budget_gb")
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        raise ConfigError("trainer.memory_budget_gb", budget, "expected a positive number of GB per worker, or null for the device's memory")
+
+
+def validate_offload(trainer: Mapping[str, Any]) -> None:
+    """What DeepSpeed's ZeRO-Offload accepts, checked here rather than when the engine starts on every worker."""
+    offload, stage = trainer.get("offload") or {}, trainer["zero_stage"]
+    optimizer, param = offload.get("optimizer", "none"), offload.get("param", "none")
+    if optimizer != "none" and stage < 1:
+        raise ConfigError(
+            "trainer.offload.optimizer", optimizer, "optimizer offload partitions optimizer states: it needs trainer.zero_stage 1, 2 or 3"
+        )
+    if param != "none" and stage != 3:
+        raise ConfigError("trainer.offload.param", param, "parameter offload needs trainer.zero_stage=3 (ZeRO-Infinity)")
+    if "nvme" in (optimizer, param):
+        key = "trainer.offload.param" if param == "nvme" else "trainer.offload.optimizer"
+        path = offload.get("nvme_path")
+        if not path:
+            raise ConfigError("trainer.offload.nvme_path", path, f"{key}=nvme needs a directory on a local NVMe drive")
+        folder = Path(path).expanduser()
+        if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigError("trainer.offload.nvme_path", path, "expected an existing, writable directory")
+        reason = nvme_offload_unavailable()
+        if reason:
+            raise ConfigError(key, "nvme", reason)
+
+
+def nvme_offload_unavailable() -> Optional[str]:
+    """Why DeepSpeed cannot offload to NVMe here, or None: it needs its async_io op, which links against libaio.
+    Asked only when nvme is requested, as the check compiles a test program (and imports torch)."""
+    try:
+        from deepspeed.ops.op_builder import AsyncIOBuilder
+
+        if AsyncIOBuilder().is_compatible(verbose=False):
+            return None
+    except Exception as error:  # noqa: BLE001 - any failure to load the op means no NVMe offload
+        return f"DeepSpeed's async_io op cannot load here ({type(error).__name__}: {error}); use cpu or none"
+    return "DeepSpeed's async_io op is not available on this machine (it needs libaio: apt install libaio-dev); use cpu or none"
 
 
 # DeepSpeed keys that the typed `trainer` keys generate: the raw `trainer.deepspeed` overlay may not set them, or it
@@ -97,6 +137,8 @@ OWNED_BY_TRAINER = {
     "gradient_clipping": "trainer.grad_clip",
     "optimizer": "trainer.optimizer",
     "scheduler": "trainer.scheduler",
+    "zero_optimization.offload_optimizer": "trainer.offload.optimizer",
+    "zero_optimization.offload_param": "trainer.offload.param",
 }
 
 

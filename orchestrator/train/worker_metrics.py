@@ -153,6 +153,26 @@ class WorkerMetrics:
                 operation.wait()
             self.in_flight = []
 
+    def log_memory(self, config: dict[str, Any], precision: str, device: str, step: int) -> None:
+        """The plan's per-worker memory figure beside this process's measured peak, so that every run checks the
+        estimate `orch plan` printed (memory/*; benchmarks/memory_plan.py compares them across configurations)."""
+        if not self.enabled:
+            return
+        from orchestrator.memory import plan_memory
+
+        predicted = plan_memory(config, precision, budget_check=False)
+        measured = measured_peak_bytes(device)
+        self.log(
+            {
+                "memory/predicted_bytes": predicted.total,
+                "memory/predicted_model_states_bytes": predicted.model_states,
+                "memory/predicted_activations_bytes": predicted.activations,
+                "memory/measured_peak_bytes": measured,
+                "memory/measured_over_predicted": measured / predicted.total,
+            },
+            step,
+        )
+
     def diverged(self, step: int) -> None:
         """Tell the driver, which fails the stage with a typed error (the workers end without saving)."""
         self.flush(wait=True)
@@ -185,3 +205,15 @@ class WorkerMetrics:
             import logging
 
             logging.getLogger(__name__).warning("could not log the final system-metrics sample: %s", error)
+
+
+def measured_peak_bytes(device: str) -> int:
+    """This process's peak memory so far: what the allocator handed out on a GPU (the figure the plan predicts: no
+    CUDA context, no cache), the resident set's high-water mark (ru_maxrss, KiB on Linux) on a CPU."""
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    from orchestrator.timeline import peak_rss_bytes
+
+    return peak_rss_bytes()

@@ -174,3 +174,14 @@ def test_non_finite_loss_stops_every_rank_with_a_typed_error_and_keeps_the_last_
     assert all(m.step < step for m in client.get_metric_history(run.info.run_id, "loss"))
     saved = sorted(int(p.name.rsplit("_", 1)[1]) for p in (workdir / "orch_runs" / "diverges").glob("checkpoint_step_*"))
     assert all(s < step for s in saved), "a checkpoint of the diverged state was saved"
+
+
+def test_the_run_logs_its_predicted_memory_beside_the_measured_peak(reference, client):
+    plan, result = reference
+    metrics = client.get_run(result.run_id).data.metrics
+    predicted, measured = metrics["memory/predicted_bytes"], metrics["memory/measured_peak_bytes"]
+    # the plan's figure for this run (precision as the worker resolved it: fp32 here)
+    assert predicted == plan.stages[0].memory.total
+    assert metrics["memory/measured_over_predicted"] == pytest.approx(measured / predicted)
+    # a tiny MLP: the process baseline is nearly all of it, and the plan's baseline must be of the right size
+    assert 0.5 < measured / predicted < 2.0

@@ -1,7 +1,7 @@
 """One layering, read from the source: a module imports only from its own package or from layers below it.
 
     cli → plan_view → sweep, pipeline → stage_runner → launch, track → recipes → train → artifacts → compress → plan
-      → models, data → config → timeline
+      → memory → models, data → config → timeline
 
 Packages that share a layer (sweep and pipeline; launch and track; models and data) do not import each other. The
 recipes are loaded by name (`recipe.name`) and never imported by the library. Lazy imports inside functions count the
@@ -25,6 +25,7 @@ LAYERS: list[set[str]] = [
     {"artifacts"},
     {"compress"},
     {"plan"},
+    {"memory"},
     {"models", "data"},
     {"config", "conf"},
     {"timeline"},

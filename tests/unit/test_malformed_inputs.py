@@ -101,6 +101,16 @@ PLAN_ROWS = [
     (["resume=never-ran"], "resume='never-ran'"),
     (["tracking.register_as=a/b"], "tracking.register_as"),
     (["nope=1"], "nope: no such key"),
+    # offload and the memory budget (the budget's smallest-plan rule: an 85 M-parameter GPT cannot fit 0.5 GB)
+    (["trainer.offload.optimizer=cpu"], "trainer.offload.optimizer='cpu'"),
+    (["trainer.zero_stage=2", "trainer.offload.param=cpu"], "trainer.offload.param='cpu'"),
+    (["trainer.offload.optimizer=disk"], "trainer.offload.optimizer=disk"),
+    (["trainer.zero_stage=1", "trainer.offload.optimizer=nvme"], "trainer.offload.nvme_path=None"),
+    (["trainer.zero_stage=1", "trainer.offload.optimizer=nvme", "trainer.offload.nvme_path={cwd}/absent"], "trainer.offload.nvme_path="),
+    (["trainer.deepspeed={zero_optimization: {offload_optimizer: {device: cpu}}}"], "trainer.deepspeed.zero_optimization.offload_optimizer"),
+    (["trainer.memory_budget_gb=0"], "trainer.memory_budget_gb=0"),
+    (["trainer.memory_budget_gb=-2"], "trainer.memory_budget_gb=-2"),
+    ([*GPT, "model.n_layer=12", "model.n_embd=768", "model.n_head=12", "trainer.memory_budget_gb=0.5"], "trainer.memory_budget_gb=0.5"),
 ]
 
 

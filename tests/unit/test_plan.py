@@ -56,7 +56,10 @@ def test_raw_deepspeed_json_overlays_the_generated_config():
 def test_memory_estimate_partitions_by_zero_stage(stage, expected):
     memory = estimate_memory(1_000, stage, "bf16", 4, "adamw")
     assert (memory.weights, memory.gradients, memory.optimizer) == expected
-    assert memory.total == sum(expected)
+    assert memory.model_states == sum(expected)
+    assert memory.total == sum(expected) + memory.buffers
+    # ZeRO-0 all-reduces a flat copy of the gradients; ZeRO-1/2 keep a gradient bucket and an fp32 gradient partition
+    assert memory.buffers == {0: 2_000, 1: 4_000 + 1_000, 2: 2_000 + 1_000, 3: 0}[stage]
 
 
 def test_auto_precision_resolves_to_bf16_and_default_run_names_are_unique(tmp_path, monkeypatch):
@@ -68,3 +71,118 @@ def test_auto_precision_resolves_to_bf16_and_default_run_names_are_unique(tmp_pa
     assert first.run_name != second.run_name
     assert first.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert first.tracking.artifact_location == (tmp_path / "mlartifacts").as_uri()
+
+
+# --- offload, activations, the fit verdict (issue 16 items 4 and 5) ------------------------------------------------
+
+GPT_85M = ["model=gpt", "data=text", "model.n_layer=12", "model.n_embd=768", "model.n_head=12", "trainer.micro_batch_size=8",
+           "trainer.precision=fp32"]
+
+
+def test_offload_keys_become_deepspeeds_offload_sections():
+    config = deepspeed_config(trainer("trainer.zero_stage=2", "trainer.offload.optimizer=cpu"), "fp32")
+    assert config["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": False}}
+    assert config["optimizer"]["params"]["torch_adam"] is True  # CPU workers: no C++ op to build
+    config = deepspeed_config(trainer("trainer=gpu", "trainer.zero_stage=3", "trainer.offload.param=cpu"), "bf16")
+    assert config["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": True}
+    assert "offload_optimizer" not in config["zero_optimization"] and config["optimizer"]["params"]["torch_adam"] is True
+    config = deepspeed_config(trainer("trainer=gpu", "trainer.offload.optimizer=cpu"), "bf16")
+    assert config["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert "torch_adam" not in config["optimizer"]["params"]  # GPU workers: DeepSpeed's CPU Adam steps the states
+    config = deepspeed_config(trainer("trainer.zero_stage=1", "trainer.offload.optimizer=cpu", "trainer.optimizer.name=sgd"), "fp32")
+    assert config["zero_force_ds_cpu_optimizer"] is False  # torch's SGD on offloaded states, which DeepSpeed refuses by default
+
+
+def test_nvme_offload_is_refused_in_one_line_where_deepspeed_cannot_do_it(tmp_path):
+    from orchestrator.config.validate import ConfigError, nvme_offload_unavailable
+
+    overrides = ["trainer.zero_stage=3", "trainer.offload.param=nvme", f"trainer.offload.nvme_path={tmp_path}"]
+    reason = nvme_offload_unavailable()
+    if reason:  # this machine: no libaio, so no async_io op
+        with pytest.raises(ConfigError) as error:
+            build_plan(compose(overrides), cwd=tmp_path)
+        assert error.value.key == "trainer.offload.param" and "async_io" in str(error.value)
+    else:
+        section = build_plan(compose(overrides), cwd=tmp_path).stages[0].deepspeed["zero_optimization"]["offload_param"]
+        assert section == {"device": "nvme", "pin_memory": False, "nvme_path": str(tmp_path)}
+
+
+def test_activation_formula_matches_what_autograd_saves():
+    """The GPT formula against the tensors autograd actually keeps for backward (parameters excluded), with and
+    without checkpointed blocks: the vocab-wide tensors the formula adds for the loss's transient peak are left out."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    from orchestrator.models.activations import LOGIT_COPIES, gpt_activation_elements
+    from orchestrator.models.gpt import GPT
+
+    cfg = {"vocab_size": 256, "block_size": 32, "n_layer": 3, "n_head": 4, "n_embd": 64}
+    torch.manual_seed(0)
+    model = GPT(**cfg)
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    idx = torch.randint(0, 256, (4, 32))
+
+    def saved_bytes(checkpointing: bool) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in parameters:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            x = model.tok_emb(idx) + model.pos_emb(torch.arange(32))
+            for block in model.blocks:
+                x = checkpoint(block, x, use_reentrant=False) if checkpointing else block(x)
+            F.cross_entropy(model.lm_head(model.ln_f(x)).view(-1, 256), idx.view(-1))
+        return sum(storages.values())
+
+    transient = 4 * 32 * (LOGIT_COPIES - 1) * 256
+    full = gpt_activation_elements(cfg, 4, 32, checkpointing=False) - transient
+    assert saved_bytes(False) == pytest.approx(4 * full, rel=0.03)
+    # checkpointed: the blocks' inputs are kept; one block's full set comes back only during its recomputation
+    recomputed = 4 * 32 * (16 * 64 + 4)
+    kept = gpt_activation_elements(cfg, 4, 32, checkpointing=True) - transient - recomputed
+    assert saved_bytes(True) == pytest.approx(4 * kept, rel=0.03)
+    assert kept < full / 4
+
+
+def test_plan_adds_activations_and_checkpointing_shrinks_them(tmp_path):
+    memory = build_plan(compose([*GPT_85M, "trainer.zero_stage=0"]), cwd=tmp_path).stages[0].memory
+    assert memory.activations_known and memory.activations > 0 and memory.runtime > 0
+    assert memory.total == memory.model_states + memory.buffers + memory.activations + memory.runtime
+    from orchestrator.memory import _memory_of
+
+    container = build_plan(compose(GPT_85M), cwd=tmp_path).stages[0].config
+    with_ckpt = _memory_of(container, memory.parameters, "fp32", {**container["trainer"], "activation_checkpointing": True})
+    assert with_ckpt.activations < memory.activations / 3
+    doubled = _memory_of(container, memory.parameters, "fp32", {**container["trainer"], "micro_batch_size": 16})
+    assert doubled.activations == 2 * memory.activations
+
+
+def test_a_plan_that_does_not_fit_names_the_cheapest_change_that_would(tmp_path):
+    # ZeRO-0 fp32, 85 M parameters: ~1.4 GB of model states + activations + runtime; ZeRO-2 on 2 workers fits 1.9 GB
+    memory = build_plan(compose([*GPT_85M, "trainer.memory_budget_gb=1.9"]), cwd=tmp_path).stages[0].memory
+    assert memory.fits is False and memory.suggestion.startswith("trainer.zero_stage=")
+    fitting = build_plan(compose([*GPT_85M, "trainer.memory_budget_gb=100"]), cwd=tmp_path).stages[0].memory
+    assert fitting.fits is True and fitting.suggestion == "" and fitting.budget == 100 * 10**9
+
+
+def test_cpu_offload_saves_device_memory_on_gpu_only():
+    from orchestrator.memory import estimate_memory
+
+    on_gpu = estimate_memory(10**6, 2, "bf16", 2, "adamw", offload_optimizer="cpu", on_gpu=True)
+    on_cpu = estimate_memory(10**6, 2, "bf16", 2, "adamw", offload_optimizer="cpu", on_gpu=False)
+    assert on_gpu.optimizer == 0 and on_gpu.offloaded == 12 * 10**6 // 2
+    assert on_cpu.optimizer == 12 * 10**6 // 2 and on_cpu.offloaded == 0
+
+
+def test_orch_plan_json_carries_the_total_and_the_verdict(tmp_path):
+    from orchestrator.plan_view import plan_document
+
+    plan = build_plan(compose([*GPT_85M, "trainer.memory_budget_gb=1.9"]), cwd=tmp_path)
+    memory = plan_document(plan)["stages"][0]["memory"]
+    assert memory["total"] == plan.stages[0].memory.total and memory["fits"] is False
+    assert memory["suggestion"].startswith("trainer.zero_stage=") and memory["budget"] == 1.9e9
