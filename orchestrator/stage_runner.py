@@ -201,7 +201,13 @@ def adopt_resumed_layout(stage: StagePlan) -> None:
     it up, read from the newest complete checkpoint's layout. ConfigError (naming the key) where nothing can, or
     where the ZeRO layout cannot be converted. Idempotent; no checkpoint yet: nothing to keep."""
     from orchestrator.config.validate import ConfigError
-    from orchestrator.train.checkpoints import ResumeMismatch, check_resumable, complete_checkpoints, resumed_grad_accum
+    from orchestrator.train.checkpoints import (
+        ResumeMismatch,
+        check_resumable,
+        check_zero_stage,
+        complete_checkpoints,
+        resumed_grad_accum,
+    )
 
     filesystem, root = run_storage(stage)
     layouts = [c.layout for c in complete_checkpoints(filesystem, root, stage.num_workers) if c.layout is not None]
@@ -210,6 +216,7 @@ def adopt_resumed_layout(stage: StagePlan) -> None:
     trainer, layout = stage.config["trainer"], layouts[0]
     workers, micro, grad_accum = stage.num_workers, trainer["micro_batch_size"], trainer["grad_accum_steps"]
     try:
+        check_zero_stage(layout, trainer["zero_stage"])
         if workers * micro * grad_accum != layout.global_batch:
             grad_accum = resumed_grad_accum(layout, workers, micro)
         check_resumable(layout, workers, trainer["zero_stage"], micro, grad_accum)

@@ -172,14 +172,19 @@ class ResumeMismatch(ValueError):
         super().__init__(f"{key}={value!r}: {reason}")
 
 
-def check_resumable(layout: Layout, world_size: int, zero_stage: int, micro_batch_size: int, grad_accum_steps: int) -> None:
-    """Raise ResumeMismatch (one line, naming the key) where the new layout cannot continue the checkpoint's run."""
+def check_zero_stage(layout: Layout, zero_stage: int) -> None:
+    """Raise ResumeMismatch where no conversion leads from the checkpoint's ZeRO layout to `zero_stage`."""
     if (layout.zero_stage == 0) != (zero_stage == 0):
         raise ResumeMismatch(
             "trainer.zero_stage", zero_stage,
             f"the run's checkpoints were written with ZeRO-{layout.zero_stage}; ZeRO-0 and ZeRO>=1 checkpoints do not "
             f"convert into each other: resume with trainer.zero_stage={layout.zero_stage}",
         )
+
+
+def check_resumable(layout: Layout, world_size: int, zero_stage: int, micro_batch_size: int, grad_accum_steps: int) -> None:
+    """Raise ResumeMismatch (one line, naming the key) where the new layout cannot continue the checkpoint's run."""
+    check_zero_stage(layout, zero_stage)
     if world_size * micro_batch_size * grad_accum_steps != layout.global_batch:
         raise ResumeMismatch(
             "trainer.grad_accum_steps", grad_accum_steps,
