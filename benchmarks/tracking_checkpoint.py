@@ -7,8 +7,8 @@ its share of step time at the default interval = cost / interval / plain step. T
 that lands later (an asynchronous collective read a step after, a batch of metrics flushed every few seconds, the
 system-metrics sampler), so logging is also measured whole: a run that logs at the defaults without checkpoints
 against a control run with tracking reduced to the end of the run (log_every=max_steps, no system metrics,
-checkpoint only at the end), mean step over mean step, wall and CPU time, paired per repeat (runs interleaved). Checkpoint phases (DeepSpeed save + completion marker; Ray Train report, which copies the files into
-run storage) come from timeline marks in save_and_report.
+checkpoint only at the end), mean step over mean step, wall and CPU time, paired per repeat (runs interleaved). Checkpoint phases (DeepSpeed save; Ray Train report, which copies the files into
+run storage, then the completion markers written there) come from timeline marks in save_and_report.
 """
 
 from __future__ import annotations

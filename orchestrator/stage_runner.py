@@ -102,6 +102,8 @@ def run_plan(plan: Plan, console: Optional[Console] = None, log_file: Optional[P
     `log_file`: the run's log, logged to its MLflow run."""
     console = console or Console()
     [stage] = plan.stages
+    if plan.resuming and needs_ray(stage):
+        adopt_resumed_layout(stage)  # a one-line error before Ray starts if the new layout cannot continue the run
     sources = resolve_sources(stage, {}, plan.tracking.uri)
     tags = source_tags(sources)
     if not needs_ray(stage):
@@ -146,6 +148,8 @@ def run_stage(
     from orchestrator.track.mlflow_run import StageRun, log_file_attached
 
     recipe = recipe_module(stage)
+    if resuming and needs_ray(stage):
+        adopt_resumed_layout(stage)
     tracking = StageRun(tracking_plan)
     run_id = tracking.start(stage, resuming, parent_run_id, tags)
     with (
@@ -181,6 +185,48 @@ def run_stage(
         )
 
 
+def run_storage(stage: StagePlan) -> tuple[Any, str]:
+    """(pyarrow filesystem, path) of the stage's run folder in its storage (a local path or a URI)."""
+    from pyarrow.fs import FileSystem, LocalFileSystem
+
+    if "://" in stage.storage_path:
+        filesystem, root = FileSystem.from_uri(stage.storage_path)
+    else:
+        filesystem, root = LocalFileSystem(), str(Path(stage.storage_path).resolve())
+    return filesystem, f"{root.rstrip('/')}/{stage.ray_name}"
+
+
+def adopt_resumed_layout(stage: StagePlan) -> None:
+    """`resume=` on another number of workers keeps the run's global batch: gradient accumulation becomes what makes
+    it up, read from the newest complete checkpoint's layout. ConfigError (naming the key) where nothing can, or
+    where the ZeRO layout cannot be converted. Idempotent; no checkpoint yet: nothing to keep."""
+    from orchestrator.config.validate import ConfigError
+    from orchestrator.train.checkpoints import (
+        ResumeMismatch,
+        check_resumable,
+        check_zero_stage,
+        complete_checkpoints,
+        resumed_grad_accum,
+    )
+
+    filesystem, root = run_storage(stage)
+    layouts = [c.layout for c in complete_checkpoints(filesystem, root, stage.num_workers) if c.layout is not None]
+    if not layouts:
+        return
+    trainer, layout = stage.config["trainer"], layouts[0]
+    workers, micro, grad_accum = stage.num_workers, trainer["micro_batch_size"], trainer["grad_accum_steps"]
+    try:
+        check_zero_stage(layout, trainer["zero_stage"])
+        if workers * micro * grad_accum != layout.global_batch:
+            grad_accum = resumed_grad_accum(layout, workers, micro)
+        check_resumable(layout, workers, trainer["zero_stage"], micro, grad_accum)
+    except ResumeMismatch as error:
+        raise ConfigError(error.key, error.value, error.reason) from None
+    trainer["grad_accum_steps"] = grad_accum
+    stage.deepspeed["gradient_accumulation_steps"] = grad_accum
+    stage.deepspeed["train_batch_size"] = layout.global_batch
+
+
 def _save_mlflow_model(model_dir: Path, stage: StagePlan, tracking: "StageRun") -> None:
     """The exported model as an MLflow Model as well (model/mlflow_model). A model torch.export cannot trace (a
     custom class of yours) keeps its safetensors export: the run records why and goes on."""
@@ -209,6 +255,14 @@ def _fit(
 
     trainer_cfg = stage.config["trainer"]
     board = ProgressBoard.remote()
+    # Each attempt writes into a folder of its own (`resume-N` inside the run's folder): Ray's num_to_keep then
+    # applies within the attempt and never deletes what an earlier attempt wrote; workers resume from any attempt.
+    from orchestrator.train.checkpoints import next_attempt
+
+    filesystem, run_root = run_storage(stage)
+    attempt = next_attempt(filesystem, run_root)
+    storage_path, ray_name = (stage.storage_path, stage.ray_name) if attempt == 0 else (
+        f"{stage.storage_path.rstrip('/')}/{stage.ray_name}", f"resume-{attempt}")
     trainer = TorchTrainer(
         recipe.train_loop_per_worker,
         train_loop_config={
@@ -222,6 +276,7 @@ def _fit(
             },
             "sources": dict(sources),
             "progress": board,
+            "attempt": attempt,
         },
         torch_config=TorchConfig(backend=stage.backend),
         scaling_config=ray.train.ScalingConfig(
@@ -231,10 +286,12 @@ def _fit(
             placement_strategy=stage.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
-            name=stage.ray_name,
-            storage_path=stage.storage_path,
+            name=ray_name,
+            storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=trainer_cfg["max_failures"]),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=trainer_cfg["keep_checkpoints"]),
+            # one more than asked: a marker completes the newest checkpoint after Ray registered it (and pruned the
+            # older ones), so the last complete checkpoint stays until its successor is complete
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=trainer_cfg["keep_checkpoints"] + 1),
             worker_runtime_env={"env_vars": worker_env(stage.config["cluster"], stage.use_gpu)},
             # Ray Train's own INFO (worker group start, reports, checkpoints): in the run's log file, or live with -v
             logging_config=ray.train.LoggingConfig(log_level="INFO"),
@@ -249,11 +306,17 @@ def _fit(
         from orchestrator.train.steps import TrainingDiverged
 
         raise TrainingDiverged(failure["step"])
+    checkpoint = result.checkpoint
+    if checkpoint is None:  # a resumed attempt that had no step left to train: the newest of an earlier attempt
+        from orchestrator.train.checkpoints import complete_checkpoints
+
+        [newest, *_] = complete_checkpoints(filesystem, run_root, stage.num_workers)
+        checkpoint = newest.checkpoint()
     if stage.config["tracking"]["log_model"]:
         from orchestrator.artifacts.export import export_model
 
-        with result.checkpoint.as_directory() as checkpoint_dir:
+        with checkpoint.as_directory() as checkpoint_dir:
             export_model(checkpoint_dir, stage.config["model"], model_dir, trusted_model_targets(stage.config))
-    tracking.set_tag("orch.checkpoint", result.checkpoint.path)
+    tracking.set_tag("orch.checkpoint", checkpoint.path)
     tracking.log_curves(label)
-    return dict(result.metrics or {}), result.checkpoint.path
+    return dict(result.metrics or {}), checkpoint.path

@@ -79,15 +79,15 @@ def fit(
             return task_loss(engine(to_engine(engine, inputs)), to_engine(engine, targets))
 
     # --- restore ---
-    restored = restore_latest(engine)
+    restored = restore_latest(engine, loop_config.get("attempt", 0))
     step = restored["step"] if restored else 0
     for name, hook in hooks.items():
         if restored:  # after load_checkpoint: masks are re-applied to the restored weights and optimizer state
             hook.load_state_dict(restored["hooks"][name])
 
     grad_accum, max_steps = trainer["grad_accum_steps"], trainer["max_steps"]
-    batches = training_batches(data.train, trainer["micro_batch_size"], rank, world_size, trainer["seed"])
-    stream = batches.iterate_from(step * grad_accum)  # the exact data position of the restored step
+    batches = training_batches(data.train, trainer["micro_batch_size"], rank, world_size, trainer["seed"], grad_accum)
+    stream = batches.iterate_from(step * grad_accum)  # the exact data position of the restored step, on any world size
     throughput = Throughput(trainer["micro_batch_size"] * grad_accum * world_size, start_step=step)
     metrics = WorkerMetrics(loop_config, rank=rank, resumed_at=step if restored else None)
     metrics.set_tag("orch.precision", engine_precision(engine))  # what precision=auto became on this device
@@ -153,7 +153,9 @@ def fit(
                 callback.on_checkpoint(step, step == max_steps, report)
             hook_states = {name: hook.state_dict() for name, hook in hooks.items()}
             metrics.flush(wait=True)
-            save_and_report(engine, step, report, client_state={"hooks": hook_states}, model_spec=model_spec)
+            if not save_and_report(engine, step, report, client_state={"hooks": hook_states}, model_spec=model_spec):
+                metrics.diverged(step)  # non-finite weights on some rank: no checkpoint of them, the run fails here
+                break
 
     # --- cleanup ---
     clock.close()

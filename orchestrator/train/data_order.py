@@ -1,8 +1,9 @@
 """Which examples each worker sees at each micro-step: disjoint shards, reshuffled every epoch, resumable.
 
 Neither Ray Train nor DeepSpeed saves a data loader's position. Because the order here is a pure function of
-(seed, epoch, rank, world size), a restored run recomputes its position from the step count in the checkpoint and
-continues with exactly the batch the interrupted run would have taken next.
+(seed, epoch, rank, world size, global batch), a restored run recomputes its position from the step count in the
+checkpoint and continues with exactly the samples the interrupted run would have taken next, on any world size that
+keeps the global batch (a streamed dataset's shards follow the world size: its position is exact on the same one).
 """
 
 from __future__ import annotations
@@ -10,27 +11,40 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 
 class ShardedBatches:
-    def __init__(self, dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int) -> None:
-        # drop_last: every rank gets the same number of batches, so collectives never wait on a rank that ran dry.
-        self.sampler = DistributedSampler(
-            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
-        )
-        self.dataset, self.batch_size = dataset, batch_size
-        self.batches_per_epoch = len(self.sampler) // batch_size
+    """The order is one permutation of the dataset per epoch (seed + epoch) cut into global batches; global batch i
+    of an epoch is samples [i*G, (i+1)*G) of it, and each micro-step takes the next micro_batch_size x world_size of
+    them, rank r every world_size-th. So the position after N optimizer steps is N*G samples whatever the world size:
+    a run resumed on another number of workers (with the same global batch G) neither repeats nor skips a sample."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, rank: int, world_size: int, seed: int, grad_accum: int = 1) -> None:
+        self.dataset, self.batch_size, self.rank, self.world_size, self.seed = dataset, batch_size, rank, world_size, seed
+        self.grad_accum = grad_accum
+        self.global_batch = batch_size * world_size * grad_accum
+        # whole global batches only: every rank gets the same number of batches, so collectives never wait on a
+        # rank that ran dry, and an epoch ends at the same sample whatever the world size
+        self.steps_per_epoch = len(dataset) // self.global_batch  # type: ignore[arg-type]
+        self.batches_per_epoch = self.steps_per_epoch * grad_accum
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"the training split has {len(dataset)} examples: too few for trainer.micro_batch_size={batch_size} "  # type: ignore[arg-type]
-                f"on each of {world_size} workers; lower trainer.micro_batch_size or trainer.num_workers"
+                f"x trainer.grad_accum_steps={grad_accum} on each of {world_size} workers; lower "
+                "trainer.micro_batch_size or trainer.num_workers"
             )
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        self.sampler.set_epoch(epoch)
-        indices = list(self.sampler)
-        return [indices[i * self.batch_size : (i + 1) * self.batch_size] for i in range(self.batches_per_epoch)]
+        """This rank's micro-batches of one epoch, in order."""
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + epoch)  # the permutation DistributedSampler draws: the same on every rank
+        order = torch.randperm(len(self.dataset), generator=generator).tolist()  # type: ignore[arg-type]
+        per_micro_step = self.batch_size * self.world_size
+        return [
+            order[start + self.rank : start + per_micro_step : self.world_size]
+            for start in range(0, self.batches_per_epoch * per_micro_step, per_micro_step)
+        ]
 
     def iterate_from(self, micro_step: int) -> Iterator[tuple[torch.Tensor, ...]]:
         """Batches from global micro-step `micro_step` onwards, across epoch boundaries, forever."""
@@ -94,8 +108,8 @@ class StreamBatches:
             epoch += 1
 
 
-def training_batches(dataset, batch_size: int, rank: int, world_size: int, seed: int):
+def training_batches(dataset, batch_size: int, rank: int, world_size: int, seed: int, grad_accum: int = 1):
     """ShardedBatches for a map-style dataset, StreamBatches for a streamed one (`datasets.IterableDataset`)."""
     if hasattr(dataset, "__len__"):
-        return ShardedBatches(dataset, batch_size, rank, world_size, seed)
+        return ShardedBatches(dataset, batch_size, rank, world_size, seed, grad_accum)
     return StreamBatches(dataset, batch_size, rank, world_size, seed)

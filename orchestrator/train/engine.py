@@ -1,16 +1,18 @@
 """DeepSpeed engine set-up and checkpoints, wired to Ray Train's checkpoint reporting.
 
-Every rank saves (ZeRO shards live on every rank) into a local directory, marks it complete and reports it; Ray
-Train merges the ranks' files into one checkpoint in run storage. A (re)started group resumes from the newest
-complete checkpoint there (`orchestrator.train.checkpoints`). DeepSpeed's `client_state` carries the step, from
+Every rank saves (ZeRO shards live on every rank) into a local directory and reports it; Ray Train merges the
+ranks' files into one checkpoint in run storage, and each rank then marks its part complete there. A (re)started
+group resumes from the newest complete checkpoint of any attempt of the run (`orchestrator.train.checkpoints`). DeepSpeed's `client_state` carries the step, from
 which the data position is recomputed.
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import yaml
@@ -19,10 +21,18 @@ from torch import nn
 from orchestrator import timeline
 from orchestrator.artifacts.export import MODEL_SPEC_FILE
 from orchestrator.train.checkpoints import (
+    Candidate,
+    Layout,
+    check_resumable,
     complete_checkpoints,
+    convert_to_universal,
     load_first_good,
+    local_files,
+    needs_universal,
     write_marker,
 )
+
+logger = logging.getLogger(__name__)
 
 CPU_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 (AVX512-BF16, AMX) and Arm ("bf16" in Features)
 
@@ -102,14 +112,43 @@ def checkpoint_tag(step: int) -> str:
 
 
 
+def checkpoint_layout(engine) -> Layout:
+    """What a checkpoint of this engine is: recorded in its markers, compared on resume."""
+    import torch.distributed as dist
+
+    return Layout(
+        world_size=dist.get_world_size() if dist.is_initialized() else 1,
+        zero_stage=engine.zero_optimization_stage(),
+        micro_batch_size=engine.train_micro_batch_size_per_gpu(),
+        grad_accum_steps=engine.gradient_accumulation_steps(),
+    )
+
+
+def weights_finite(engine) -> bool:
+    """Whether every rank's weights are finite (collective). Under ZeRO-3 a rank holds its partition only."""
+    import torch.distributed as dist
+
+    bad = torch.zeros(1, dtype=torch.int32)
+    for parameter in engine.module.parameters():
+        local = getattr(parameter, "ds_tensor", parameter)
+        if not bool(torch.isfinite(local.detach()).all()):
+            bad.fill_(1)
+            break
+    if dist.is_initialized():
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return not bool(bad.item())
+
+
 def save_and_report(
     engine,
     step: int,
     metrics: dict[str, Any],
     client_state: Optional[dict[str, Any]] = None,
     model_spec: Optional[dict[str, Any]] = None,
-) -> None:
+) -> bool:
     """Collective: every rank must call it at the same steps (Ray Train and DeepSpeed both synchronise here).
+    False, with nothing saved or reported on any rank, when some rank's weights are not finite: a checkpoint of a
+    broken state would be resumed from.
 
     `model_spec` ({"model": config, "state_prefix": ...}) makes the checkpoint self-describing: the architecture
     of what it holds (which a structured-pruning stage changed) and where in the module's state the model lives.
@@ -118,40 +157,83 @@ def save_and_report(
     import torch.distributed as dist
 
     rank = dist.get_rank() if dist.is_initialized() else 0
+    if not weights_finite(engine):
+        return False
+    tag = checkpoint_tag(step)
+    dir_name = f"checkpoint_{tag}"
     with tempfile.TemporaryDirectory(prefix="orch-ckpt-") as local_dir:
         if rank == 0:
             timeline.mark("checkpoint_start", step=step)
-        engine.save_checkpoint(local_dir, tag=checkpoint_tag(step), client_state={"step": step, **(client_state or {})})
+        engine.save_checkpoint(local_dir, tag=tag, client_state={"step": step, **(client_state or {})})
         if model_spec is not None and rank == 0:
             (Path(local_dir) / MODEL_SPEC_FILE).write_text(yaml.safe_dump(model_spec, sort_keys=False))
-        write_marker(local_dir, rank, checkpoint_tag(step))
+        files = local_files(local_dir)
         if rank == 0:
             timeline.mark("checkpoint_saved", step=step)
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(local_dir),
-            checkpoint_dir_name=f"checkpoint_{checkpoint_tag(step)}",
-        )
-        if rank == 0:
-            timeline.mark("checkpoint_reported", step=step)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(local_dir), checkpoint_dir_name=dir_name)
+    # report uploads synchronously (Ray's default CheckpointUploadMode.SYNC): the files are in storage now, and the
+    # marker that makes them count goes there after them
+    storage = ray.train.get_context().get_storage()
+    write_marker(storage.storage_filesystem, f"{storage.experiment_fs_path}/{dir_name}", rank, tag, checkpoint_layout(engine), files)
+    if rank == 0:
+        timeline.mark("checkpoint_reported", step=step)
+    return True
 
 
-def restore_latest(engine) -> Optional[dict[str, Any]]:
-    """Load the newest complete checkpoint of this run (after a failure, or `resume=`); its client state or None."""
+@contextmanager
+def universal_loading(engine) -> Iterator[None]:
+    """DeepSpeed reads `checkpoint.load_universal` from its parsed config at load time (0.19.8 has no argument for
+    it): switched on for one load of a converted checkpoint, so later loads of native checkpoints stay native."""
+    previous = engine._config.load_universal_checkpoint
+    engine._config.load_universal_checkpoint = True
+    try:
+        yield
+    finally:
+        engine._config.load_universal_checkpoint = previous
+
+
+def restore_latest(engine, attempt: int = 0) -> Optional[dict[str, Any]]:
+    """Load the newest complete checkpoint of any attempt of this run (after a failure, or `resume=`); its client
+    state or None. `attempt` N > 0: this attempt writes into `resume-N` inside the run's folder (stage_runner).
+
+    A checkpoint of another world size (or ZeRO stage >= 1) is loaded through its universal conversion, made once by
+    rank 0; the others wait for its vote."""
     import ray.train
-    import torch
     import torch.distributed as dist
 
     storage = ray.train.get_context().get_storage()
-    candidates = complete_checkpoints(storage.storage_filesystem, storage.experiment_fs_path, dist.get_world_size())
-
-    def load(directory: str) -> Optional[dict[str, Any]]:
-        load_path, client_state = engine.load_checkpoint(directory)
-        return client_state if load_path is not None else None
+    run_path = storage.storage_fs_path if attempt else storage.experiment_fs_path
+    now = checkpoint_layout(engine)
+    candidates = complete_checkpoints(storage.storage_filesystem, run_path, now.world_size)
 
     def agree(ok: bool) -> bool:
         vote = torch.tensor([1 if ok else 0], dtype=torch.int32)
         dist.all_reduce(vote, op=dist.ReduceOp.MIN)
         return bool(vote.item())
 
-    return load_first_good(candidates, load, agree)
+    def load(candidate: Candidate) -> Optional[dict[str, Any]]:
+        if candidate.layout is not None:
+            check_resumable(candidate.layout, now.world_size, now.zero_stage, now.micro_batch_size, now.grad_accum_steps)
+        if not needs_universal(candidate.layout, now.world_size, now.zero_stage):
+            with candidate.checkpoint().as_directory() as directory:
+                load_path, client_state = engine.load_checkpoint(directory, tag=candidate.tag or None)
+            return client_state if load_path is not None else None
+        converted = None
+        if dist.get_rank() == 0:
+            try:
+                converted = convert_to_universal(candidate)
+            except Exception as error:  # noqa: BLE001 - every rank must learn of it, or the others wait forever
+                logger.warning("checkpoint %s could not be converted to a universal checkpoint (%s)", candidate.path, error)
+        if not agree(converted is not None or dist.get_rank() != 0):
+            raise RuntimeError(f"the universal conversion of {candidate.path} failed")
+        universal = ray.train.Checkpoint(candidate.universal_path, filesystem=candidate.filesystem)
+        with universal.as_directory() as directory, universal_loading(engine):
+            load_path, client_state = engine.load_checkpoint(directory, tag=candidate.tag)
+        return client_state if load_path is not None else None
+
+    def lowest(key: int) -> int:
+        value = torch.tensor([key], dtype=torch.int64)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return int(value.item())
+
+    return load_first_good(candidates, load, agree, lowest)
