@@ -26,8 +26,27 @@ JOB_ENV = (
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN",
 )
-# Never shipped with the working directory: environments, local stores and run outputs.
-UPLOAD_EXCLUDES = [".venv", "venv", ".git", "orch_runs", "mlruns", "mlartifacts", "mlflow.db", "outputs", "multirun", "__pycache__"]
+# Never shipped with the working directory (gitignore patterns, as Ray's runtime_env "excludes" reads them):
+# environments, local stores and run outputs; secrets (dotenv files, keys, .netrc), which would land in the cluster's
+# package store readable by every job; sqlite journals, a half-written copy of a database that changes under upload.
+UPLOAD_EXCLUDES = [
+    ".venv", "venv", ".git", "orch_runs", "mlruns", "mlartifacts", "mlflow.db", "outputs", "multirun", "__pycache__",
+    ".env", ".env.*", "*.pem", "*.key", "id_*", ".netrc", "*.db-journal", "*-wal", "*-shm",
+]
+
+
+def upload_excludes(working_dir: Path, storage_path: Optional[str], tracking_uri: Optional[str]) -> list[str]:
+    """UPLOAD_EXCLUDES, plus the run storage and a local tracking store when they lie inside the working directory
+    (`trainer.storage_path=./ckpts`, `tracking.uri=sqlite:///./runs.db`): checkpoints and databases are never
+    uploaded as code."""
+    excludes = list(UPLOAD_EXCLUDES)
+    local = [_local_path(uri) for uri in (storage_path, tracking_uri) if uri]
+    root = working_dir.resolve()
+    for path in filter(None, local):
+        resolved = (root / Path(path).expanduser()).resolve()
+        if resolved != root and resolved.is_relative_to(root):
+            excludes.append("/" + resolved.relative_to(root).as_posix())  # anchored: that path only
+    return excludes
 
 
 class ClusterUnreachable(ConnectionError):
@@ -94,14 +113,24 @@ def entrypoint(overrides: Sequence[str], command: str = "run") -> str:
     return shlex.join(["python", "-m", "orchestrator.cli", command, "cluster=ray", *overrides])
 
 
+def _local_path(uri: str) -> Optional[str]:
+    """The file path a storage path or tracking URI names on this machine (None for a server or remote store)."""
+    for prefix in ("sqlite:///", "file://", "file:"):
+        if uri.startswith(prefix):
+            return uri[len(prefix):]
+    return None if "://" in uri else uri
+
+
 def submit(
-    address: Optional[str], overrides: Sequence[str], env_names: Sequence[str], working_dir: Path, command: str = "run"
+    address: Optional[str], overrides: Sequence[str], env_names: Sequence[str], working_dir: Path, command: str = "run",
+    excludes: Sequence[str] = tuple(UPLOAD_EXCLUDES),
 ) -> str:
+    """`excludes`: what not to upload (`upload_excludes`)."""
     env = job_env(env_names)
     job_client = client(address)
     return job_client.submit_job(
         entrypoint=entrypoint(overrides, command),
-        runtime_env={"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES, "env_vars": env},
+        runtime_env={"working_dir": str(working_dir), "excludes": list(excludes), "env_vars": env},
         metadata={"orch.overrides": " ".join(overrides)},
     )
 

@@ -1,0 +1,86 @@
+"""What orch exposes: the files `orch submit` uploads, the UI's address, a tracking server checked before Ray.
+
+The upload is packed by Ray's own packer (`create_package`, what `submit_job` uses for a working_dir) with orch's
+excludes, so the test sees exactly what a cluster would receive. No Ray is started.
+"""
+
+from __future__ import annotations
+
+import http.server
+import threading
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from orchestrator.cli import _loopback
+from orchestrator.config.validate import ConfigError
+from orchestrator.launch.jobs import upload_excludes
+from orchestrator.track.mlflow_run import check_tracking_reachable
+
+SECRETS = [".env", ".env.prod", "server.pem", "tls.key", "id_rsa", "id_ed25519.pub", ".netrc", "keys/deploy.pem"]
+JOURNALS = ["mlflow.db-journal", "runs.db-wal", "runs.db-shm"]
+CODE = ["train.py", "conf/model/mine.yaml", "pkg/keyboard.py", "README.md", "runs.db"]
+
+
+def _uploaded(working_dir: Path, excludes: list[str], tmp_path: Path) -> set[str]:
+    from ray._private.runtime_env.packaging import create_package
+
+    package = tmp_path / "package.zip"
+    create_package(str(working_dir), package, include_gitignore=True, excludes=excludes)
+    with zipfile.ZipFile(package) as archive:
+        return {name for name in archive.namelist() if not name.endswith("/")}
+
+
+def test_submit_uploads_code_and_never_secrets_journals_or_run_storage(tmp_path):
+    project = tmp_path / "project"
+    stored = ["ckpts/run-1/checkpoint_000000/model.pt", "track/runs.sqlite", "nested/store/x.bin"]
+    for name in SECRETS + JOURNALS + CODE + stored:
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text("x")
+    excludes = upload_excludes(project, "./ckpts", f"sqlite:///{project / 'track' / 'runs.sqlite'}")
+    uploaded = _uploaded(project, excludes, tmp_path)
+    assert uploaded == {*CODE, "nested/store/x.bin"}, sorted(uploaded)
+    # a file:// storage URI inside the directory, and storage outside it (nothing to exclude, nothing breaks)
+    excludes = upload_excludes(project, (project / "nested" / "store").as_uri(), "http://mlflow:5000")
+    (tmp_path / "package.zip").unlink()
+    assert "nested/store/x.bin" not in _uploaded(project, excludes, tmp_path)
+    assert upload_excludes(project, str(tmp_path / "elsewhere"), "s3://bucket/x")[-1] == "*-shm"
+
+
+@pytest.mark.parametrize("host, local", [("127.0.0.1", True), ("localhost", True), ("::1", True), ("127.0.0.2", True),
+                                         ("0.0.0.0", False), ("::", False), ("192.168.1.5", False), ("myhost", False)])
+def test_only_loopback_hosts_are_served_without_insecure_public(host, local):
+    assert _loopback(host) is local
+
+
+def test_orch_ui_on_a_public_host_is_refused_without_the_flag(capsys):
+    from orchestrator import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["ui", "--host", "0.0.0.0", "--port", "5999"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--host=0.0.0.0" in err[0] and "--insecure-public" in err[0]
+
+
+def test_a_tracking_server_that_answers_passes_and_a_silent_port_fails_naming_the_key():
+    class Unauthorized(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self.send_response(401)  # a server with auth is still a server
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Unauthorized)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        check_tracking_reachable(f"http://127.0.0.1:{server.server_port}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    with pytest.raises(ConfigError) as refused:
+        check_tracking_reachable(f"http://127.0.0.1:{server.server_port}", timeout_s=2)
+    assert refused.value.key == "tracking.uri" and "\n" not in str(refused.value)
+    check_tracking_reachable("sqlite:///nowhere/mlflow.db")  # not a server: nothing to probe
