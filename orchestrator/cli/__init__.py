@@ -383,6 +383,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
+    from orchestrator.config.secrets import load_secret_files
+
+    load_secret_files()  # MLFLOW_TRACKING_PASSWORD_FILE=/path (a mounted secret) → the password, in this process only
     if command == "--install-completion":
         from orchestrator.cli.completion import script
 

@@ -87,6 +87,13 @@ def submit(args: argparse.Namespace) -> None:
     from orchestrator.launch import jobs
 
     cfg = validate_for_cluster(args.overrides, sweep=args.sweep)
+    from orchestrator.config.secrets import SECRET_ENV
+
+    for name in SECRET_ENV:
+        if name in os.environ and f"{name}_FILE" not in os.environ:
+            print(f"orch: {name} is not sent to the job (its environment is readable by anyone who can list jobs); "
+                  f"the cluster needs it as a file, {name}_FILE=/path/on/the/nodes, or in its own environment",
+                  file=sys.stderr)
     excludes = jobs.upload_excludes(Path.cwd(), cfg.trainer.storage_path, cfg.tracking.uri)
     job_id = jobs.submit(args.address, args.overrides, args.env, Path.cwd(), command="sweep" if args.sweep else "run",
                          excludes=excludes)

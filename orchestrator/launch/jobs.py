@@ -3,7 +3,8 @@
 The job's driver runs on the cluster (`python -m orchestrator.cli run ... cluster=ray`), so a laptop can close its
 lid. Authentication uses Ray's own token mechanism (RAY_AUTH_TOKEN / ~/.ray/auth_token, read by Ray's SDK); the
 command line never carries a token. Environment variables named by the user are passed through by name and their
-values are never printed or logged.
+values are never printed or logged. A job's runtime_env is readable by anyone who can list the cluster's jobs, so a
+secret never travels in it: only its `<NAME>_FILE` path does (`orchestrator.config.secrets`).
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 from urllib.parse import urlparse
 
-# Always passed to the job when set here: where to track, and the credentials to do so.
+from orchestrator.config.secrets import SECRET_ENV, looks_secret
+
+# Always passed to the job when set here: where to track, who tracks, and where on the cluster the credentials lie
+# (MLFLOW_TRACKING_PASSWORD_FILE: a path the job's driver and rank 0 read; never the password itself).
 JOB_ENV = (
     "MLFLOW_TRACKING_URI",
     "MLFLOW_EXPERIMENT_NAME",
     "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
+    *(f"{name}_FILE" for name in SECRET_ENV),
 )
 # Never shipped with the working directory (gitignore patterns, as Ray's runtime_env "excludes" reads them):
 # environments, local stores and run outputs; secrets (dotenv files, keys, .netrc), which would land in the cluster's
@@ -100,8 +103,15 @@ def stop(address: Optional[str], job_id: str, pending_timeout_s: float = 300.0) 
 
 
 def job_env(names: Iterable[str]) -> dict[str, str]:
+    """The job's environment variables: JOB_ENV and those named by `--env`, which must not look like secrets."""
     env = {name: os.environ[name] for name in JOB_ENV if name in os.environ}
     for name in names:
+        if looks_secret(name):
+            raise KeyError(
+                f"--env {name}: looks like a secret, and a job's environment is readable by anyone who can list the "
+                f"cluster's jobs; put it on the cluster instead (a mounted secret file passed as --env {name}_FILE, or "
+                "the nodes' own environment: README, Security)"
+            )
         if name not in os.environ:
             raise KeyError(f"--env {name}: not set in this environment")
         env[name] = os.environ[name]

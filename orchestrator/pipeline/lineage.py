@@ -17,6 +17,8 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
+from orchestrator.config.secrets import redacted
+
 from orchestrator.pipeline.plan import PipelinePlan
 from orchestrator.plan import StagePlan, TrackingPlan
 from orchestrator.track.mlflow_run import CACHE_KEY_TAG, PARENT_TAG, source_tags
@@ -43,7 +45,7 @@ class PipelineRun:
         if plan.resuming:
             return self.parent.reopen(plan.run_name, plan.storage_path, "pipeline")
         self.parent.create(plan.run_name, plan.storage_path, {"orch.recipe": "pipeline", "orch.pipeline": plan.name})
-        self.parent.log_text(yaml.safe_dump(plan.config, sort_keys=False), "config/pipeline.yaml")
+        self.parent.log_text(yaml.safe_dump(redacted(plan.config), sort_keys=False), "config/pipeline.yaml")
         self.parent.log_params({"stages": " -> ".join(f"{s.name}:{s.kind}" for s in plan.stages)})
         return self.parent.run_id  # type: ignore[return-value]
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import yaml
 
+from orchestrator.config.secrets import redacted
 from orchestrator.config.trust import BUILT_IN_MODEL_TARGETS
 from orchestrator.plan import StagePlan, TrackingPlan
 
@@ -263,11 +264,12 @@ class StageRun:
             self.run_id = run.info.run_id
             from mlflow.entities import Param
 
-            params = [Param(key, str(value)) for key, value in flatten(stage.config).items()]
+            params = [Param(key, str(value)) for key, value in flatten(redacted(stage.config)).items()]
             self.client.log_batch(self.run_id, params=params, synchronous=True)
             context = "training" if stage.config["recipe"]["runs_on"] == "workers" else "evaluation"
             log_dataset_input(self.client, self.run_id, stage.config["data"], context)
-        self.client.log_text(self.run_id, yaml.safe_dump(stage.config, sort_keys=False), f"config/resolved{suffix}.yaml")
+        recorded = yaml.safe_dump(redacted(stage.config), sort_keys=False)
+        self.client.log_text(self.run_id, recorded, f"config/resolved{suffix}.yaml")
         self.client.log_dict(self.run_id, stage.deepspeed, f"config/deepspeed{suffix}.json")
         return self.run_id
 

@@ -87,6 +87,9 @@ class WorkerMetrics:
             return
         from mlflow import MlflowClient
 
+        from orchestrator.config.secrets import load_secret_files
+
+        load_secret_files()  # the tracking credentials come as a file path, never as a runtime_env value
         self.client = MlflowClient(tracking_uri=loop_config["tracking"]["uri"])
         if resumed_at is not None:
             self.client.set_tag(self.run_id, "orch.resumed_at_step", str(resumed_at))

@@ -84,3 +84,26 @@ def test_a_tracking_server_that_answers_passes_and_a_silent_port_fails_naming_th
         check_tracking_reachable(f"http://127.0.0.1:{server.server_port}", timeout_s=2)
     assert refused.value.key == "tracking.uri" and "\n" not in str(refused.value)
     check_tracking_reachable("sqlite:///nowhere/mlflow.db")  # not a server: nothing to probe
+
+
+def test_secrets_travel_by_reference_never_as_values(tmp_path, monkeypatch):
+    from orchestrator.config.secrets import load_secret_files
+    from orchestrator.launch.jobs import job_env
+    from orchestrator.launch.ray_session import worker_env
+
+    secret = tmp_path / "password"
+    secret.write_text("hunter2\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD_FILE", str(secret))
+    monkeypatch.setenv("API_TOKEN", "t0ken")
+    monkeypatch.setenv("DATA_ROOT", "/data")
+    env = job_env(["DATA_ROOT"])
+    assert env["MLFLOW_TRACKING_PASSWORD_FILE"] == str(secret) and env["DATA_ROOT"] == "/data"
+    assert "hunter2" not in str(env) and "hunter2" not in str(worker_env({"env": {}}, use_gpu=False))
+    for name in ("API_TOKEN", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD", "SSH_KEY"):
+        with pytest.raises(KeyError) as refused:
+            job_env([name])
+        assert f"--env {name}: looks like a secret" in refused.value.args[0]
+    environ = {"MLFLOW_TRACKING_PASSWORD_FILE": str(secret)}
+    load_secret_files(environ)  # what the job's driver and rank 0 do
+    assert environ["MLFLOW_TRACKING_PASSWORD"] == "hunter2"

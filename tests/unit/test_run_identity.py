@@ -8,6 +8,8 @@ No Ray: the MLflow store is a sqlite file in tmp.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from orchestrator.config import compose
@@ -73,12 +75,18 @@ def test_resume_reopens_only_the_run_of_its_own_storage(tmp_path):
     from orchestrator.track.mlflow_run import STORAGE_TAG, StageRun
 
     mine, theirs = tmp_path / "mine", tmp_path / "theirs"
-    first = _plan(tmp_path, theirs, "name=shared")
+    first = _plan(tmp_path, theirs, "name=shared", "+cluster.env={API_KEY: hunter2, LOG_LEVEL: debug}")
     tracking = StageRun(first.tracking)
     their_run = tracking.start(first.stages[0], resuming=False)
     tracking.finish("FINISHED")
     client = MlflowClient(first.tracking.uri)
     assert client.get_run(their_run).data.tags[STORAGE_TAG] == str(theirs)
+    # cluster.env reaches the workers, but its values are never recorded: names only
+    assert first.stages[0].config["cluster"]["env"]["API_KEY"] == "hunter2"
+    params = client.get_run(their_run).data.params
+    assert params["cluster.env.API_KEY"] == params["cluster.env.LOG_LEVEL"] == "<redacted>"
+    resolved = (Path(client.download_artifacts(their_run, "config/resolved.yaml", str(tmp_path)))).read_text()
+    assert "hunter2" not in resolved and "API_KEY: <redacted>" in resolved
 
     (mine / "shared").mkdir(parents=True)  # my checkpoints of a run of the same name
     mine_plan = _plan(tmp_path, mine, "resume=shared")
