@@ -139,7 +139,10 @@ def _train(plan, mode: _Mode) -> None:
     from orchestrator.plan_view import print_summary
     from orchestrator.track.mlflow_run import check_tracking_reachable
 
+    from orchestrator.launch.ray_job import check_durable_in_ray_job
+
     try:
+        check_durable_in_ray_job(plan.storage_path, plan.tracking)
         check_tracking_reachable(plan.tracking.uri)
     except ConfigError as error:
         fail(str(error))
@@ -231,7 +234,10 @@ def _sweep(cfg, mode: _Mode) -> None:
     from orchestrator.sweep.runner import print_outcome, run_sweep
     from orchestrator.track.mlflow_run import check_tracking_reachable
 
+    from orchestrator.launch.ray_job import check_durable_in_ray_job
+
     try:
+        check_durable_in_ray_job(plan.base_plan.storage_path, plan.base_plan.tracking)
         check_tracking_reachable(plan.base_plan.tracking.uri)
     except ConfigError as error:
         fail(str(error))

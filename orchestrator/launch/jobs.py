@@ -20,6 +20,7 @@ from typing import Iterable, Optional, Sequence
 from urllib.parse import urlparse
 
 from orchestrator.config.secrets import SECRET_ENV, looks_secret
+from orchestrator.launch.ray_job import local_path
 
 # Always passed to the job when set here: where to track, who tracks, and where on the cluster the credentials lie
 # (MLFLOW_TRACKING_PASSWORD_FILE: a path the job's driver and rank 0 read; never the password itself).
@@ -43,7 +44,7 @@ def upload_excludes(working_dir: Path, storage_path: Optional[str], tracking_uri
     (`trainer.storage_path=./ckpts`, `tracking.uri=sqlite:///./runs.db`): checkpoints and databases are never
     uploaded as code."""
     excludes = list(UPLOAD_EXCLUDES)
-    local = [_local_path(uri) for uri in (storage_path, tracking_uri) if uri]
+    local = [local_path(uri) for uri in (storage_path, tracking_uri) if uri]
     root = working_dir.resolve()
     for path in filter(None, local):
         resolved = (root / Path(path).expanduser()).resolve()
@@ -121,14 +122,6 @@ def job_env(names: Iterable[str]) -> dict[str, str]:
 def entrypoint(overrides: Sequence[str], command: str = "run") -> str:
     # the cluster's own python: the image has orchestrator installed; the shipped directory is the job's cwd
     return shlex.join(["python", "-m", "orchestrator.cli", command, "cluster=ray", *overrides])
-
-
-def _local_path(uri: str) -> Optional[str]:
-    """The file path a storage path or tracking URI names on this machine (None for a server or remote store)."""
-    for prefix in ("sqlite:///", "file://", "file:"):
-        if uri.startswith(prefix):
-            return uri[len(prefix):]
-    return None if "://" in uri else uri
 
 
 def submit(

@@ -107,3 +107,29 @@ def test_secrets_travel_by_reference_never_as_values(tmp_path, monkeypatch):
     environ = {"MLFLOW_TRACKING_PASSWORD_FILE": str(secret)}
     load_secret_files(environ)  # what the job's driver and rank 0 do
     assert environ["MLFLOW_TRACKING_PASSWORD"] == "hunter2"
+
+
+def test_inside_a_ray_job_its_temporary_working_dir_is_refused_for_runs_and_tracking(tmp_path):
+    import json
+
+    from orchestrator.launch.ray_job import check_durable_in_ray_job
+    from orchestrator.plan import TrackingPlan
+
+    job_dir = tmp_path / "session_2026-11-29_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"
+    job_dir.mkdir(parents=True)
+    environ = {"RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps({"metadata": {"job_submission_id": "raysubmit_1"}})}
+    durable = tmp_path / "durable"
+    default = TrackingPlan(f"sqlite:///{job_dir / 'mlflow.db'}", "e", (job_dir / "mlartifacts").as_uri())
+    server = TrackingPlan("http://mlflow:5000", "e", None)
+    cases = [
+        (str(job_dir / "orch_runs"), server, "trainer.storage_path"),
+        (str(durable), default, "tracking.uri"),
+        (str(durable), TrackingPlan(f"sqlite:///{durable / 'm.db'}", "e", (job_dir / "a").as_uri()), "tracking.artifact_location"),
+    ]
+    for storage, tracking, key in cases:
+        with pytest.raises(ConfigError) as refused:
+            check_durable_in_ray_job(storage, tracking, job_dir, environ)
+        assert refused.value.key == key and "raysubmit_1" in str(refused.value) and "\n" not in str(refused.value)
+    check_durable_in_ray_job(str(durable), server, job_dir, environ)  # durable: taken
+    check_durable_in_ray_job(str(job_dir / "orch_runs"), default, job_dir, {})  # not a job: the user's own directory
+    check_durable_in_ray_job(str(job_dir / "orch_runs"), default, durable, environ)  # a job run from a real directory
