@@ -55,35 +55,24 @@ def worker_env(cluster: Mapping[str, Any], use_gpu: bool) -> dict[str, str]:
 
 @contextmanager
 def findable_by_ray_helpers(temp_dir: str) -> Iterator[None]:
-    """Make a private local Ray the only cluster its own processes and Ray's helpers see.
+    """Make a private local Ray the one its own helper processes find.
 
     Some of Ray's helpers locate "the" cluster by auto-detection (Train V2's placement-group cleaner, which frees a
-    run's CPUs when its controller dies abruptly, e.g. a sweep trial that Tune stops; the state API). With several
-    Ray instances on one machine, detection lists every GCS process it finds ("Found multiple active Ray
-    instances"), and can pick a stranger's. So the instance's GCS port is chosen here (RAY_GCS_SERVER_PORT, read by
-    Ray when it starts a head), and RAY_ADDRESS names it: Ray's helpers take RAY_ADDRESS before any detection, and
-    every process of the instance (raylet, workers, actors, the cleaner) inherits both from the process that starts
-    it, as it does RAY_TMPDIR, under which `record_address` writes the address for helpers that read
-    ray_current_cluster. `ray.init(address="local")` itself ignores RAY_ADDRESS. Use around
-    `ray.init(address="local", _temp_dir=temp_dir)`, then call `record_address(temp_dir)`.
+    run's CPUs when its controller dies abruptly, e.g. a sweep trial that Tune stops). With several Ray instances on
+    one machine that detection fails and the CPUs stay reserved. Every process of the instance inherits
+    RAY_TMPDIR from the process that starts it, and Ray reads the cluster's address from RAY_TMPDIR/ray/
+    ray_current_cluster: point both at this instance. Use around `ray.init(address="local", _temp_dir=temp_dir)`,
+    then call `record_address(temp_dir)`.
     """
-    from ray._private.services import get_node_ip_address
-
-    overrides = {
-        "RAY_TMPDIR": temp_dir,
-        "RAY_GCS_SERVER_PORT": str(free_port()),
-    }
-    overrides["RAY_ADDRESS"] = f"{get_node_ip_address()}:{overrides['RAY_GCS_SERVER_PORT']}"
-    previous = {name: os.environ.get(name) for name in overrides}
-    os.environ.update(overrides)
+    previous = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = temp_dir
     try:
         yield
     finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        if previous is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = previous
 
 
 def record_address(temp_dir: str) -> None:

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 SCRIPT = textwrap.dedent(
     """
-    import os, sys, time
+    import sys, time
     import ray
     from orchestrator.launch.ray_session import ray_session
 
@@ -31,10 +31,6 @@ SCRIPT = textwrap.dedent(
             # Ray must outlive the thread's own work: its GCS and raylet die with the thread that spawned them
             time.sleep(3)
             print("answer", ray.get(ray.remote(lambda: 41 + 1).remote(), timeout=60), flush=True)
-            # the instance's own processes name it in RAY_ADDRESS: Ray's helpers never search the machine for one
-            gcs = ray.get_runtime_context().gcs_address
-            in_worker = ray.get(ray.remote(lambda: __import__("os").environ.get("RAY_ADDRESS")).remote(), timeout=60)
-            print("addressed", os.environ.get("RAY_ADDRESS") == gcs == in_worker, flush=True)
             if case == "sigterm":
                 time.sleep(120)  # stopped by the test
     except ValueError as error:
@@ -55,7 +51,7 @@ def test_background_start_gives_a_working_ray_that_is_shut_down_after():
     assert process.returncode == 0, out
     lines = out.splitlines()
     assert lines.index("entered") < next(i for i, line in enumerate(lines) if line.startswith("ready ")), out
-    assert "answer 42" in lines and "addressed True" in lines, out
+    assert "answer 42" in lines, out
     assert "initialized after the session: False" in lines, out
 
 
