@@ -4,7 +4,7 @@
     orch plan [key=value ...]            validate and print the plan; starts nothing
     orch sweep [sweep=NAME] [key=value ...]  hyperparameter search on Ray Tune (conf/sweep/)
     orch eval MODEL [key=value ...]      evaluate a model on a data config's validation split (driver, no Ray)
-    orch ui [--port 5000]                MLflow UI for the local store
+    orch ui [--port 5000]                MLflow UI for the local store (loopback unless --insecure-public)
     orch submit|status|logs|stop|list    Ray Jobs on a cluster
 """
 
@@ -137,7 +137,15 @@ def _train(plan, mode: _Mode) -> None:
     from orchestrator.launch.run_log import run_log_path
     from orchestrator.pipeline.plan import PipelinePlan
     from orchestrator.plan_view import print_summary
+    from orchestrator.track.mlflow_run import check_tracking_reachable
 
+    from orchestrator.launch.ray_job import check_durable_in_ray_job
+
+    try:
+        check_durable_in_ray_job(plan.storage_path, plan.tracking)
+        check_tracking_reachable(plan.tracking.uri)
+    except ConfigError as error:
+        fail(str(error))
     console = _console(mode)
     log_file = None if mode.verbose else run_log_path(plan.storage_path, plan.run_name)
     console.print(f"[bold]orch[/bold] run [cyan]{plan.run_name}[/cyan] → MLflow {plan.tracking.uri}")
@@ -224,7 +232,15 @@ def _sweep(cfg, mode: _Mode) -> None:
         return
     from orchestrator.launch.run_log import run_log_path
     from orchestrator.sweep.runner import print_outcome, run_sweep
+    from orchestrator.track.mlflow_run import check_tracking_reachable
 
+    from orchestrator.launch.ray_job import check_durable_in_ray_job
+
+    try:
+        check_durable_in_ray_job(plan.base_plan.storage_path, plan.base_plan.tracking)
+        check_tracking_reachable(plan.base_plan.tracking.uri)
+    except ConfigError as error:
+        fail(str(error))
     console = _console(mode)
     log_file = None if mode.verbose else run_log_path(plan.base_plan.storage_path, plan.run_name)
     _print_log_line(console, log_file)
@@ -334,7 +350,16 @@ def _ui(argv: list[str]) -> None:
         default=None,
         help="default: MLFLOW_TRACKING_URI, else the local store ./mlflow.db that `orch run` writes",
     )
+    parser.add_argument(
+        "--insecure-public", action="store_true",
+        help="serve on a non-loopback --host although the UI has no authentication: anyone who reaches the port can "
+        "read and delete runs",
+    )
     args = parser.parse_args(argv)
+    if not _loopback(args.host) and not args.insecure_public:
+        fail(f"--host={args.host}: the MLflow UI has no authentication, so anyone who reaches {args.host}:{args.port} "
+             "can read and delete every run; pass --insecure-public to serve it anyway, or keep the default 127.0.0.1 "
+             "and tunnel (ssh -L 5000:127.0.0.1:5000 HOST)")
     uri = args.backend_store_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     if uri.startswith("http"):
         fail(f"the tracking store is a server ({uri}); open it in a browser instead")
@@ -344,6 +369,18 @@ def _ui(argv: list[str]) -> None:
         sys.exit(subprocess.call(command))
     except KeyboardInterrupt:
         sys.exit(0)
+
+
+def _loopback(host: str) -> bool:
+    """Whether `host` is only reachable from this machine (localhost, 127.0.0.0/8, ::1)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name other than localhost may resolve to any interface
+        return False
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -363,6 +400,9 @@ def _dispatch(argv: list[str]) -> None:
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
+    from orchestrator.config.secrets import load_secret_files
+
+    load_secret_files()  # MLFLOW_TRACKING_PASSWORD_FILE=/path (a mounted secret) → the password, in this process only
     if command == "--install-completion":
         from orchestrator.cli.completion import script
 

@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from orchestrator.cli.output import fail, print_json
 
@@ -85,8 +86,17 @@ def run(command: str, argv: list[str]) -> None:
 def submit(args: argparse.Namespace) -> None:
     from orchestrator.launch import jobs
 
-    validate_for_cluster(args.overrides, sweep=args.sweep)
-    job_id = jobs.submit(args.address, args.overrides, args.env, Path.cwd(), command="sweep" if args.sweep else "run")
+    cfg = validate_for_cluster(args.overrides, sweep=args.sweep)
+    from orchestrator.config.secrets import SECRET_ENV
+
+    for name in SECRET_ENV:
+        if name in os.environ and f"{name}_FILE" not in os.environ:
+            print(f"orch: {name} is not sent to the job (its environment is readable by anyone who can list jobs); "
+                  f"the cluster needs it as a file, {name}_FILE=/path/on/the/nodes, or in its own environment",
+                  file=sys.stderr)
+    excludes = jobs.upload_excludes(Path.cwd(), cfg.trainer.storage_path, cfg.tracking.uri)
+    job_id = jobs.submit(args.address, args.overrides, args.env, Path.cwd(), command="sweep" if args.sweep else "run",
+                         excludes=excludes)
     if args.json:
         print_json({"job_id": job_id})
     else:
@@ -99,7 +109,7 @@ def submit(args: argparse.Namespace) -> None:
             fail(f"job {job_id} ended {status}", 1)
 
 
-def validate_for_cluster(overrides: list[str], sweep: bool = False) -> None:
+def validate_for_cluster(overrides: list[str], sweep: bool = False) -> Any:
     """Compose and validate locally so a bad key fails here, in a second, not minutes later on the cluster."""
     from omegaconf.errors import OmegaConfBaseException
 
@@ -132,6 +142,7 @@ def validate_for_cluster(overrides: list[str], sweep: bool = False) -> None:
     if cfg.tracking.uri is None and "MLFLOW_TRACKING_URI" not in os.environ:
         fail("tracking.uri=None: a cluster job needs a tracking server it can reach, e.g. "
              "tracking.uri=http://mlflow:5000 (or export MLFLOW_TRACKING_URI)")
+    return cfg
 
 
 def _default_config(source):

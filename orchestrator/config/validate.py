@@ -345,15 +345,44 @@ def validate_run_name_format(key: str, value: Any) -> None:
         )
 
 
+def storage_run_kind(storage_path: str, name: str) -> str:
+    """What lies at `storage_path/name`: "dir", "file" or "none", read through pyarrow.fs, the filesystem layer Ray
+    Train writes its runs with, so that a local path, a file:// URI and a remote URI (s3://, gs://, hdfs://) are
+    looked up the same way."""
+    import pyarrow.fs
+
+    uri = storage_path if "://" in storage_path else str(Path(storage_path).expanduser().resolve())
+    try:
+        filesystem, root = pyarrow.fs.FileSystem.from_uri(uri)
+        info = filesystem.get_file_info(f"{root.rstrip('/')}/{name}")
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid/ArrowIOError derive from these
+        raise ConfigError(
+            "trainer.storage_path", storage_path, f"could not list it to check the run name ({error}); expected a path or a "
+            "URI pyarrow.fs can open (file://, s3://, gs://, hdfs://)",
+        ) from None
+    return {pyarrow.fs.FileType.Directory: "dir", pyarrow.fs.FileType.NotFound: "none"}.get(info.type, "file")
+
+
+def canonical_storage(storage_path: str) -> str:
+    """One spelling of a storage location, as a run records it (tag orch.storage_path) and resume compares it: a local
+    path or file:// URI as its resolved absolute path, any other URI without a trailing '/'."""
+    if storage_path.startswith("file://"):
+        storage_path = storage_path[len("file://"):]
+    if "://" in storage_path:
+        return storage_path.rstrip("/")
+    return str(Path(storage_path).expanduser().resolve())
+
+
 def validate_run_name(name: str, resume: Optional[str], storage_path: str, paths_here: bool = True) -> None:
-    """A new run never silently continues an old one; `resume=` must name a run that exists."""
-    if "://" in storage_path or not paths_here:  # remote storage: Ray Train checks when it opens the run
+    """A new run never silently continues an old one; `resume=` must name a run that exists. Checked for every kind
+    of storage: a reused name on s3:// would otherwise continue the old run's checkpoints."""
+    if not paths_here:  # `orch submit`: the storage is the cluster's; the job's driver checks it at its start
         return
-    run_dir = Path(storage_path) / name
+    kind = storage_run_kind(storage_path, name)
     if resume:
-        if not run_dir.is_dir():
+        if kind != "dir":
             raise ConfigError("resume", resume, f"no run named {resume!r} under trainer.storage_path={storage_path}")
-    elif run_dir.exists():
+    elif kind != "none":
         raise ConfigError(
             "name", name, f"a run with this name already exists under {storage_path}; pass resume={name} to continue it"
         )

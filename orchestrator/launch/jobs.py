@@ -3,7 +3,8 @@
 The job's driver runs on the cluster (`python -m orchestrator.cli run ... cluster=ray`), so a laptop can close its
 lid. Authentication uses Ray's own token mechanism (RAY_AUTH_TOKEN / ~/.ray/auth_token, read by Ray's SDK); the
 command line never carries a token. Environment variables named by the user are passed through by name and their
-values are never printed or logged.
+values are never printed or logged. A job's runtime_env is readable by anyone who can list the cluster's jobs, so a
+secret never travels in it: only its `<NAME>_FILE` path does (`orchestrator.config.secrets`).
 """
 
 from __future__ import annotations
@@ -18,16 +19,38 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 from urllib.parse import urlparse
 
-# Always passed to the job when set here: where to track, and the credentials to do so.
+from orchestrator.config.secrets import SECRET_ENV, looks_secret
+from orchestrator.launch.ray_job import local_path
+
+# Always passed to the job when set here: where to track, who tracks, and where on the cluster the credentials lie
+# (MLFLOW_TRACKING_PASSWORD_FILE: a path the job's driver and rank 0 read; never the password itself).
 JOB_ENV = (
     "MLFLOW_TRACKING_URI",
     "MLFLOW_EXPERIMENT_NAME",
     "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
+    *(f"{name}_FILE" for name in SECRET_ENV),
 )
-# Never shipped with the working directory: environments, local stores and run outputs.
-UPLOAD_EXCLUDES = [".venv", "venv", ".git", "orch_runs", "mlruns", "mlartifacts", "mlflow.db", "outputs", "multirun", "__pycache__"]
+# Never shipped with the working directory (gitignore patterns, as Ray's runtime_env "excludes" reads them):
+# environments, local stores and run outputs; secrets (dotenv files, keys, .netrc), which would land in the cluster's
+# package store readable by every job; sqlite journals, a half-written copy of a database that changes under upload.
+UPLOAD_EXCLUDES = [
+    ".venv", "venv", ".git", "orch_runs", "mlruns", "mlartifacts", "mlflow.db", "outputs", "multirun", "__pycache__",
+    ".env", ".env.*", "*.pem", "*.key", "id_*", ".netrc", "*.db-journal", "*-wal", "*-shm",
+]
+
+
+def upload_excludes(working_dir: Path, storage_path: Optional[str], tracking_uri: Optional[str]) -> list[str]:
+    """UPLOAD_EXCLUDES, plus the run storage and a local tracking store when they lie inside the working directory
+    (`trainer.storage_path=./ckpts`, `tracking.uri=sqlite:///./runs.db`): checkpoints and databases are never
+    uploaded as code."""
+    excludes = list(UPLOAD_EXCLUDES)
+    local = [local_path(uri) for uri in (storage_path, tracking_uri) if uri]
+    root = working_dir.resolve()
+    for path in filter(None, local):
+        resolved = (root / Path(path).expanduser()).resolve()
+        if resolved != root and resolved.is_relative_to(root):
+            excludes.append("/" + resolved.relative_to(root).as_posix())  # anchored: that path only
+    return excludes
 
 
 class ClusterUnreachable(ConnectionError):
@@ -81,8 +104,15 @@ def stop(address: Optional[str], job_id: str, pending_timeout_s: float = 300.0) 
 
 
 def job_env(names: Iterable[str]) -> dict[str, str]:
+    """The job's environment variables: JOB_ENV and those named by `--env`, which must not look like secrets."""
     env = {name: os.environ[name] for name in JOB_ENV if name in os.environ}
     for name in names:
+        if looks_secret(name):
+            raise KeyError(
+                f"--env {name}: looks like a secret, and a job's environment is readable by anyone who can list the "
+                f"cluster's jobs; put it on the cluster instead (a mounted secret file passed as --env {name}_FILE, or "
+                "the nodes' own environment: README, Security)"
+            )
         if name not in os.environ:
             raise KeyError(f"--env {name}: not set in this environment")
         env[name] = os.environ[name]
@@ -95,13 +125,15 @@ def entrypoint(overrides: Sequence[str], command: str = "run") -> str:
 
 
 def submit(
-    address: Optional[str], overrides: Sequence[str], env_names: Sequence[str], working_dir: Path, command: str = "run"
+    address: Optional[str], overrides: Sequence[str], env_names: Sequence[str], working_dir: Path, command: str = "run",
+    excludes: Sequence[str] = tuple(UPLOAD_EXCLUDES),
 ) -> str:
+    """`excludes`: what not to upload (`upload_excludes`)."""
     env = job_env(env_names)
     job_client = client(address)
     return job_client.submit_job(
         entrypoint=entrypoint(overrides, command),
-        runtime_env={"working_dir": str(working_dir), "excludes": UPLOAD_EXCLUDES, "env_vars": env},
+        runtime_env={"working_dir": str(working_dir), "excludes": list(excludes), "env_vars": env},
         metadata={"orch.overrides": " ".join(overrides)},
     )
 

@@ -23,13 +23,15 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 from orchestrator import timeline
+from orchestrator.config.secrets import SECRET_ENV
 
-# Variables a worker needs to reach MLflow and find compiled ops; read from the driver's environment.
+# Variables a worker needs to reach MLflow and find compiled ops; read from the driver's environment. Credentials go
+# by reference (`<NAME>_FILE`), read by rank 0 itself: a runtime_env is visible in Ray's state to anyone who can list
+# actors. (The workers of a private local Ray inherit the driver's own environment, credentials included.)
 FORWARDED_ENV = (
     "MLFLOW_TRACKING_URI",
     "MLFLOW_TRACKING_USERNAME",
-    "MLFLOW_TRACKING_PASSWORD",
-    "MLFLOW_TRACKING_TOKEN",
+    *(f"{name}_FILE" for name in SECRET_ENV),
     "MLFLOW_EXPERIMENT_NAME",
     "MLFLOW_ALLOW_FILE_STORE",
     "TORCH_EXTENSIONS_DIR",

@@ -17,6 +17,8 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
+from orchestrator.config.secrets import redacted
+
 from orchestrator.pipeline.plan import PipelinePlan
 from orchestrator.plan import StagePlan, TrackingPlan
 from orchestrator.track.mlflow_run import CACHE_KEY_TAG, PARENT_TAG, source_tags
@@ -41,9 +43,9 @@ class PipelineRun:
     def start(self, plan: PipelinePlan) -> str:
         """Create the parent run, or reopen it for `resume=`."""
         if plan.resuming:
-            return self.parent.reopen(plan.run_name, "pipeline")
-        self.parent.create(plan.run_name, {"orch.recipe": "pipeline", "orch.pipeline": plan.name})
-        self.parent.log_text(yaml.safe_dump(plan.config, sort_keys=False), "config/pipeline.yaml")
+            return self.parent.reopen(plan.run_name, plan.storage_path, "pipeline")
+        self.parent.create(plan.run_name, plan.storage_path, {"orch.recipe": "pipeline", "orch.pipeline": plan.name})
+        self.parent.log_text(yaml.safe_dump(redacted(plan.config), sort_keys=False), "config/pipeline.yaml")
         self.parent.log_params({"stages": " -> ".join(f"{s.name}:{s.kind}" for s in plan.stages)})
         return self.parent.run_id  # type: ignore[return-value]
 
@@ -62,7 +64,7 @@ class PipelineRun:
 
     def has_unfinished(self, stage: StagePlan) -> bool:
         """Whether this pipeline run already started the stage (same name and key) and did not finish it."""
-        run = self.parent.find_by_name(stage.run_name)
+        run = self.parent.find_by_name(stage.run_name, stage.storage_path)
         return run is not None and run.info.status != "FINISHED"
 
     def record_reuse(self, stage: StagePlan, run: Any) -> None:

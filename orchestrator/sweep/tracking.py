@@ -34,7 +34,7 @@ class SweepRun:
         return self.parent.run_id
 
     def start_sweep(self, plan: SweepPlan, max_concurrent: int) -> str:
-        self.parent.create(plan.run_name, {"orch.recipe": "sweep", "orch.sweep": plan.name})
+        self.parent.create(plan.run_name, plan.base_plan.storage_path, {"orch.recipe": "sweep", "orch.sweep": plan.name})
         params = {f"space.{dim.key}": dim.describe() for dim in plan.dimensions}
         params.update(
             {

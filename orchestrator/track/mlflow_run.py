@@ -15,10 +15,14 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import yaml
 
+from orchestrator.config.secrets import redacted
 from orchestrator.config.trust import BUILT_IN_MODEL_TARGETS
 from orchestrator.plan import StagePlan, TrackingPlan
 
 RUN_NAME_TAG = "orch.run_name"
+# where the run keeps its checkpoints (canonical spelling): resume= reopens a run of this name only when it was
+# written to the same storage, so a shared MLflow server never hands one user's run to another's same-named run
+STORAGE_TAG = "orch.storage_path"
 PARENT_TAG = "mlflow.parentRunId"
 # a hash of what shaped a stage's model (orchestrator.plan.stage_key), set once its model is logged: a pipeline
 # reuses a FINISHED run that carries its stage's key
@@ -28,6 +32,27 @@ METRICS_PLOTTED = ("loss", "val_loss", "val_accuracy", "val_perplexity")
 # where genai_development would open on traces
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
+
+
+def check_tracking_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """An MLflow server that does not answer fails the run in seconds, before Ray starts, with the key to fix: MLflow's
+    own client retries for minutes and ends in a traceback. One request to the server's /health; any HTTP answer
+    (an auth error included) means a server is there. Other stores (sqlite, files, databricks) are not probed."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s).close()  # noqa: S310 - http(s) only
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as error:
+        from orchestrator.config.validate import ConfigError
+
+        reason = getattr(error, "reason", None) or error
+        raise ConfigError("tracking.uri", uri, f"no MLflow server answers there ({reason}); start it, or fix tracking.uri "
+                          "(or MLFLOW_TRACKING_URI)") from None
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -121,13 +146,38 @@ def register_model(tracking_uri: str, run_id: str, name: str, alias: str) -> str
     return f"models:/{name}/{version.version}"
 
 
-def new_run_tags(run_name: str, **tags: str) -> dict[str, str]:
-    """Tags every new run of orch's carries: its orch run name and, from a git checkout, the commit."""
-    all_tags = {RUN_NAME_TAG: run_name, **tags}
+def new_run_tags(run_name: str, storage_path: str, **tags: str) -> dict[str, str]:
+    """Tags every new run of orch's carries: its orch run name, its storage and, from a git checkout, the commit."""
+    from orchestrator.config.validate import canonical_storage
+
+    all_tags = {RUN_NAME_TAG: run_name, STORAGE_TAG: canonical_storage(storage_path), **tags}
     commit = git_commit()
     if commit:
         all_tags["mlflow.source.git.commit"] = commit
     return all_tags
+
+
+def find_run(client: Any, experiment: str, experiment_id: str, run_name: str, storage_path: str) -> Any:
+    """The newest run of the experiment with this orch run name that was written to `storage_path`, or None. When
+    only runs of that name with another storage exist (someone else's run on a shared server), resuming is refused:
+    continuing it would overwrite their run. A run older than the storage tag matches by name alone."""
+    from orchestrator.config.validate import ConfigError, canonical_storage
+
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=100,
+        order_by=["attributes.start_time DESC"],
+    )
+    storage = canonical_storage(storage_path)
+    for run in runs:
+        if run.data.tags.get(STORAGE_TAG, storage) == storage:
+            return run
+    if runs:
+        elsewhere = runs[0].data.tags[STORAGE_TAG]
+        raise ConfigError(
+            "resume", run_name, f"the MLflow run of this name in experiment {experiment!r} belongs to storage {elsewhere}, "
+            f"not trainer.storage_path={storage}; resume it with that storage_path, or start a new run with another name",
+        )
+    return None
 
 
 def source_tags(sources: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
@@ -177,11 +227,9 @@ class StageRun:
         self.tracking = tracking
         self.run_id: Optional[str] = None
 
-    def find(self, run_name: str) -> Optional[str]:
-        runs = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
-        )
-        return runs[0].info.run_id if runs else None
+    def find(self, run_name: str, storage_path: str) -> Optional[str]:
+        run = find_run(self.client, self.tracking.experiment, self.experiment_id, run_name, storage_path)
+        return run.info.run_id if run is not None else None
 
     def start(
         self,
@@ -193,7 +241,7 @@ class StageRun:
         """Open the stage's run (a child of `parent_run_id` in a pipeline), or reopen it when `resuming`."""
         suffix = ""
         if resuming:
-            existing = self.find(stage.run_name)
+            existing = self.find(stage.run_name, stage.storage_path)
             if existing is None:
                 raise LookupError(
                     f"resume={stage.run_name}: no MLflow run tagged {RUN_NAME_TAG}={stage.run_name} in experiment "
@@ -212,15 +260,16 @@ class StageRun:
             if parent_run_id:
                 extra[PARENT_TAG] = parent_run_id  # how MLflow nests a run under another
             display_name = stage.name if parent_run_id else stage.run_name
-            run = self.client.create_run(self.experiment_id, run_name=display_name, tags=new_run_tags(stage.run_name, **extra))
+            run = self.client.create_run(self.experiment_id, run_name=display_name, tags=new_run_tags(stage.run_name, stage.storage_path, **extra))
             self.run_id = run.info.run_id
             from mlflow.entities import Param
 
-            params = [Param(key, str(value)) for key, value in flatten(stage.config).items()]
+            params = [Param(key, str(value)) for key, value in flatten(redacted(stage.config)).items()]
             self.client.log_batch(self.run_id, params=params, synchronous=True)
             context = "training" if stage.config["recipe"]["runs_on"] == "workers" else "evaluation"
             log_dataset_input(self.client, self.run_id, stage.config["data"], context)
-        self.client.log_text(self.run_id, yaml.safe_dump(stage.config, sort_keys=False), f"config/resolved{suffix}.yaml")
+        recorded = yaml.safe_dump(redacted(stage.config), sort_keys=False)
+        self.client.log_text(self.run_id, recorded, f"config/resolved{suffix}.yaml")
         self.client.log_dict(self.run_id, stage.deepspeed, f"config/deepspeed{suffix}.json")
         return self.run_id
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional
 
 from orchestrator.plan import TrackingPlan
-from orchestrator.track.mlflow_run import RUN_NAME_TAG, experiment_id, new_run_tags
+from orchestrator.track.mlflow_run import experiment_id, find_run, new_run_tags
 
 
 class ParentRun:
@@ -19,22 +19,22 @@ class ParentRun:
 
         self.client = MlflowClient(tracking.uri)
         self.experiment_id = experiment_id(self.client, tracking)
+        self.experiment = tracking.experiment
         self.run_id: Optional[str] = None
 
-    def create(self, run_name: str, tags: Mapping[str, str]) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=new_run_tags(run_name, **tags))
+    def create(self, run_name: str, storage_path: str, tags: Mapping[str, str]) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=run_name, tags=new_run_tags(run_name, storage_path, **tags)
+        )
         self.run_id = run.info.run_id
         return self.run_id
 
-    def find_by_name(self, run_name: str) -> Any:
-        """The newest run of the experiment with this orch run name, or None."""
-        runs = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1
-        )
-        return runs[0] if runs else None
+    def find_by_name(self, run_name: str, storage_path: str) -> Any:
+        """The newest run of the experiment with this orch run name and storage, or None (see `find_run`)."""
+        return find_run(self.client, self.experiment, self.experiment_id, run_name, storage_path)
 
-    def reopen(self, run_name: str, what: str) -> str:
-        run = self.find_by_name(run_name)
+    def reopen(self, run_name: str, storage_path: str, what: str) -> str:
+        run = self.find_by_name(run_name, storage_path)
         if run is None:
             raise LookupError(f"resume={run_name}: no {what} run with that name in MLflow")
         self.run_id = run.info.run_id

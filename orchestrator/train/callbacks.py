@@ -9,6 +9,8 @@ The two shipped here are what resilience and determinism tests need, and what a 
 handling needs too:
     trainer.callbacks='[{_target_: orchestrator.train.callbacks.KillWorkerOnce, step: 37, rank: 1, marker: /tmp/killed}]'
     trainer.callbacks='[{_target_: orchestrator.train.callbacks.WeightDigests}]'
+`HoldAt` pauses one rank at a step until a file appears, so that something can happen to the world (a tracking
+server stops, a node goes) at a known point of training.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
@@ -51,6 +54,28 @@ class KillWorkerOnce:
         if step == self.step and self.my_rank == self.rank and not self.marker.exists():
             self.marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_checkpoint(self, step: int, last: bool, report: dict[str, Any]) -> None:
+        pass
+
+
+class HoldAt:
+    """Before `step`, rank `rank` touches `<until>.reached` and waits (at most `timeout_s`) until `until` exists."""
+
+    def __init__(self, step: int, until: str, rank: int = 0, timeout_s: float = 600.0) -> None:
+        self.step, self.until, self.rank, self.timeout_s = step, Path(until), rank, timeout_s
+        self.my_rank = -1
+
+    def on_fit_start(self, engine: Any, rank: int, world_size: int) -> None:
+        self.my_rank = rank
+
+    def on_step_start(self, step: int) -> None:
+        if step != self.step or self.my_rank != self.rank:
+            return
+        Path(f"{self.until}.reached").touch()
+        deadline = time.monotonic() + self.timeout_s
+        while not self.until.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
 
     def on_checkpoint(self, step: int, last: bool, report: dict[str, Any]) -> None:
         pass

@@ -9,6 +9,12 @@ at most once a second (and at every flush).
 Only rank 0 writes, into the run the driver created, so a run never has N copies of its metrics. The client is
 used directly rather than `mlflow.start_run`: ending an active run would mark it FINISHED, and the run's status
 belongs to the driver, which alone knows whether the whole stage succeeded.
+
+A tracking outage never stops training: every write (metric batches, tags, texts) goes through one sender thread
+(`_Sender`) that keeps what it could not send, in order, and retries with backoff until the server answers again;
+at most MAX_BUFFERED metric points are kept (the oldest are dropped beyond, with a warning). A checkpoint waits for
+the buffer to be stored only while MLflow answers; through an outage it goes on at once. At the end rank 0 waits
+up to CLOSE_TIMEOUT_S for the buffer to be stored, so a run whose server comes back is complete.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Optional
+from collections import deque
+from typing import Any, Callable, Optional
 
 FLUSH_EVERY_S = 5.0
 # The driver's progress board is refreshed from the latest values at most this often: one Ray actor call costs ~2 ms
@@ -24,6 +31,82 @@ FLUSH_EVERY_S = 5.0
 # small model's step, and a board cannot show more than a few updates a second anyway.
 BOARD_EVERY_S = 1.0
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
+MAX_BUFFERED = 200_000  # metric points kept through a tracking outage (~50 MB); the oldest go first beyond
+CLOSE_TIMEOUT_S = 600.0  # how long the end of training waits for a tracking server to come back
+RETRY_MAX_S = 15.0  # the longest pause between two attempts of the sender during an outage
+
+logger = logging.getLogger(__name__)
+
+
+class _Sender:
+    """Rank 0's writes to MLflow, in order, on one thread. A write that fails (the server is down, restarting,
+    overloaded) stays at the head of the queue and is retried with backoff; training never waits for it."""
+
+    def __init__(self) -> None:
+        self._items: deque[tuple[Callable[[], Any], int]] = deque()  # (write, metric points it carries)
+        self._points = 0
+        self.failing = False  # the latest attempt failed and none has succeeded since
+        self.dropped = 0
+        self._closed = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="orch-mlflow-sender", daemon=True)
+        self._thread.start()
+
+    def put(self, write: Callable[[], Any], points: int = 0) -> None:
+        with self._changed:
+            self._items.append((write, points))
+            self._points += points
+            while self._points > MAX_BUFFERED and len(self._items) > 1:
+                _, lost = self._items.popleft()
+                self._points -= lost
+                self.dropped += lost
+            self._changed.notify_all()
+
+    def _run(self) -> None:
+        pause = 0.5
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._items or self._closed)
+                if not self._items:
+                    return
+                item = self._items[0]
+            try:
+                item[0]()
+            except Exception as error:  # noqa: BLE001 - kept and retried: an outage must not fail training
+                with self._changed:
+                    if not self.failing:
+                        logger.warning("MLflow does not answer (%s); buffering metrics until it does", error)
+                    self.failing = True
+                    self._changed.notify_all()
+                time.sleep(pause)
+                pause = min(pause * 2, RETRY_MAX_S)
+                continue
+            pause = 0.5
+            with self._changed:
+                if self.failing:
+                    logger.warning("MLflow answers again; sending the buffered metrics")
+                self.failing = False
+                if self._items and self._items[0] is item:  # not dropped by `put` meanwhile
+                    self._items.popleft()
+                    self._points -= item[1]
+                self._changed.notify_all()
+
+    def drain(self, timeout_s: float, unless_failing: bool = False) -> bool:
+        """Wait until everything queued is stored (True), the timeout passes or, with `unless_failing`, MLflow does
+        not answer (False)."""
+        with self._changed:
+            self._changed.wait_for(lambda: not self._items or (unless_failing and self.failing), timeout_s)
+            return not self._items
+
+    def close(self, timeout_s: float) -> int:
+        """Send what is left within `timeout_s`; returns the metric points that could not be stored."""
+        self.drain(timeout_s)
+        with self._changed:
+            self._closed = True
+            lost = self._points + self.dropped
+            self._items.clear()
+            self._changed.notify_all()
+        return lost
 
 
 def connect_in_background(tracking_uri: str) -> None:
@@ -74,7 +157,7 @@ class WorkerMetrics:
     def __init__(self, loop_config: dict[str, Any], rank: int, resumed_at: Optional[int]) -> None:
         self.enabled = rank == 0
         self.pending: list[Any] = []
-        self.in_flight: list[Any] = []  # RunOperations of batches sent asynchronously, not yet known to be stored
+        self.sender: Optional[_Sender] = None
         self.last_flush = time.monotonic()
         self.progress = loop_config.get("progress")
         self.board_step: Optional[int] = None  # the latest step and metrics not yet sent to the progress board
@@ -87,16 +170,20 @@ class WorkerMetrics:
             return
         from mlflow import MlflowClient
 
+        from orchestrator.config.secrets import load_secret_files
+
+        load_secret_files()  # the tracking credentials come as a file path, never as a runtime_env value
         self.client = MlflowClient(tracking_uri=loop_config["tracking"]["uri"])
+        self.sender = _Sender()
         if resumed_at is not None:
-            self.client.set_tag(self.run_id, "orch.resumed_at_step", str(resumed_at))
+            self.set_tag("orch.resumed_at_step", str(resumed_at))
         if self.progress is not None:
             import ray
 
             restarts = ray.get(self.progress.attempt_started.remote()) - 1
             if restarts:  # Ray Train restarted the worker group after a failure: on record, at the resumed step
-                self.client.set_tag(self.run_id, "orch.restarts", str(restarts))
-                self.client.log_metric(self.run_id, "restarts", restarts, step=resumed_at or 0)
+                self.set_tag("orch.restarts", str(restarts))
+                self.sender.put(lambda: self.client.log_metric(self.run_id, "restarts", restarts, step=resumed_at or 0), 1)
         if loop_config["tracking"]["system_metrics"]:
             from mlflow.system_metrics.system_metrics_monitor import (
                 SystemMetricsMonitor,
@@ -132,26 +219,27 @@ class WorkerMetrics:
 
     def set_tag(self, key: str, value: str) -> None:
         if self.enabled:
-            self.client.set_tag(self.run_id, key, value)  # type: ignore[union-attr]
+            self.sender.put(lambda: self.client.set_tag(self.run_id, key, value))  # type: ignore[union-attr]
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.enabled:
-            self.client.log_text(self.run_id, text, artifact_file)  # type: ignore[union-attr]
+            self.sender.put(lambda: self.client.log_text(self.run_id, text, artifact_file))  # type: ignore[union-attr]
 
     def flush(self, wait: bool = False) -> None:
-        """Send the buffered metrics; `wait=True` returns once they are stored (before a checkpoint: a restart
-        resumes there and must find them logged). Waits on the batches' own handles: `mlflow.flush_async_logging()`
-        flushes the default store's queue, which need not be this client's."""
+        """Hand the buffered metrics to the sender; `wait=True` (before a checkpoint: a restart resumes there and
+        should find them logged) returns once they are stored, or at once while MLflow does not answer: a
+        checkpoint never waits on a tracking outage."""
         self._update_board()
-        if self.enabled and self.pending:
-            for start in range(0, len(self.pending), MAX_BATCH):
-                chunk = self.pending[start : start + MAX_BATCH]
-                self.in_flight.append(self.client.log_batch(self.run_id, metrics=chunk, synchronous=False))  # type: ignore[union-attr]
-            self.pending, self.last_flush = [], time.monotonic()
+        if not self.enabled:
+            return
+        for start in range(0, len(self.pending), MAX_BATCH):
+            chunk = self.pending[start : start + MAX_BATCH]
+            self.sender.put(  # type: ignore[union-attr]
+                lambda chunk=chunk: self.client.log_batch(self.run_id, metrics=chunk, synchronous=True), len(chunk)
+            )
+        self.pending, self.last_flush = [], time.monotonic()
         if wait:
-            for operation in self.in_flight:
-                operation.wait()
-            self.in_flight = []
+            self.sender.drain(CLOSE_TIMEOUT_S, unless_failing=True)  # type: ignore[union-attr]
 
     def log_memory(self, config: dict[str, Any], precision: str, device: str, step: int) -> None:
         """The plan's per-worker memory figure beside this process's measured peak, so that every run checks the
@@ -184,7 +272,11 @@ class WorkerMetrics:
     def close(self) -> None:
         if not self.enabled:
             return
-        self.flush(wait=True)
+        self.flush()
+        lost = self.sender.close(CLOSE_TIMEOUT_S)  # type: ignore[union-attr]
+        if lost:
+            logger.warning("%d metric points could not be sent to MLflow (it did not answer within %.0f s)",
+                           lost, CLOSE_TIMEOUT_S)
         if self.system_monitor is not None:
             self._finish_system_metrics(self.system_monitor)
         import mlflow

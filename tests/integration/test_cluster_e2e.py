@@ -165,19 +165,19 @@ def test_submit_follow_and_stop_jobs_through_the_jobs_api(cluster):
         "defaults:\n  - /schema/model@_here_: mlp\n  - _self_\ninput_shape: ${data.input_shape}\n"
         "num_classes: ${data.num_classes}\nhidden_sizes: [16]\n"
     )
-    env = {**cluster["env"], "ORCH_TEST_SECRET": "s3cr3t-value"}
+    env = {**cluster["env"], "ORCH_TEST_VALUE": "pl41n-value"}
     submit = subprocess.run(
-        [*ORCH, "submit", "--address", cluster["jobs"], "--env", "ORCH_TEST_SECRET", "--env", "HYDRA_FULL_ERROR", "model=tiny",
+        [*ORCH, "submit", "--address", cluster["jobs"], "--env", "ORCH_TEST_VALUE", "--env", "HYDRA_FULL_ERROR", "model=tiny",
          *_common(cluster["shared"], "submitted")],
         cwd=user_dir, env=env, capture_output=True, text=True, timeout=120,
     )
     assert submit.returncode == 0, submit.stderr
     job_id = submit.stdout.strip().splitlines()[-1]
-    assert "s3cr3t-value" not in submit.stdout + submit.stderr
+    assert "pl41n-value" not in submit.stdout + submit.stderr
 
     logs = _orch(cluster, "logs", job_id, "--follow", "--address", cluster["jobs"], timeout=600)
     assert logs.returncode == 0 and "done train" in logs.stdout, logs.stdout[-3000:] + logs.stderr[-2000:]
-    assert "s3cr3t-value" not in logs.stdout
+    assert "pl41n-value" not in logs.stdout
     status = _orch(cluster, "status", job_id, "--address", cluster["jobs"])
     assert status.returncode == 0 and status.stdout.strip().startswith(f"{job_id}: SUCCEEDED")
     assert json.loads(_orch(cluster, "status", job_id, "--json", "--address", cluster["jobs"]).stdout)["status"] == "SUCCEEDED"
@@ -191,7 +191,7 @@ def test_submit_follow_and_stop_jobs_through_the_jobs_api(cluster):
     )[0]
     assert run.info.status == "FINISHED"
     assert json.loads(run.data.params["model.hidden_sizes"]) == [16]  # the shipped conf/model/tiny.yaml was used
-    assert "s3cr3t-value" not in json.dumps(run.data.params)
+    assert "pl41n-value" not in json.dumps(run.data.params)
 
     long_job = subprocess.run(
         [*ORCH, "submit", "--address", cluster["jobs"], *_common(cluster["shared"], "to-stop"), "trainer.max_steps=100000"],

@@ -156,6 +156,10 @@ PROCESS_ROWS = [
     (["sweep", "sweep.space.trainer.optimizer.lrr={uniform: [0.1, 0.2]}"], "sweep.space.trainer.optimizer.lrr"),
     (["sweep", "sweep.metric=nope"], "sweep.metric='nope'"),
     (["sweep", "sweep.num_sampls=3"], "did you mean sweep.num_samples?"),
+    # port 9 (discard) on loopback: nothing listens; the check is one request, seconds, not MLflow's retries
+    (["run", "tracking.uri=http://127.0.0.1:9"], "tracking.uri='http://127.0.0.1:9': no MLflow server answers there"),
+    (["sweep", "tracking.uri=http://127.0.0.1:9"], "tracking.uri='http://127.0.0.1:9'"),
+    (["ui", "--host", "0.0.0.0"], "--insecure-public"),
 ]
 
 
