@@ -230,12 +230,26 @@ class DistillRecipeConfig(TrainRecipeConfig):
     distill: DistillConfig = field(default_factory=DistillConfig)
 
 
+class QuantMethod(str, Enum):
+    int8_dynamic = "int8_dynamic"  # int8 weights, activations quantized per token at run time
+    int8_weight_only = "int8_weight_only"  # int8 weights, full-precision activations
+    int4_weight_only = "int4_weight_only"  # int4 weights in groups of 128: CUDA only
+    fp8 = "fp8"  # float8 weights and activations: CUDA only
+
+
+class QuantDevice(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 @dataclass
 class QuantizeRecipeConfig(RecipeConfig):
     name: str = "quantize"
     runs_on: RunsOn = RunsOn.driver
     reads: Dict[str, ModelRead] = field(default_factory=lambda: {"input": ModelRead("input", required=True)})
     input: Optional[str] = None  # the fp32 model to quantize: an MLflow run id/URI, a pipeline stage name, or a dir
+    method: QuantMethod = QuantMethod.int8_dynamic  # torchao config applied to every Linear (orchestrator.compress.quantize)
+    device: QuantDevice = QuantDevice.cpu  # where the driver quantizes, evaluates and serves it; int4/fp8 need cuda
     skip: List[str] = field(default_factory=list)  # Linear modules kept in fp32 (e.g. the head)
     eval_batch_size: int = 256
 

@@ -450,6 +450,8 @@ def validate_compression(cfg: Mapping[str, Any]) -> None:
                 "GPT-2 heads cannot be removed in a form transformers 5 loads back; use 0 (MLP units only) or a "
                 "Llama-style model (model=hf_llama)",
             )
+    if recipe.get("name") == "quantize":
+        validate_quantization(recipe, cfg["cluster"])
     distill = recipe.get("distill")
     if distill is not None:
         if distill["temperature"] <= 0:
@@ -457,6 +459,23 @@ def validate_compression(cfg: Mapping[str, Any]) -> None:
         _fraction("recipe.distill.alpha", distill["alpha"], True, "alpha")
         if distill["feature_weight"] < 0:
             raise ConfigError("recipe.distill.feature_weight", distill["feature_weight"], "expected a weight >= 0")
+
+
+def validate_quantization(recipe: Mapping[str, Any], cluster: Mapping[str, Any]) -> None:
+    """recipe.method must have torchao kernels on recipe.device (int4 and fp8: CUDA only), and a local cuda device
+    must exist: the quantize recipe runs in this (driver) process."""
+    method, device = str(recipe["method"]), str(recipe["device"])
+    if method in ("int4_weight_only", "fp8") and device != "cuda":
+        raise ConfigError(
+            "recipe.method", method,
+            f"torchao has {method} kernels for CUDA only and recipe.device={device}; use recipe.device=cuda on a GPU "
+            "machine, or int8_weight_only / int8_dynamic on CPU",
+        )
+    if device == "cuda" and cluster.get("kind") == "local":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("recipe.device", device, "this machine has no CUDA device; expected cpu")
 
 
 def pruning_window(pruning: Mapping[str, Any], max_steps: int) -> tuple[int, int]:
