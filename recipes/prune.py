@@ -26,8 +26,9 @@ from orchestrator.compress import prune_structured, pruned_model_config
 from orchestrator.compress.lm_structured import prune_causal_lm
 from orchestrator.config.trust import trusted_model_targets
 from orchestrator.models.hf_causal_lm import hf_model_config
-from orchestrator.train.compression import pruning_hook
-from orchestrator.train.data_order import example_inputs
+from orchestrator.compress.wanda import input_feature_norms
+from orchestrator.train.compression import pruning_hook, selected_parameters
+from orchestrator.train.data_order import calibration_batches, example_inputs
 from orchestrator.train.engine import build_engine
 from orchestrator.train.steps import start_worker
 
@@ -52,7 +53,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # Hugging Face LMs: heads and MLP units removed by weight magnitude (the same choice on every rank)
         model = prune_causal_lm(model, lm_structured["heads_ratio"], lm_structured["mlp_ratio"])
         model_cfg = hf_model_config(model)
+    pruning, norms = recipe["pruning"], None
+    if pruning["method"] == "wanda" and pruning["schedule"] in ("one_shot", "gradual"):
+        # on the fp32 model before DeepSpeed: the same first batches and weights on every rank, so the same masks
+        batches = calibration_batches(data.train, pruning["calibration_batches"], trainer["micro_batch_size"])
+        norms = input_feature_norms(model, selected_parameters(model, pruning), batches)
     engine = build_engine(model, loop_config["deepspeed"], trainer["optimizer"], loop_config["precision_auto"])
-    hook = pruning_hook(engine.module, recipe["pruning"], trainer["max_steps"], engine.optimizer)
+    hook = pruning_hook(engine.module, pruning, trainer["max_steps"], engine.optimizer, input_norms=norms)
     hooks = {"sparsity": hook} if hook else {}
     fit(engine, data, loop_config, hooks=hooks, model_spec={"model": model_cfg})

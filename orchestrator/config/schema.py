@@ -162,11 +162,20 @@ class PruningSchedule(str, Enum):
     hold = "hold"  # keep the input model's zeros as the masks (fine-tuning a pruned model)
 
 
+class PruningMethod(str, Enum):
+    magnitude = "magnitude"  # |w|
+    wanda = "wanda"  # |w| x input-feature L2 norm on calibration batches (recipe=prune only)
+
+
 @dataclass
 class PruningConfig:
-    """Unstructured magnitude pruning as a hook of any training recipe (orchestrator.compress.pruning)."""
+    """Unstructured or N:M pruning as a hook of any training recipe (orchestrator.compress.pruning, wanda,
+    n_m_sparsity)."""
 
     schedule: PruningSchedule = PruningSchedule.none
+    method: PruningMethod = PruningMethod.magnitude
+    pattern: str = "unstructured"  # or "N:M", e.g. "2:4": N of every M weights along the input dimension are kept
+    calibration_batches: int = 8  # wanda: first batches of the stage's training data (trainer.micro_batch_size each)
     sparsity: float = 0.0  # final fraction of the selected weights set to zero, 0 <= sparsity < 1
     initial_sparsity: float = 0.0  # gradual: sparsity of the first pruning step
     scope: str = "layer"  # "layer": every tensor to `sparsity`; "global": one ranking over all selected weights

@@ -392,6 +392,7 @@ def validate_compression(cfg: Mapping[str, Any]) -> None:
         if pruning["scope"] not in ("layer", "global"):
             raise ConfigError("recipe.pruning.scope", pruning["scope"], "expected 'layer' or 'global'")
         schedule = pruning["schedule"]
+        validate_pruning_pattern(cfg, pruning, schedule)
         if schedule == "gradual":
             if pruning["initial_sparsity"] > pruning["sparsity"]:
                 raise ConfigError(
@@ -459,6 +460,65 @@ def validate_compression(cfg: Mapping[str, Any]) -> None:
         _fraction("recipe.distill.alpha", distill["alpha"], True, "alpha")
         if distill["feature_weight"] < 0:
             raise ConfigError("recipe.distill.feature_weight", distill["feature_weight"], "expected a weight >= 0")
+
+
+def _pattern(value: Any) -> Optional[tuple[int, int]]:
+    if value == "unstructured":
+        return None
+    parts = str(value).split(":")
+    if len(parts) == 2 and all(part.isdigit() for part in parts) and 0 < int(parts[0]) < int(parts[1]):
+        return int(parts[0]), int(parts[1])
+    raise ConfigError("recipe.pruning.pattern", value, "expected 'unstructured' or 'N:M' with 0 < N < M, e.g. '2:4'")
+
+
+def _input_widths(model: Mapping[str, Any]) -> dict[str, int]:
+    """Input widths of the Linear/Conv1D layers the default pruning selection holds, by what sets them, for the
+    models whose config says them (built-in GPT, HF GPT-2 and Llama-style built from config); else {}."""
+    target = model.get("_target_")
+    if target == "orchestrator.models.gpt.GPT":
+        widths = {"model.n_embd": model["n_embd"]}
+        head_dim = model.get("head_dim") or model["n_embd"] // model["n_head"]
+        for heads in model.get("n_heads") or [model["n_head"]]:
+            widths.setdefault("model.n_head x head_dim", heads * head_dim)
+        for hidden in model.get("mlp_hidden") or [4 * model["n_embd"]]:
+            widths.setdefault("the MLP width (4 x model.n_embd)", hidden)
+        return widths
+    if target == HF_MODEL and not model.get("pretrained_path"):
+        config = model.get("config") or {}
+        if model.get("model_type") == "gpt2" and "n_embd" in config:
+            return {"model.config.n_embd": config["n_embd"], "model.config.n_inner": config.get("n_inner") or 4 * config["n_embd"]}
+        if "hidden_size" in config and "intermediate_size" in config:
+            widths = {"model.config.hidden_size": config["hidden_size"], "model.config.intermediate_size": config["intermediate_size"]}
+            if config.get("head_dim") and config.get("num_attention_heads"):
+                widths["model.config.num_attention_heads x head_dim"] = config["num_attention_heads"] * config["head_dim"]
+            return widths
+    return {}
+
+
+def validate_pruning_pattern(cfg: Mapping[str, Any], pruning: Mapping[str, Any], schedule: str) -> None:
+    """recipe.pruning.method / pattern / calibration_batches: wanda needs a trained input model (recipe=prune); an
+    N:M pattern needs every pruned layer's input width to be a multiple of M (checked for the default selection of
+    models whose config gives the widths; other layers are checked when the masks are made)."""
+    n_m = _pattern(pruning["pattern"])
+    if schedule in ("none", "hold"):
+        return
+    if pruning["method"] == "wanda":
+        if cfg["recipe"].get("name") != "prune":
+            raise ConfigError(
+                "recipe.pruning.method", "wanda",
+                f"scores weights by the activations of a trained model on calibration batches; use recipe=prune "
+                f"(this is recipe={cfg['recipe'].get('name')})",
+            )
+        if pruning["calibration_batches"] < 1:
+            raise ConfigError("recipe.pruning.calibration_batches", pruning["calibration_batches"], "expected at least 1 batch")
+    if n_m and pruning["include"] is None and not pruning["exclude"]:
+        for key, width in _input_widths(cfg["model"]).items():
+            if width % n_m[1]:
+                raise ConfigError(
+                    "recipe.pruning.pattern", pruning["pattern"],
+                    f"groups of {n_m[1]} run along each layer's input and {key}={width} is not a multiple of "
+                    f"{n_m[1]}; choose M dividing it or exclude those layers (recipe.pruning.exclude)",
+                )
 
 
 def validate_quantization(recipe: Mapping[str, Any], cluster: Mapping[str, Any]) -> None:
