@@ -193,6 +193,9 @@ class StructuredConfig:
     ratio: float = 0.0  # fraction of output neurons/channels removed from every Linear/Conv2d but the head; 0 = off
     round_to: Optional[int] = None  # keep widths a multiple of this (8 on GPUs)
     ignored_layers: Optional[List[str]] = None  # module names that keep their width; null = the output head
+    # transformer blocks removed, least influential first (built-in GPT, HF GPT-2/Llama; orchestrator.compress.depth)
+    drop_blocks: int = 0
+    calibration_batches: int = 8  # drop_blocks: first batches of the training data that measure block influence
 
 
 @dataclass

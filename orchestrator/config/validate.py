@@ -434,6 +434,8 @@ def validate_compression(cfg: Mapping[str, Any]) -> None:
                     f"ceil(ratio * heads) heads are removed per layer and a layer has {fewest}; expected a ratio "
                     f"below {(fewest - 1) / fewest:.3f} so each layer keeps a head",
                 )
+    if structured is not None and structured.get("drop_blocks", 0) != 0:
+        validate_drop_blocks(cfg["model"], structured)
     lm_structured = recipe.get("lm_structured")
     if lm_structured is not None and (lm_structured["heads_ratio"] > 0 or lm_structured["mlp_ratio"] > 0):
         _fraction("recipe.lm_structured.heads_ratio", lm_structured["heads_ratio"], False, "heads_ratio")
@@ -519,6 +521,35 @@ def validate_pruning_pattern(cfg: Mapping[str, Any], pruning: Mapping[str, Any],
                     f"groups of {n_m[1]} run along each layer's input and {key}={width} is not a multiple of "
                     f"{n_m[1]}; choose M dividing it or exclude those layers (recipe.pruning.exclude)",
                 )
+
+
+def _block_count(model: Mapping[str, Any]) -> Optional[int]:
+    """The number of transformer blocks the model config says (None when only the model's files know)."""
+    if model.get("_target_") == "orchestrator.models.gpt.GPT":
+        return int(model["n_layer"])
+    if model.get("_target_") == HF_MODEL and not model.get("pretrained_path"):
+        config = model.get("config") or {}
+        if model.get("model_type") == "gpt2":
+            return int(config.get("n_layer", 12))
+        if "num_hidden_layers" in config:
+            return int(config["num_hidden_layers"])
+    return None
+
+
+def validate_drop_blocks(model: Mapping[str, Any], structured: Mapping[str, Any]) -> None:
+    """recipe.structured.drop_blocks: a GPT or Hugging Face LM, at least one block left, calibration batches."""
+    count = structured["drop_blocks"]
+    if model.get("_target_") not in ("orchestrator.models.gpt.GPT", HF_MODEL):
+        raise ConfigError(
+            "recipe.structured.drop_blocks", count,
+            f"removes transformer blocks of model=gpt, hf_causal_lm or hf_llama; the model is {model.get('_target_')}",
+        )
+    blocks = _block_count(model)
+    if count < 0 or (blocks is not None and count >= blocks):
+        allowed = f"0 <= drop_blocks < {blocks} (the model's blocks)" if blocks is not None else "drop_blocks >= 0"
+        raise ConfigError("recipe.structured.drop_blocks", count, f"expected {allowed}")
+    if structured["calibration_batches"] < 1:
+        raise ConfigError("recipe.structured.calibration_batches", structured["calibration_batches"], "expected at least 1 batch")
 
 
 def validate_quantization(recipe: Mapping[str, Any], cluster: Mapping[str, Any]) -> None:
