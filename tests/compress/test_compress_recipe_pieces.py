@@ -31,7 +31,8 @@ from orchestrator.artifacts.export import load_exported, mark_quantized
 
 MLP_CFG = {"_target_": "orchestrator.models.mlp.MLP", "input_shape": [1, 8, 8], "num_classes": 10, "hidden_sizes": [32, 32]}
 PRUNING = {"schedule": "none", "sparsity": 0.5, "initial_sparsity": 0.0, "scope": "layer", "include": None,
-           "exclude": [], "start_fraction": 0.0, "end_fraction": 0.5, "updates": 5}
+           "exclude": [], "start_fraction": 0.0, "end_fraction": 0.5, "updates": 5, "method": "magnitude",
+           "pattern": "unstructured", "calibration_batches": 8}
 
 
 def mlp(seed: int = 0) -> MLP:
