@@ -63,7 +63,10 @@ def method_device_problem(method: str, device: str) -> Optional[str]:
     if method not in QUANT_METHODS:
         return f"expected one of {', '.join(QUANT_METHODS)}"
     if method in CUDA_ONLY_METHODS and device != "cuda":
-        return f"torchao has {method} kernels for CUDA only, and the device is {device}; use recipe.device=cuda on a GPU machine, or int8_weight_only / int8_dynamic on CPU"
+        return (
+            f"torchao has {method} kernels for CUDA only, and the device is {device}; use recipe.device=cuda on a GPU "
+            "machine, or int8_weight_only / int8_dynamic on CPU"
+        )
     return None
 
 
