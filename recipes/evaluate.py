@@ -2,7 +2,8 @@
 
 `run_on_driver` (no Ray workers, no DeepSpeed: CPU, in this process), top to bottom:
   load       the model (recipe.input: an MLflow run, a runs:/ or models:/ URI, a directory) from safetensors +
-             model.yaml, checked against the trusted classes; a quantized model comes back int8, as it is served
+             model.yaml, checked against the trusted classes; a quantized model comes back quantized (its stage's
+             recipe.method), as it is served
   evaluate   validation loss and accuracy (classifiers) or perplexity (language models): the same
              `evaluate_module` the quantize recipe and the pipeline's compression report use
 Nothing is saved: the run holds the metrics, the config (recipe.input, data.*) as params, the data as its dataset

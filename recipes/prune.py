@@ -2,10 +2,12 @@
 
 `train_loop_per_worker` runs on every Ray Train worker, top to bottom:
   setup    data from config; the input model (recipe.input: an MLflow run, a pipeline stage, a directory), loaded
-           from safetensors; optional structured pruning (whole neurons/channels removed: a physically smaller
-           model, before DeepSpeed sees it); DeepSpeed engine; the unstructured pruning hook
-           (one_shot | gradual | hold: `orchestrator.train.compression`)
-           or, for Hugging Face LMs, attention heads and MLP units removed (recipe.lm_structured)
+           from safetensors; optional depth pruning (recipe.structured.drop_blocks: the least influential
+           transformer blocks removed on calibration batches); optional structured pruning (whole neurons/channels
+           removed: a physically smaller model, before DeepSpeed sees it); DeepSpeed engine; the unstructured or
+           N:M pruning hook, by magnitude or wanda (one_shot | gradual | hold: `orchestrator.train.compression`)
+           or, for Hugging Face LMs, attention heads and MLP units removed (recipe.lm_structured); for wanda,
+           input-feature norms measured on recipe.pruning.calibration_batches batches before DeepSpeed
   fit      the train recipe's loop, with the hook: masks enforced after every step and saved in every checkpoint
 The exported model is the smaller architecture (its config written into the checkpoint) with its zeros.
 
@@ -23,11 +25,13 @@ from orchestrator.recipes.train import fit
 
 from orchestrator.artifacts.source import load_model
 from orchestrator.compress import prune_structured, pruned_model_config
+from orchestrator.compress.depth import drop_blocks
 from orchestrator.compress.lm_structured import prune_causal_lm
+from orchestrator.compress.wanda import input_feature_norms
 from orchestrator.config.trust import trusted_model_targets
 from orchestrator.models.hf_causal_lm import hf_model_config
-from orchestrator.train.compression import pruning_hook
-from orchestrator.train.data_order import example_inputs
+from orchestrator.train.compression import pruning_hook, selected_parameters
+from orchestrator.train.data_order import calibration_batches, example_inputs
 from orchestrator.train.engine import build_engine
 from orchestrator.train.steps import start_worker
 
@@ -39,6 +43,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model, model_cfg = load_model(loop_config["sources"]["input"], trusted_model_targets(cfg))
     model.train()
     structured = recipe["structured"]
+    if structured["drop_blocks"] > 0:
+        # depth first: widths are then ranked on the shorter model; the same batches on every rank
+        batches = calibration_batches(data.train, structured["calibration_batches"], trainer["micro_batch_size"])
+        model, model_cfg = drop_blocks(model, model_cfg, structured["drop_blocks"], batches)
     if structured["ratio"] > 0:
         # deterministic on every rank: same weights, same magnitude ranking, same example batch
         example = example_inputs(data.train)
@@ -52,7 +60,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # Hugging Face LMs: heads and MLP units removed by weight magnitude (the same choice on every rank)
         model = prune_causal_lm(model, lm_structured["heads_ratio"], lm_structured["mlp_ratio"])
         model_cfg = hf_model_config(model)
+    pruning, norms = recipe["pruning"], None
+    if pruning["method"] == "wanda" and pruning["schedule"] in ("one_shot", "gradual"):
+        # on the fp32 model before DeepSpeed: the same first batches and weights on every rank, so the same masks
+        batches = calibration_batches(data.train, pruning["calibration_batches"], trainer["micro_batch_size"])
+        norms = input_feature_norms(model, selected_parameters(model, pruning), batches)
     engine = build_engine(model, loop_config["deepspeed"], trainer["optimizer"], loop_config["precision_auto"])
-    hook = pruning_hook(engine.module, recipe["pruning"], trainer["max_steps"], engine.optimizer)
+    hook = pruning_hook(engine.module, pruning, trainer["max_steps"], engine.optimizer, input_norms=norms)
     hooks = {"sparsity": hook} if hook else {}
     fit(engine, data, loop_config, hooks=hooks, model_spec={"model": model_cfg})

@@ -27,6 +27,7 @@ from orchestrator.config.validate import ConfigError
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.yaml"
 QUANTIZATION_FILE = "quantization.yaml"
+QUANTIZED_FILE = "quantized.pt"  # torchao state dict, read with weights_only=True
 # Written by the worker loop into each checkpoint: the architecture it holds and where in the state it lives.
 MODEL_SPEC_FILE = "orch_model.yaml"
 
@@ -165,20 +166,23 @@ def export_hf_model(model: nn.Module, model_cfg: Mapping[str, Any], out_dir: Pat
     return hf_model_config(model)  # type: ignore[arg-type]
 
 
-def mark_quantized(model_dir: str | Path, skip: list[str]) -> None:
-    """Record that the model in `model_dir` is served quantized: `load_exported` applies dynamic int8 on load.
+def mark_quantized(model_dir: str | Path, skip: list[str], method: str = "int8_dynamic", device: str = "cpu") -> None:
+    """Record that the model in `model_dir` is served quantized (`load_exported` returns it quantized).
 
-    The weights stay fp32 safetensors: dynamic int8 is a deterministic function of them, and a quantized module
-    can only be stored as a pickle, which a loader would have to execute.
+    The fp32 safetensors stay beside it (the source of any later stage, and of the MLflow Model); the quantized
+    tensors, when a stage saved them (`QUANTIZED_FILE`, torchao's tensor subclasses), are read back with
+    `torch.load(weights_only=True)`; without that file (folders from before torchao) the deterministic
+    quantization is applied again to the fp32 weights.
     """
-    (Path(model_dir) / QUANTIZATION_FILE).write_text(yaml.safe_dump({"method": "dynamic_int8", "skip": list(skip)}))
+    record = {"method": method, "skip": list(skip), "device": device}
+    (Path(model_dir) / QUANTIZATION_FILE).write_text(yaml.safe_dump(record))
 
 
 def load_exported(model_dir: str | Path, quantized: bool = True, allowed: Iterable[str] = BUILT_IN_MODEL_TARGETS) -> nn.Module:
     """Rebuild the model from its config and load the weights with safetensors (no pickle is ever executed).
 
     The config must name one of the `allowed` classes (orch's own, unless the caller's config trusts more).
-    A model its stage quantized comes back int8 unless `quantized=False` (its fp32 source weights)."""
+    A model its stage quantized comes back quantized (recipe.method) unless `quantized=False` (its fp32 source weights)."""
     from hydra.utils import instantiate
     from safetensors.torch import load_model
 
@@ -189,7 +193,12 @@ def load_exported(model_dir: str | Path, quantized: bool = True, allowed: Iterab
     load_model(model, str(model_dir / WEIGHTS_FILE))
     quantization = model_dir / QUANTIZATION_FILE
     if quantized and quantization.is_file():
-        from orchestrator.compress.quantize import quantize_dynamic_int8
+        from orchestrator.compress.quantize import load_quantized, quantize_model
 
-        return quantize_dynamic_int8(model, skip=yaml.safe_load(quantization.read_text())["skip"])
+        record = yaml.safe_load(quantization.read_text())
+        method, skip = str(record["method"]), list(record["skip"])
+        device = str(record.get("device", "cpu"))
+        if (model_dir / QUANTIZED_FILE).is_file():
+            return load_quantized(model, method, skip, model_dir / QUANTIZED_FILE, device)
+        return quantize_model(model, method, skip, device).eval()
     return model.eval()

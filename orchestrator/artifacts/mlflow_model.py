@@ -10,9 +10,9 @@ orch itself never loads this folder (the trust boundary): its own loading is mod
 (`orchestrator.artifacts.export.load_exported`). The MLflow Model is what the Model Registry, `mlflow models serve`
 and other tools read.
 
-A quantized model (recipe=quantize) goes out as its fp32 weights, marked in the MLmodel metadata: torch.export cannot
-trace dynamic int8 Linear layers (their packed parameters are TorchScript objects). `load_exported` re-applies the
-int8 quantization from quantization.yaml.
+A quantized model (recipe=quantize) goes out as its fp32 weights, marked in the MLmodel metadata (method, skipped
+layers): the pt2 archive is torch.export's, which does not serialize torchao's quantized tensor subclasses.
+`load_exported` returns the quantized model from the folder's quantized.pt and quantization.yaml.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def save_mlflow_model(
     if quantization.is_file():
         metadata["orch_quantization"] = {
             **yaml.safe_load(quantization.read_text()),
-            "note": "the weights here are fp32: torch.export cannot trace dynamic int8 layers",
+            "note": "the weights here are fp32: torch.export cannot trace torchao quantized layers",
         }
     mlflow.pytorch.save_model(
         model,

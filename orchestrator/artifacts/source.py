@@ -115,7 +115,7 @@ def _latest_checkpoint(path: Path) -> Optional[Path]:
 
 
 def load_model(source: Mapping[str, str], allowed: Iterable[str] = BUILT_IN_MODEL_TARGETS) -> tuple[nn.Module, dict[str, Any]]:
-    """The model `source` names (eval mode, CPU; fp32, or int8 if its stage quantized it) and its config, which
+    """The model `source` names (eval mode, CPU; fp32, or quantized if its stage quantized it) and its config, which
     is the architecture it really has (a structured-pruning stage upstream made it smaller than its stage config).
     `allowed`: the classes its config may name (`trusted_model_targets` of the loading run's config)."""
     with tempfile.TemporaryDirectory(prefix="orch-model-") as scratch:

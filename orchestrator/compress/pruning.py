@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +53,13 @@ __all__ = [
 Scope = Literal["layer", "global"]
 
 DEFAULT_HEAD_NAMES = ("head", "lm_head", "classifier", "fc_out", "output_projection")
-_PRUNABLE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _prunable_types() -> tuple[type, ...]:
+    """Linear/Conv layers, and transformers' `Conv1D` (GPT-2's projections: a Linear with its weight transposed)."""
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, nn.Conv1d, nn.Conv2d, Conv1D)
 
 
 def _matches(name: str, patterns: list[str] | None) -> bool:
@@ -65,7 +71,7 @@ def prunable_parameters(
 ) -> dict[str, nn.Parameter]:
     """Select the weights worth pruning, keyed by ``named_parameters`` name.
 
-    Default (``include=None``): the weights of Linear/Conv1d/Conv2d, except modules named like an output head
+    Default (``include=None``): the weights of Linear/Conv1d/Conv2d and GPT-2's Conv1D, except modules named like an output head
     (``DEFAULT_HEAD_NAMES``). Biases are tiny, and embeddings and heads are where pruning costs most accuracy, so
     they stay dense. ``include`` (fnmatch patterns on the parameter name, e.g. ``["*.mlp.*.weight",
     "lm_head.weight"]``) replaces the default selection with exactly the matching parameters of any module type,
@@ -76,12 +82,13 @@ def prunable_parameters(
     first_name: dict[int, str] = {}
     params: dict[int, nn.Parameter] = {}
     votes: dict[int, list[bool | None]] = {}  # None = excluded
+    prunable_types = _prunable_types()
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             full_name = f"{module_name}.{param_name}" if module_name else param_name
             if include is None:
                 is_head = module_name.rsplit(".", 1)[-1] in DEFAULT_HEAD_NAMES
-                chosen = isinstance(module, _PRUNABLE_TYPES) and param_name == "weight" and not is_head
+                chosen = isinstance(module, prunable_types) and param_name == "weight" and not is_head
             else:
                 chosen = _matches(full_name, include)
             first_name.setdefault(id(param), full_name)
@@ -206,7 +213,12 @@ class GradualPruning:
         initial_sparsity: float = 0.0,
         scope: Scope = "layer",
         optimizer: Any | None = None,
+        scores: Callable[[str, Tensor], Tensor] | None = None,
+        n_m: tuple[int, int] | None = None,
+        input_dims: Mapping[str, int] | None = None,
     ) -> None:
+        """`scores(name, weight)` ranks weights (default |w|; wanda passes |w| × input norm); `n_m=(N, M)` with
+        `input_dims` prunes within groups of M along each weight's input dimension instead of per tensor."""
         reject_zero3(params)
         cubic_sparsity(start_step, initial_sparsity, final_sparsity, start_step, end_step, frequency)  # validates
         if scope not in ("layer", "global"):
@@ -220,6 +232,8 @@ class GradualPruning:
             frequency=frequency,
         )
         self.scope = scope
+        self.score = scores or (lambda name, weight: weight.detach().abs().float())
+        self.n_m, self.input_dims = n_m, dict(input_dims or {})
         self.sparsity = 0.0
         self.enforcer = MaskEnforcer(self.params, optimizer=optimizer)
 
@@ -237,11 +251,17 @@ class GradualPruning:
         old = self.enforcer.masks
         scores = {}
         for name, param in self.params.items():
-            score = param.detach().abs().float()
+            score = self.score(name, param)
             if name in old:
                 score = score.masked_fill(~old[name], -1.0)
             scores[name] = score
-        self.enforcer.update(masks_from_scores(scores, target, self.scope))
+        if self.n_m:
+            from orchestrator.compress.n_m_sparsity import n_m_masks
+
+            n, m = self.n_m
+            self.enforcer.update(n_m_masks(scores, n, m, self.input_dims, min(m - n, round(target * m))))
+        else:
+            self.enforcer.update(masks_from_scores(scores, target, self.scope))
         self.sparsity = target
         return target
 

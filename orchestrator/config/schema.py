@@ -180,11 +180,20 @@ class PruningSchedule(str, Enum):
     hold = "hold"  # keep the input model's zeros as the masks (fine-tuning a pruned model)
 
 
+class PruningMethod(str, Enum):
+    magnitude = "magnitude"  # |w|
+    wanda = "wanda"  # |w| x input-feature L2 norm on calibration batches (recipe=prune only)
+
+
 @dataclass
 class PruningConfig:
-    """Unstructured magnitude pruning as a hook of any training recipe (orchestrator.compress.pruning)."""
+    """Unstructured or N:M pruning as a hook of any training recipe (orchestrator.compress.pruning, wanda,
+    n_m_sparsity)."""
 
     schedule: PruningSchedule = PruningSchedule.none
+    method: PruningMethod = PruningMethod.magnitude
+    pattern: str = "unstructured"  # or "N:M", e.g. "2:4": N of every M weights along the input dimension are kept
+    calibration_batches: int = 8  # wanda: first batches of the stage's training data (trainer.micro_batch_size each)
     sparsity: float = 0.0  # final fraction of the selected weights set to zero, 0 <= sparsity < 1
     initial_sparsity: float = 0.0  # gradual: sparsity of the first pruning step
     scope: str = "layer"  # "layer": every tensor to `sparsity`; "global": one ranking over all selected weights
@@ -202,6 +211,9 @@ class StructuredConfig:
     ratio: float = 0.0  # fraction of output neurons/channels removed from every Linear/Conv2d but the head; 0 = off
     round_to: Optional[int] = None  # keep widths a multiple of this (8 on GPUs)
     ignored_layers: Optional[List[str]] = None  # module names that keep their width; null = the output head
+    # transformer blocks removed, least influential first (built-in GPT, HF GPT-2/Llama; orchestrator.compress.depth)
+    drop_blocks: int = 0
+    calibration_batches: int = 8  # drop_blocks: first batches of the training data that measure block influence
 
 
 @dataclass
@@ -248,12 +260,26 @@ class DistillRecipeConfig(TrainRecipeConfig):
     distill: DistillConfig = field(default_factory=DistillConfig)
 
 
+class QuantMethod(str, Enum):
+    int8_dynamic = "int8_dynamic"  # int8 weights, activations quantized per token at run time
+    int8_weight_only = "int8_weight_only"  # int8 weights, full-precision activations
+    int4_weight_only = "int4_weight_only"  # int4 weights in groups of 128: CUDA only
+    fp8 = "fp8"  # float8 weights and activations: CUDA only
+
+
+class QuantDevice(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
 @dataclass
 class QuantizeRecipeConfig(RecipeConfig):
     name: str = "quantize"
     runs_on: RunsOn = RunsOn.driver
     reads: Dict[str, ModelRead] = field(default_factory=lambda: {"input": ModelRead("input", required=True)})
     input: Optional[str] = None  # the fp32 model to quantize: an MLflow run id/URI, a pipeline stage name, or a dir
+    method: QuantMethod = QuantMethod.int8_dynamic  # torchao config applied to every Linear (orchestrator.compress.quantize)
+    device: QuantDevice = QuantDevice.cpu  # where the driver quantizes, evaluates and serves it; int4/fp8 need cuda
     skip: List[str] = field(default_factory=list)  # Linear modules kept in fp32 (e.g. the head)
     eval_batch_size: int = 256
 

@@ -463,6 +463,7 @@ def validate_compression(cfg: Mapping[str, Any]) -> None:
         if pruning["scope"] not in ("layer", "global"):
             raise ConfigError("recipe.pruning.scope", pruning["scope"], "expected 'layer' or 'global'")
         schedule = pruning["schedule"]
+        validate_pruning_pattern(cfg, pruning, schedule)
         if schedule == "gradual":
             if pruning["initial_sparsity"] > pruning["sparsity"]:
                 raise ConfigError(
@@ -504,6 +505,8 @@ def validate_compression(cfg: Mapping[str, Any]) -> None:
                     f"ceil(ratio * heads) heads are removed per layer and a layer has {fewest}; expected a ratio "
                     f"below {(fewest - 1) / fewest:.3f} so each layer keeps a head",
                 )
+    if structured is not None and structured.get("drop_blocks", 0) != 0:
+        validate_drop_blocks(cfg["model"], structured)
     lm_structured = recipe.get("lm_structured")
     if lm_structured is not None and (lm_structured["heads_ratio"] > 0 or lm_structured["mlp_ratio"] > 0):
         _fraction("recipe.lm_structured.heads_ratio", lm_structured["heads_ratio"], False, "heads_ratio")
@@ -521,6 +524,8 @@ def validate_compression(cfg: Mapping[str, Any]) -> None:
                 "GPT-2 heads cannot be removed in a form transformers 5 loads back; use 0 (MLP units only) or a "
                 "Llama-style model (model=hf_llama)",
             )
+    if recipe.get("name") == "quantize":
+        validate_quantization(recipe, cfg["cluster"])
     distill = recipe.get("distill")
     if distill is not None:
         if distill["temperature"] <= 0:
@@ -528,6 +533,111 @@ def validate_compression(cfg: Mapping[str, Any]) -> None:
         _fraction("recipe.distill.alpha", distill["alpha"], True, "alpha")
         if distill["feature_weight"] < 0:
             raise ConfigError("recipe.distill.feature_weight", distill["feature_weight"], "expected a weight >= 0")
+
+
+def _pattern(value: Any) -> Optional[tuple[int, int]]:
+    if value == "unstructured":
+        return None
+    parts = str(value).split(":")
+    if len(parts) == 2 and all(part.isdigit() for part in parts) and 0 < int(parts[0]) < int(parts[1]):
+        return int(parts[0]), int(parts[1])
+    raise ConfigError("recipe.pruning.pattern", value, "expected 'unstructured' or 'N:M' with 0 < N < M, e.g. '2:4'")
+
+
+def _input_widths(model: Mapping[str, Any]) -> dict[str, int]:
+    """Input widths of the Linear/Conv1D layers the default pruning selection holds, by what sets them, for the
+    models whose config says them (built-in GPT, HF GPT-2 and Llama-style built from config); else {}."""
+    target = model.get("_target_")
+    if target == "orchestrator.models.gpt.GPT":
+        widths = {"model.n_embd": model["n_embd"]}
+        head_dim = model.get("head_dim") or model["n_embd"] // model["n_head"]
+        for heads in model.get("n_heads") or [model["n_head"]]:
+            widths.setdefault("model.n_head x head_dim", heads * head_dim)
+        for hidden in model.get("mlp_hidden") or [4 * model["n_embd"]]:
+            widths.setdefault("the MLP width (4 x model.n_embd)", hidden)
+        return widths
+    if target == HF_MODEL and not model.get("pretrained_path"):
+        config = model.get("config") or {}
+        if model.get("model_type") == "gpt2" and "n_embd" in config:
+            return {"model.config.n_embd": config["n_embd"], "model.config.n_inner": config.get("n_inner") or 4 * config["n_embd"]}
+        if "hidden_size" in config and "intermediate_size" in config:
+            widths = {"model.config.hidden_size": config["hidden_size"], "model.config.intermediate_size": config["intermediate_size"]}
+            if config.get("head_dim") and config.get("num_attention_heads"):
+                widths["model.config.num_attention_heads x head_dim"] = config["num_attention_heads"] * config["head_dim"]
+            return widths
+    return {}
+
+
+def validate_pruning_pattern(cfg: Mapping[str, Any], pruning: Mapping[str, Any], schedule: str) -> None:
+    """recipe.pruning.method / pattern / calibration_batches: wanda needs a trained input model (recipe=prune); an
+    N:M pattern needs every pruned layer's input width to be a multiple of M (checked for the default selection of
+    models whose config gives the widths; other layers are checked when the masks are made)."""
+    n_m = _pattern(pruning["pattern"])
+    if schedule in ("none", "hold"):
+        return
+    if pruning["method"] == "wanda":
+        if cfg["recipe"].get("name") != "prune":
+            raise ConfigError(
+                "recipe.pruning.method", "wanda",
+                f"scores weights by the activations of a trained model on calibration batches; use recipe=prune "
+                f"(this is recipe={cfg['recipe'].get('name')})",
+            )
+        if pruning["calibration_batches"] < 1:
+            raise ConfigError("recipe.pruning.calibration_batches", pruning["calibration_batches"], "expected at least 1 batch")
+    if n_m and pruning["include"] is None and not pruning["exclude"]:
+        for key, width in _input_widths(cfg["model"]).items():
+            if width % n_m[1]:
+                raise ConfigError(
+                    "recipe.pruning.pattern", pruning["pattern"],
+                    f"groups of {n_m[1]} run along each layer's input and {key}={width} is not a multiple of "
+                    f"{n_m[1]}; choose M dividing it or exclude those layers (recipe.pruning.exclude)",
+                )
+
+
+def _block_count(model: Mapping[str, Any]) -> Optional[int]:
+    """The number of transformer blocks the model config says (None when only the model's files know)."""
+    if model.get("_target_") == "orchestrator.models.gpt.GPT":
+        return int(model["n_layer"])
+    if model.get("_target_") == HF_MODEL and not model.get("pretrained_path"):
+        config = model.get("config") or {}
+        if model.get("model_type") == "gpt2":
+            return int(config.get("n_layer", 12))
+        if "num_hidden_layers" in config:
+            return int(config["num_hidden_layers"])
+    return None
+
+
+def validate_drop_blocks(model: Mapping[str, Any], structured: Mapping[str, Any]) -> None:
+    """recipe.structured.drop_blocks: a GPT or Hugging Face LM, at least one block left, calibration batches."""
+    count = structured["drop_blocks"]
+    if model.get("_target_") not in ("orchestrator.models.gpt.GPT", HF_MODEL):
+        raise ConfigError(
+            "recipe.structured.drop_blocks", count,
+            f"removes transformer blocks of model=gpt, hf_causal_lm or hf_llama; the model is {model.get('_target_')}",
+        )
+    blocks = _block_count(model)
+    if count < 0 or (blocks is not None and count >= blocks):
+        allowed = f"0 <= drop_blocks < {blocks} (the model's blocks)" if blocks is not None else "drop_blocks >= 0"
+        raise ConfigError("recipe.structured.drop_blocks", count, f"expected {allowed}")
+    if structured["calibration_batches"] < 1:
+        raise ConfigError("recipe.structured.calibration_batches", structured["calibration_batches"], "expected at least 1 batch")
+
+
+def validate_quantization(recipe: Mapping[str, Any], cluster: Mapping[str, Any]) -> None:
+    """recipe.method must have torchao kernels on recipe.device (int4 and fp8: CUDA only), and a local cuda device
+    must exist: the quantize recipe runs in this (driver) process."""
+    method, device = str(recipe["method"]), str(recipe["device"])
+    if method in ("int4_weight_only", "fp8") and device != "cuda":
+        raise ConfigError(
+            "recipe.method", method,
+            f"torchao has {method} kernels for CUDA only and recipe.device={device}; use recipe.device=cuda on a GPU "
+            "machine, or int8_weight_only / int8_dynamic on CPU",
+        )
+    if device == "cuda" and cluster.get("kind") == "local":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("recipe.device", device, "this machine has no CUDA device; expected cpu")
 
 
 def pruning_window(pruning: Mapping[str, Any], max_steps: int) -> tuple[int, int]:

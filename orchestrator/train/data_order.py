@@ -65,6 +65,19 @@ def example_inputs(dataset: Dataset, count: int = 2) -> torch.Tensor:
     return torch.stack([dataset[index][0] for index in range(count)])
 
 
+def calibration_batches(dataset: Dataset, batches: int, batch_size: int) -> list[torch.Tensor]:
+    """The inputs of the first `batches` batches in dataset order (map-style or streamed), unshuffled: the same on
+    every rank, so calibration-based choices (wanda scores, depth pruning) agree without communication."""
+    from torch.utils.data import DataLoader
+
+    out = []
+    for inputs, _ in DataLoader(dataset, batch_size=batch_size):
+        if len(out) == batches:
+            break
+        out.append(inputs)
+    return out
+
+
 class StreamBatches:
     """Batches of a streamed (iterable) training set: this worker's shard, reshuffled every epoch, resumable.
 

@@ -33,12 +33,13 @@ def eval_metrics(sums: Tensor, task: str) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_module(model: torch.nn.Module, dataset, task: str, batch_size: int) -> dict[str, float]:
-    """Validation metrics of a plain module on CPU, in one process (the driver's view of an exported model)."""
+def evaluate_module(model: torch.nn.Module, dataset, task: str, batch_size: int, device: str = "cpu") -> dict[str, float]:
+    """Validation metrics of a plain module (already on `device`), in one process (the driver's view of an exported
+    model; `device="cuda"` for models quantized with CUDA-only kernels)."""
     from torch.utils.data import DataLoader
 
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64)
     for inputs, targets in DataLoader(dataset, batch_size=batch_size):
-        sums += eval_sums(model(inputs), targets)
+        sums += eval_sums(model(inputs.to(device)), targets.to(device)).cpu()
     return eval_metrics(sums, task)

@@ -134,3 +134,50 @@ def test_the_lm_pipeline_prunes_distills_and_reports_every_stage(pipeline_run, c
     student = AutoModelForCausalLM.from_pretrained(str(local / "hf"), local_files_only=True)
     assert student.config.num_attention_heads == 2 and student.config.intermediate_size == 128
     assert torch.isfinite(student(input_ids=torch.randint(0, 256, (1, 16))).logits).all()
+
+
+@pytest.fixture(scope="module")
+def compressed_gpt2(ray_instance, workdir, corpus, gpt2_run):
+    """The trained GPT-2 through `prune` (one block dropped, wanda 2:4 on every Conv1D, 4 fine-tuning steps at fixed
+    masks) and then `quantize` (int8 weight-only): one worker, a few seconds of training."""
+    _, trained = gpt2_run
+    common = [*COMMON, "model=hf_causal_lm", "model.config.n_embd=96", f"data.path={corpus}", "data.block_size=32",
+              "tracking.experiment=lm-e2e",
+              "trainer.checkpoint_every=0", "trainer.eval_every=0"]
+    prune = [*common, "recipe=prune", f"recipe.input={trained.run_id}", "name=gpt2-depth-wanda",
+             "recipe.structured.drop_blocks=1", "recipe.structured.calibration_batches=2",
+             "recipe.pruning.schedule=one_shot", "recipe.pruning.method=wanda", "recipe.pruning.pattern=2:4",
+             "recipe.pruning.calibration_batches=2", "trainer.num_workers=1", "trainer.micro_batch_size=8",
+             "trainer.max_steps=4", "trainer.optimizer.lr=1e-3"]
+    [pruned] = run_plan(build_plan(compose(prune), cwd=workdir))
+    quantize = [*common, "recipe=quantize", f"recipe.input={pruned.run_id}", "name=gpt2-int8wo",
+                "recipe.method=int8_weight_only", "recipe.eval_batch_size=16"]
+    [quantized] = run_plan(build_plan(compose(quantize), cwd=workdir))
+    return trained, pruned, quantized
+
+
+def test_a_gpt2_loses_a_block_keeps_two_of_four_weights_and_serves_int8(compressed_gpt2, client, tmp_path):
+    from transformers.pytorch_utils import Conv1D
+
+    from orchestrator.artifacts.export import load_exported
+
+    trained, pruned, quantized = compressed_gpt2
+    local = Path(client.download_artifacts(pruned.run_id, "model", str(tmp_path / "pruned")))
+    assert yaml.safe_load((local / "model.yaml").read_text())["config"]["n_layer"] == 1  # rebuilt smaller, no masks
+    model = load_exported(local)
+    conv1d = [m for m in model.modules() if isinstance(m, Conv1D)]
+    assert len(conv1d) == 4
+    for layer in conv1d:  # [in, out]: along the input, at most 2 of every 4 survive fine-tuning
+        nonzero = (layer.weight != 0).t().reshape(layer.weight.shape[1], -1, 4).sum(-1)
+        assert (nonzero <= 2).all() and nonzero.float().mean() > 1.9
+    assert pruned.metrics["val_perplexity"] < 256 / 2
+    served = Path(client.download_artifacts(quantized.run_id, "model", str(tmp_path / "quantized")))
+    assert (served / "quantized.pt").is_file()
+    assert yaml.safe_load((served / "quantization.yaml").read_text())["method"] == "int8_weight_only"
+    assert quantized.metrics["size_bytes_quantized"] < 0.6 * quantized.metrics["size_bytes_fp32"]
+    assert quantized.metrics["latency_ms_quantized_1thread"] > 0
+    assert quantized.metrics["val_perplexity"] == pytest.approx(pruned.metrics["val_perplexity"], rel=0.05)
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        int8, fp32 = load_exported(served)(tokens), load_exported(served, quantized=False)(tokens)
+    assert not torch.equal(int8, fp32) and (int8 - fp32).abs().max() < 0.1 * fp32.abs().max()

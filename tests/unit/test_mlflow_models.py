@@ -143,7 +143,7 @@ def test_a_quantized_model_goes_out_as_its_fp32_weights_marked_in_the_metadata(t
     target = save_mlflow_model(folder, input_example(DIGITS))
     assert not (target / "stale").exists()
     metadata = yaml.safe_load((target / "MLmodel").read_text())["metadata"]
-    assert metadata["orch_quantization"]["method"] == "dynamic_int8" and "fp32" in metadata["orch_quantization"]["note"]
+    assert metadata["orch_quantization"]["method"] == "int8_dynamic" and "fp32" in metadata["orch_quantization"]["note"]
 
 
 # --- the Model Registry --------------------------------------------------------------------------------------------
