@@ -10,6 +10,7 @@ from orchestrator.compress.distill import (
     StudentWithProjection,
     freeze_teacher,
     kd_loss,
+    transfer_kd_loss,
 )
 from orchestrator.compress.fixed_masks import FixedMasks
 from orchestrator.compress.mask_enforcer import MaskEnforcer
@@ -51,4 +52,5 @@ __all__ = [
     "realized_sparsity",
     "serialized_size_bytes",
     "sparsity_table",
+    "transfer_kd_loss",
 ]
