@@ -510,6 +510,15 @@ def validate_transfer_data(
     same input shape for classifiers, same vocabulary and block length for language models."""
     key = "recipe.distill.transfer_data"
     task = data.get("task")
+    same_source = transfer.get("_target_") == data.get("_target_") and transfer.get("path") == data.get("path")
+    split = ("split_seed", "val_fraction", "num_samples")
+    if same_source and any(transfer.get(k) != data.get(k) for k in split):
+        differ = ", ".join(f"{k} {transfer.get(k)} vs {data.get(k)}" for k in split if transfer.get(k) != data.get(k))
+        raise ConfigError(
+            key, option,
+            f"the stage's own dataset split another way ({differ}) would put validation inputs in the transfer set; "
+            f"use {ALL_INPUTS}, which keeps the stage's split",
+        )
     if transfer.get("task") != task:
         raise ConfigError(key, option, f"is a {transfer.get('task')} dataset but the stage's data is {task}; the transfer set must be the same kind")
     if task == "classification":

@@ -90,6 +90,7 @@ PLAN_ROWS = [
     (["recipe=distill", f"recipe.distill.teacher={RUN_ID}", "recipe.distill.temperature=0"], "recipe.distill.temperature=0"),
     (["recipe=distill", f"recipe.distill.teacher={RUN_ID}", "recipe.distill.transfer_data=nope"], "recipe.distill.transfer_data='nope'"),
     (["recipe=distill", f"recipe.distill.teacher={RUN_ID}", "recipe.distill.transfer_data=synthetic"], "recipe.distill.transfer_data='synthetic'"),
+    (["recipe=distill", f"recipe.distill.teacher={RUN_ID}", "data.split_seed=3", "recipe.distill.transfer_data=digits"], "recipe.distill.transfer_data='digits'"),
     (["recipe=distill", f"recipe.distill.teacher={RUN_ID}", *GPT, "recipe.distill.transfer_data=digits"], "recipe.distill.transfer_data='digits'"),
     (["recipe=distill", f"recipe.distill.teacher={RUN_ID}", *GPT, "data.vocab_size=300", "recipe.distill.transfer_data=text"], "recipe.distill.transfer_data='text'"),
     (["recipe=distill", f"recipe.distill.teacher={RUN_ID}", *GPT, "data.block_size=32", "recipe.distill.transfer_data=text"], "recipe.distill.transfer_data='text'"),

@@ -68,3 +68,18 @@ def test_auto_precision_resolves_to_bf16_and_default_run_names_are_unique(tmp_pa
     assert first.run_name != second.run_name
     assert first.tracking.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert first.tracking.artifact_location == (tmp_path / "mlartifacts").as_uri()
+
+
+def test_a_transfer_set_is_resolved_into_the_stage_config_the_workers_instantiate(tmp_path):
+    """recipe.distill.transfer_data -> recipe.distill.transfer: all_inputs lifts the label limit of the stage's own
+    data; a data option is composed as `data=<option>` would be; none leaves it empty."""
+    teacher = ["recipe=distill", "recipe.distill.teacher=0123456789abcdef0123456789abcdef", "data.limit_train=300"]
+
+    def distill_settings(*overrides: str) -> dict:
+        return build_plan(compose([*teacher, *overrides]), cwd=tmp_path).stages[0].config["recipe"]["distill"]
+
+    all_inputs = distill_settings("recipe.distill.transfer_data=all_inputs")["transfer"]
+    assert all_inputs["_target_"].endswith("load_digits_splits") and all_inputs["limit_train"] is None
+    option = distill_settings("recipe.distill.transfer_data=digits")["transfer"]
+    assert option["limit_train"] is None and option["split_seed"] == 0  # the option as shipped
+    assert distill_settings()["transfer"] is None
