@@ -9,6 +9,7 @@ runs the same steps through Ray Train + DeepSpeed.
     python benchmarks/compression_quality.py            # full: 3 seeds, sparsity 0.80-0.98, both KD regimes
     python benchmarks/compression_quality.py --quick    # 1 seed, 3 sparsities, shorter training (a smoke run)
     python benchmarks/compression_quality.py --seeds 0 1 2 3 4 --sparsities 0.9 0.95
+    python benchmarks/compression_quality.py --study transfer   # KD with a transfer set: a 16-unit student, 300 labels
 
 Seed s means: digits split with split_seed=s (validation set and the 300-example labelled subset) and torch seed s.
 Outputs: benchmarks/results/compression_quality.{json,md}, pruning_curve.png, and one MLflow run (experiment
@@ -35,6 +36,7 @@ from orchestrator.compress import (
     GradualPruning,
     kd_loss,
     prunable_parameters,
+    transfer_kd_loss,
     prune_structured,
     quantize_dynamic_int8,
     realized_sparsity,
@@ -78,23 +80,35 @@ def train(
     weight_decay: float = 0.0,
     loss_fn: Optional[Callable[[Tensor, Tensor, Tensor], Tensor]] = None,
     hook_factory: Optional[Callable[[torch.optim.Optimizer], object]] = None,
+    transfer_inputs: Optional[Tensor] = None,
 ) -> nn.Module:
     """AdamW + cosine decay on shuffled batches of 64; `loss_fn(logits, inputs, targets)` defaults to cross-entropy.
-    `hook_factory(optimizer)` builds a pruning hook after the optimizer exists (it zeroes its state too)."""
+    `hook_factory(optimizer)` builds a pruning hook after the optimizer exists (it zeroes its state too).
+    `transfer_inputs`: a second stream of 64 of them per step (its own order, as recipe=distill's transfer set), run
+    through the model with the labelled batch; `loss_fn(logits, inputs, targets, transfer_logits, transfer_batch)`."""
     inputs, targets = data.tensors
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     hook = hook_factory(optimizer) if hook_factory else None
     generator = torch.Generator().manual_seed(seed)
+    transfer_generator = torch.Generator().manual_seed(seed + 1)
     order: list[int] = []
+    transfer_order: list[int] = []
     model.train()
     for step in range(1, steps + 1):
         if len(order) < BATCH:
             order += torch.randperm(len(targets), generator=generator).tolist()
         batch, order = order[:BATCH], order[BATCH:]
         x, y = inputs[batch], targets[batch]
-        logits = model(x)
-        loss = loss_fn(logits, x, y) if loss_fn else nn.functional.cross_entropy(logits, y)
+        if transfer_inputs is not None and loss_fn is not None:
+            if len(transfer_order) < BATCH:
+                transfer_order += torch.randperm(len(transfer_inputs), generator=transfer_generator).tolist()
+            transfer_batch, transfer_order = transfer_inputs[transfer_order[:BATCH]], transfer_order[BATCH:]
+            both = model(torch.cat([x, transfer_batch]))  # one forward, as the recipe does
+            loss = loss_fn(both[:BATCH], x, y, both[BATCH:], transfer_batch)
+        else:
+            logits = model(x)
+            loss = loss_fn(logits, x, y) if loss_fn else nn.functional.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -158,6 +172,79 @@ def distillation(seed: int, teacher: MLP, labelled: TensorDataset, data, budget:
     return {"teacher": t, "alone": a, "distilled": d, "gap_closed": (d - a) / (t - a) if t != a else float("nan")}
 
 
+# --study transfer --recipe-defaults: the shipped recipes' settings (conf/model/mlp.yaml, conf/trainer/default.yaml:
+# 300 steps, AdamW lr 3e-3, no weight decay, 2 workers x 32 = batch 64) for the teacher and the student
+RECIPE_TEACHER = dict(hidden_sizes=[128, 128], lr=3e-3, weight_decay=0.0)
+RECIPE_STEPS = 300
+
+
+def transfer_distillation(seed: int, teacher: MLP, labelled: TensorDataset, data, budget: Budget,
+                          hidden_sizes: Sequence[int], student_settings: Optional[dict] = None) -> dict:
+    """A small student with few labels: alone, KD on the labelled examples only, and KD with a transfer set (every
+    training input, labels ignored: recipe.distill.transfer_data=all_inputs), soft term on it, hard on the labels."""
+    student = dict(student_settings or STUDENT, hidden_sizes=list(hidden_sizes))
+    alone = train(make_mlp(student["hidden_sizes"], seed), labelled, budget.student_steps, student["lr"], seed,
+                  student["weight_decay"])
+
+    def kd(logits: Tensor, inputs: Tensor, targets: Tensor) -> Tensor:
+        with torch.no_grad():
+            teacher_logits = teacher(inputs)
+        return kd_loss(logits, teacher_logits, targets, KD["temperature"], KD["alpha"])
+
+    def kd_transfer(logits: Tensor, inputs: Tensor, targets: Tensor, transfer_logits: Tensor, transfer: Tensor) -> Tensor:
+        with torch.no_grad():
+            teacher_logits = teacher(transfer)
+        return transfer_kd_loss(transfer_logits, teacher_logits, logits, targets, KD["temperature"], KD["alpha"])
+
+    on_labels = train(make_mlp(student["hidden_sizes"], seed), labelled, budget.student_steps, student["lr"], seed,
+                      student["weight_decay"], loss_fn=kd)
+    with_transfer = train(make_mlp(student["hidden_sizes"], seed), labelled, budget.student_steps, student["lr"], seed,
+                          student["weight_decay"], loss_fn=kd_transfer, transfer_inputs=data.train.tensors[0])
+    return {"teacher": accuracy(teacher, data.val), "alone": accuracy(alone, data.val),
+            "kd_labels_only": accuracy(on_labels, data.val), "kd_transfer_set": accuracy(with_transfer, data.val)}
+
+
+def run_transfer_study(args, budget: Budget) -> None:
+    """--study transfer: per seed a teacher on all labels, then the three students; means and ratios to 'alone'."""
+    started = time.perf_counter()
+    teacher_settings, student_settings = (RECIPE_TEACHER, dict(RECIPE_TEACHER)) if args.recipe_defaults else (TEACHER, STUDENT)
+    if args.recipe_defaults:
+        budget = Budget(teacher_steps=RECIPE_STEPS, student_steps=RECIPE_STEPS)
+    per_seed = {}
+    for seed in args.seeds:
+        data = load_digits_splits(split_seed=seed)
+        labelled = load_digits_splits(split_seed=seed, limit_train=args.labelled).train
+        teacher = train(make_mlp(teacher_settings["hidden_sizes"], seed), data.train, budget.teacher_steps,
+                        teacher_settings["lr"], seed, teacher_settings["weight_decay"])
+        per_seed[seed] = transfer_distillation(seed, teacher, labelled, data, budget, args.student_hidden, student_settings)
+        print(f"seed {seed}: {per_seed[seed]}", flush=True)
+    columns = ("teacher", "alone", "kd_labels_only", "kd_transfer_set")
+    rows = [{"seed": seed, **{c: f"{r[c]:.4f}" for c in columns}} for seed, r in per_seed.items()]
+    means = {c: statistics.fmean(r[c] for r in per_seed.values()) for c in columns}
+    rows.append({"seed": "mean", **{c: f"{means[c]:.4f}" for c in columns}})
+    wins = sum(r["kd_transfer_set"] > r["alone"] for r in per_seed.values())
+    summary = "\n".join([
+        f"# KD with a transfer set on digits ({len(per_seed)} seeds; {time.perf_counter() - started:.0f} s)", "",
+        f"Student MLP 64-{'-'.join(map(str, args.student_hidden))}-10 on {args.labelled} labelled examples, "
+        f"{budget.student_steps} steps of batch 64 (+64 transfer inputs), lr {student_settings['lr']}, weight decay "
+        f"{student_settings['weight_decay']}; teacher 64-{'-'.join(map(str, teacher_settings['hidden_sizes']))}-10 on "
+        f"all labels, {budget.teacher_steps} steps; T={KD['temperature']}, alpha={KD['alpha']}. Transfer set: every "
+        "training input (labels ignored).", "",
+        markdown_table(rows),
+        f"ratio to the student alone: KD on labels only {means['kd_labels_only'] / means['alone']:.4f}, KD with the "
+        f"transfer set {means['kd_transfer_set'] / means['alone']:.4f}; the transfer set beats the student alone on "
+        f"{wins} of {len(per_seed)} seeds", "",
+    ])
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = "compression_transfer_recipe_defaults" if args.recipe_defaults else "compression_transfer"
+    stem += f"_T{KD['temperature']:g}_a{KD['alpha']:g}"
+    (args.out / f"{stem}.json").write_text(json.dumps(
+        {"budget": vars(budget), "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+         "seeds": per_seed, "means": means}, indent=2))
+    (args.out / f"{stem}.md").write_text(summary)
+    print(summary)
+
+
 def structured(seed: int, teacher: MLP, data, ratios: Sequence[float], budget: Budget) -> list[dict]:
     """Whole neurons removed (a smaller dense model), then fine-tuned; measured like the pipeline report."""
     example = data.train.tensors[0][:2]
@@ -200,6 +287,13 @@ def main() -> None:
     parser.add_argument("--tracking-uri", default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--from-json", type=Path, default=None, help="re-render summary, plot and MLflow run only")
+    parser.add_argument("--study", choices=["all", "transfer"], default="all",
+                        help="transfer: only KD with a transfer set vs the student alone (--student-hidden, --labelled)")
+    parser.add_argument("--student-hidden", type=int, nargs="+", default=[16], help="--study transfer: student widths")
+    parser.add_argument("--temperature", type=float, default=KD["temperature"], help="KD temperature (all studies)")
+    parser.add_argument("--alpha", type=float, default=KD["alpha"], help="KD weight of the soft term (all studies)")
+    parser.add_argument("--recipe-defaults", action="store_true",
+                        help="--study transfer with the shipped recipes' settings (300 steps, lr 3e-3, teacher 128-128)")
     args = parser.parse_args()
     if args.from_json:
         results = json.loads(args.from_json.read_text())
@@ -213,6 +307,10 @@ def main() -> None:
         args.seeds, args.sparsities, args.scopes = args.seeds[:1], [0.8, 0.9, 0.95], args.scopes[:1]
         budget = Budget(teacher_steps=500, prune_steps=500, student_steps=800, structured_steps=300)
     torch.set_num_threads(args.threads)
+    KD.update(temperature=args.temperature, alpha=args.alpha)
+    if args.study == "transfer":
+        run_transfer_study(args, budget)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 

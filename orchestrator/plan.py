@@ -18,7 +18,7 @@ from typing import Any, Mapping, Optional, Sequence
 import yaml
 from omegaconf import OmegaConf
 
-from orchestrator.config import Composed, validate
+from orchestrator.config import Composed, ConfigSource, config_groups, validate
 from orchestrator.config.reads import recipe_inputs, recipe_reads
 from orchestrator.config.trust import checked_model_config, trusted_model_targets
 from orchestrator.config.validate import ConfigError
@@ -271,6 +271,32 @@ def resolved_container(composed: Composed, paths_here: bool = True) -> dict[str,
     return container
 
 
+def resolve_transfer_data(container: dict[str, Any], source: ConfigSource) -> None:
+    """recipe.distill.transfer_data (a data option or all_inputs) -> recipe.distill.transfer, the transfer set's data
+    config the workers instantiate; checked against the student before Ray starts."""
+    distill = container["recipe"].get("distill")
+    if distill is None:
+        return
+    option = distill.get("transfer_data")
+    if option is None:
+        distill["transfer"] = None
+        return
+    if option == validate.ALL_INPUTS:
+        transfer = validate.transfer_data_config(container["data"])
+    else:
+        options = config_groups(source).get("data", [])
+        if option not in options:
+            raise ConfigError(
+                "recipe.distill.transfer_data", option,
+                f"expected {validate.ALL_INPUTS} (the stage's own training inputs) or a data option: {', '.join(options)}",
+            )
+        composed = source.compose([f"data={option}"])
+        transfer = OmegaConf.to_container(composed.cfg.data, resolve=True, throw_on_missing=True, enum_to_str=True)
+        assert isinstance(transfer, dict)
+    validate.validate_transfer_data(option, transfer, container["data"], container["model"])
+    distill["transfer"] = transfer
+
+
 def build_plan(composed: Composed, cwd: Optional[Path] = None, paths_here: bool = True) -> Plan:
     """Validate one composed config and turn it into the Plan of its single stage. Raises ConfigError naming the key
     on any user error. A config with a pipeline is planned by `orchestrator.pipeline.plan.build_pipeline_plan`.
@@ -293,6 +319,7 @@ def build_plan(composed: Composed, cwd: Optional[Path] = None, paths_here: bool 
                 validate.validate_teacher_matches_student("recipe.distill.teacher", model, container["model"])
             elif role == "input" and model:
                 container["model"] = model  # the input defines the architecture the stage starts from
+    resolve_transfer_data(container, ConfigSource.for_directory(cwd))
 
     run_name, storage_path, resuming = run_identity(container, container["recipe"]["name"], cwd, paths_here)
     container["trainer"]["storage_path"] = storage_path

@@ -7,7 +7,9 @@
            match the teacher's hidden state; DeepSpeed engine on the student only; optional pruning hook
   fit      the train recipe's loop with the KD objective:
            alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, labels) [+ w * feature MSE],
-           token-level for language models (`orchestrator.compress.kd_loss`)
+           token-level for language models (`orchestrator.compress.kd_loss`); with a transfer set
+           (recipe.distill.transfer_data) the KL term runs on a batch of its inputs and the CE term on the labelled
+           batch, both through one student forward (`orchestrator.compress.transfer_kd_loss`)
 
 ZeRO and precision: any ZeRO stage (0-3) and precision for the student; the teacher's forward is fp32 under
 torch.no_grad and the logits are compared in fp32. Only the student's weights are exported.
@@ -15,7 +17,7 @@ torch.no_grad and the logits are compared in fp32. Only the student's weights ar
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from hydra.utils import instantiate
@@ -29,6 +31,7 @@ from orchestrator.compress import (
     StudentWithProjection,
     freeze_teacher,
     kd_loss,
+    transfer_kd_loss,
 )
 from orchestrator.config.trust import trusted_model_targets
 from orchestrator.train.compression import pruning_hook
@@ -42,6 +45,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     settings, sources = recipe["distill"], loop_config["sources"]
     start_worker(loop_config)
     data = instantiate(cfg["data"])
+    # the transfer set's labels, if it has any, are never read: the teacher labels its inputs
+    transfer = instantiate(settings["transfer"]).train if settings.get("transfer") else None
     trusted = trusted_model_targets(cfg)
     teacher, _ = load_model(sources["teacher"], trusted)
     freeze_teacher(teacher)
@@ -63,11 +68,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         spec["state_prefix"] = StudentWithProjection.STATE_PREFIX
     engine = build_engine(model, loop_config["deepspeed"], trainer["optimizer"], loop_config["precision_auto"])
 
-    def objective(inputs: Tensor, targets: Tensor) -> Tensor:
-        with torch.no_grad():
-            teacher_logits = teacher(inputs)  # fp32 inputs, before the student's cast to its precision
-        logits, labels = engine(to_engine(engine, inputs)), to_engine(engine, targets)
-        loss = kd_loss(logits, teacher_logits, labels, settings["temperature"], settings["alpha"])
+    def objective(inputs: Tensor, targets: Tensor, transfer_inputs: Optional[Tensor] = None) -> Tensor:
+        if transfer_inputs is None:
+            with torch.no_grad():
+                teacher_logits = teacher(inputs)  # fp32 inputs, before the student's cast to its precision
+            logits, labels = engine(to_engine(engine, inputs)), to_engine(engine, targets)
+            loss = kd_loss(logits, teacher_logits, labels, settings["temperature"], settings["alpha"])
+        else:
+            # one student forward over labelled + transfer inputs; the teacher sees the transfer part (all of it
+            # when hidden states are matched, so that both hidden states cover the same examples)
+            labelled = inputs.shape[0]
+            both = torch.cat([inputs, transfer_inputs])
+            with torch.no_grad():
+                teacher_logits = teacher(both if settings["feature_weight"] > 0 else transfer_inputs)
+            logits = engine(to_engine(engine, both))
+            loss = transfer_kd_loss(
+                logits[labelled:], teacher_logits[-transfer_inputs.shape[0]:], logits[:labelled],
+                to_engine(engine, targets), settings["temperature"], settings["alpha"],
+            )
         if settings["feature_weight"] > 0:
             feature_loss = engine.module.features(student_hidden.value, teacher_hidden.value)
             loss = loss + settings["feature_weight"] * feature_loss
@@ -75,7 +93,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     hook = pruning_hook(student, recipe["pruning"], trainer["max_steps"], engine.optimizer)
     hooks = {"sparsity": hook} if hook else {}
-    fit(engine, data, loop_config, objective=objective, hooks=hooks, model_spec=spec)
+    fit(engine, data, loop_config, objective=objective, hooks=hooks, model_spec=spec, unlabelled=transfer)
 
 
 def _output_layer(model: torch.nn.Module) -> str:

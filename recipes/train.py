@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from hydra.utils import instantiate
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from orchestrator import timeline
 from orchestrator.compress import StepEndHook
@@ -43,7 +44,8 @@ from orchestrator.train.steps import (
 )
 from orchestrator.train.worker_metrics import WorkerMetrics
 
-Objective = Callable[[Tensor, Tensor], Tensor]  # (inputs, targets) as the data loader yields them -> scalar loss
+# (inputs, targets) as the data loader yields them [, a batch of unlabelled inputs when fit has `unlabelled`] -> loss
+Objective = Callable[..., Tensor]
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -65,9 +67,12 @@ def fit(
     objective: Optional[Objective] = None,
     hooks: Optional[Mapping[str, StepEndHook]] = None,
     model_spec: Optional[dict[str, Any]] = None,
+    unlabelled: Optional[Dataset] = None,
 ) -> None:
     """Train `engine` to trainer.max_steps. `hooks` run after every optimizer step and are checkpointed; a value a
-    hook returns is logged under its name. `model_spec` (default: the config's model) is stored in checkpoints."""
+    hook returns is logged under its name. `model_spec` (default: the config's model) is stored in checkpoints.
+    `unlabelled`: a second training set (a distillation transfer set) whose inputs reach the objective as a third
+    argument, batch for batch with the labelled stream, sharded and resumed the same way."""
     cfg, trainer = loop_config["config"], loop_config["config"]["trainer"]
     rank, world_size = dist.get_rank(), dist.get_world_size()
     hooks = dict(hooks or {})
@@ -88,6 +93,10 @@ def fit(
     grad_accum, max_steps = trainer["grad_accum_steps"], trainer["max_steps"]
     batches = training_batches(data.train, trainer["micro_batch_size"], rank, world_size, trainer["seed"], grad_accum)
     stream = batches.iterate_from(step * grad_accum)  # the exact data position of the restored step, on any world size
+    side = None
+    if unlabelled is not None:  # its own order (seed + 1), its position also recomputed from the step
+        side = training_batches(unlabelled, trainer["micro_batch_size"], rank, world_size, trainer["seed"] + 1, grad_accum)
+        side = side.iterate_from(step * grad_accum)
     throughput = Throughput(trainer["micro_batch_size"] * grad_accum * world_size, start_step=step)
     metrics = WorkerMetrics(loop_config, rank=rank, resumed_at=step if restored else None)
     metrics.set_tag("orch.precision", engine_precision(engine))  # what precision=auto became on this device
@@ -107,7 +116,7 @@ def fit(
         step_loss = torch.zeros((), dtype=torch.float64)
         for _ in range(grad_accum):
             inputs, targets = next(stream)
-            loss = objective(inputs, targets)
+            loss = objective(inputs, targets) if side is None else objective(inputs, targets, next(side)[0])
             engine.backward(loss)
             engine.step()
             step_loss += loss.detach().double().cpu()

@@ -11,6 +11,7 @@ from orchestrator.compress.distill import (
     StudentWithProjection,
     freeze_teacher,
     kd_loss,
+    transfer_kd_loss,
 )
 from orchestrator.compress.fixed_masks import FixedMasks
 from orchestrator.compress.mask_enforcer import MaskEnforcer
@@ -70,4 +71,5 @@ __all__ = [
     "sparsity_table",
     "wanda_scores",
     "weight_input_dims",
+    "transfer_kd_loss",
 ]

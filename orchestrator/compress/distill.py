@@ -6,6 +6,8 @@ Use::
     with torch.no_grad():
         t_logits = teacher(x)
     loss = kd_loss(student(x), t_logits, labels, temperature=2.0, alpha=0.5)
+    # with a transfer set (unlabelled inputs u): soft term on u, hard term on the labelled x
+    loss = transfer_kd_loss(student(u), teacher(u), student(x), labels, temperature=2.0, alpha=0.5)
 
 For hidden-state matching add ``FeatureDistillation(student_dim, teacher_dim)`` and register it as a submodule of
 the student wrapper (it has a trainable projection when widths differ, so the optimizer must see it).
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["FeatureDistillation", "HiddenState", "StudentWithProjection", "freeze_teacher", "kd_loss"]
+__all__ = ["FeatureDistillation", "HiddenState", "StudentWithProjection", "freeze_teacher", "kd_loss", "transfer_kd_loss"]
 
 
 def kd_loss(
@@ -84,6 +86,33 @@ def kd_loss(
     if labels is None or alpha == 1.0:
         return alpha * soft
     hard = F.cross_entropy(student, flat_labels[keep])
+    return alpha * soft + (1.0 - alpha) * hard
+
+
+def transfer_kd_loss(
+    transfer_student_logits: Tensor,
+    transfer_teacher_logits: Tensor,
+    student_logits: Tensor,
+    labels: Tensor,
+    temperature: float,
+    alpha: float,
+    ignore_index: int = -100,
+) -> Tensor:
+    """alpha * T^2 * KL on the transfer set + (1 - alpha) * CE on the labelled batch (Hinton et al.'s transfer set).
+
+    With few labels, matching the teacher only where labels exist gives the student little to learn from: the
+    teacher's soft predictions on many unlabelled inputs carry what the labels cannot. The two batches may differ
+    in size; each term is averaged over its own kept positions.
+    """
+    soft = kd_loss(transfer_student_logits, transfer_teacher_logits, None, temperature, 1.0)
+    if alpha == 1.0:
+        return soft
+    num_classes = student_logits.shape[-1]
+    flat_labels = labels.reshape(-1)
+    keep = flat_labels != ignore_index
+    if not bool(keep.any()):
+        return alpha * soft + student_logits.sum() * 0.0
+    hard = F.cross_entropy(student_logits.reshape(-1, num_classes).float()[keep], flat_labels[keep])
     return alpha * soft + (1.0 - alpha) * hard
 
 

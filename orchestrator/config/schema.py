@@ -233,6 +233,12 @@ class DistillConfig:
     alpha: float = 0.9  # weight of the soft (teacher) term; 1 - alpha weighs the hard labels
     feature_weight: float = 0.0  # > 0 adds feature distillation (MSE of hidden states) with this weight
     feature_layer: Optional[str] = None  # hidden state = the input of this module in both models; null = the head
+    # Hinton's transfer set: inputs the teacher labels, on which the soft term runs (the hard term stays on the
+    # labelled data): a data option (conf/data/) or "all_inputs" (every training input of the stage's data, labels
+    # ignored, e.g. digits beyond data.limit_train); null = both terms on the labelled batches
+    transfer_data: Optional[str] = None
+    # the transfer set's data config, filled in by orch when it plans the stage (from transfer_data); not set by hand
+    transfer: Optional[Dict[str, Any]] = None
 
 
 @dataclass
@@ -309,12 +315,41 @@ class PipelineStageConfig:
 
 
 @dataclass
+class QualityGate:
+    """The final model's quality may fall at most `max_drop` below stage `vs`'s (both measured by the report)."""
+
+    vs: Optional[str] = None  # a stage of this pipeline; null = the first stage
+    metric: str = "val_accuracy"  # val_accuracy (higher is better) or, for language models, val_perplexity (lower)
+    max_drop: Optional[float] = None  # 0.02 = 2 accuracy points; perplexity: the allowed increase; null = no gate
+
+
+@dataclass
+class RatioGate:
+    """Stage `vs`'s size (or latency) divided by the final model's must be at least `min` (4.0: four times smaller)."""
+
+    vs: Optional[str] = None  # a stage of this pipeline; null = the first stage
+    min: Optional[float] = None  # null = no gate
+
+
+@dataclass
+class PromoteConfig:
+    """Register the final stage's model and move `alias` to it only if every gate passes (orchestrator.pipeline.promote)."""
+
+    register_as: Optional[str] = None  # registered model name in MLflow's Model Registry; null = no promotion gate
+    alias: str = "champion"  # moved to the new version when every gate passes; left where it was otherwise
+    max_quality_drop: QualityGate = field(default_factory=QualityGate)
+    min_size_ratio: RatioGate = field(default_factory=RatioGate)  # on the report's size (state dict as shipped)
+    min_latency_ratio: RatioGate = field(default_factory=RatioGate)  # on the report's one-thread CPU batch latency
+
+
+@dataclass
 class PipelineConfig:
     name: str = MISSING
     overrides: List[str] = field(default_factory=list)  # Hydra overrides every stage starts from
     stages: List[PipelineStageConfig] = MISSING
     cache: bool = True  # reuse a finished stage whose config and inputs are unchanged
     report_batch_size: int = 256  # batch of the CPU latency measurement in the compression report
+    promote: PromoteConfig = field(default_factory=PromoteConfig)  # a promotion gate for the final model
 
 
 class SearchAlgorithm(str, Enum):

@@ -313,11 +313,16 @@ def validate_registration(cfg: Mapping[str, Any]) -> None:
     name, alias = tracking.get("register_as"), tracking.get("alias")
     if name is None:
         return
+    validate_registered_name("tracking.register_as", name, "tracking.alias", alias)
+
+
+def validate_registered_name(name_key: str, name: Any, alias_key: str, alias: Optional[str]) -> None:
+    """A registered model's name and alias as MLflow will accept them (tracking.*, pipeline.promote.*)."""
     if not str(name).strip() or any(c in str(name) for c in "/:"):
-        raise ConfigError("tracking.register_as", name, "expected a registered model name without '/' or ':'")
+        raise ConfigError(name_key, name, "expected a registered model name without '/' or ':'")
     if alias and (not ALIAS.fullmatch(alias) or alias.lower() == "latest" or re.fullmatch(r"[vV]\d+", alias)):
         raise ConfigError(
-            "tracking.alias", alias,
+            alias_key, alias,
             "expected letters, digits, '_' and '-' (MLflow reserves 'latest', which models:/NAME/latest already "
             "means, and v<N>); or '' for no alias",
         )
@@ -665,3 +670,51 @@ def validate_teacher_matches_student(key: str, teacher_model: Mapping[str, Any],
             f"the teacher's output has {teacher} classes/tokens but the student's has {student}; distillation "
             "matches the two output distributions, so both must predict the same label set",
         )
+
+
+ALL_INPUTS = "all_inputs"  # recipe.distill.transfer_data: every training input of the stage's own data
+
+
+def transfer_data_config(data: Mapping[str, Any]) -> dict[str, Any]:
+    """`all_inputs`: the stage's data config with its label limit lifted, so the transfer set is every training
+    input (the validation split stays out: the same split seed keeps it apart)."""
+    transfer = dict(data)
+    if "limit_train" in transfer:
+        transfer["limit_train"] = None
+    return transfer
+
+
+def validate_transfer_data(
+    option: str, transfer: Mapping[str, Any], data: Mapping[str, Any], model: Mapping[str, Any]
+) -> None:
+    """A transfer set's inputs go through the student (stacked with the labelled batch) and the teacher: same task,
+    same input shape for classifiers, same vocabulary and block length for language models."""
+    key = "recipe.distill.transfer_data"
+    task = data.get("task")
+    same_source = transfer.get("_target_") == data.get("_target_") and transfer.get("path") == data.get("path")
+    split = ("split_seed", "val_fraction", "num_samples")
+    if same_source and any(transfer.get(k) != data.get(k) for k in split):
+        differ = ", ".join(f"{k} {transfer.get(k)} vs {data.get(k)}" for k in split if transfer.get(k) != data.get(k))
+        raise ConfigError(
+            key, option,
+            f"the stage's own dataset split another way ({differ}) would put validation inputs in the transfer set; "
+            f"use {ALL_INPUTS}, which keeps the stage's split",
+        )
+    if transfer.get("task") != task:
+        raise ConfigError(key, option, f"is a {transfer.get('task')} dataset but the stage's data is {task}; the transfer set must be the same kind")
+    if task == "classification":
+        expected = list(model.get("input_shape") or data.get("input_shape") or [])
+        got = list(transfer.get("input_shape") or [])
+        if got != expected:
+            raise ConfigError(key, option, f"its inputs have shape {got} but the student's have {expected}; expected a data option with the student's input shape, or {ALL_INPUTS}")
+        return
+    vocab = output_size(model) or data.get("vocab_size")
+    if transfer.get("vocab_size") != vocab or transfer.get("tokenizer") != data.get("tokenizer"):
+        raise ConfigError(
+            key, option,
+            f"its vocabulary (vocab_size={transfer.get('vocab_size')}, tokenizer={transfer.get('tokenizer')}) differs "
+            f"from the student's (vocab_size={vocab}, tokenizer={data.get('tokenizer')}); teacher and student must "
+            "read the same tokens",
+        )
+    if transfer.get("block_size") != data.get("block_size"):
+        raise ConfigError(key, option, f"its blocks have {transfer.get('block_size')} tokens but the stage's data has {data.get('block_size')}; expected the same data.block_size")

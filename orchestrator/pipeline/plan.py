@@ -19,7 +19,17 @@ from omegaconf import OmegaConf
 from orchestrator.config import Composed, ConfigSource, config_groups, validate
 from orchestrator.config.reads import recipe_reads, set_recipe_value
 from orchestrator.config.validate import ConfigError
-from orchestrator.plan import Plan, StagePlan, build_plan, plan_stage, resolve_tracking, run_identity, stage_key
+from orchestrator.pipeline.promote import validate_promote
+from orchestrator.plan import (
+    Plan,
+    StagePlan,
+    build_plan,
+    plan_stage,
+    resolve_tracking,
+    resolve_transfer_data,
+    run_identity,
+    stage_key,
+)
 
 # Command-line overrides that choose or name the pipeline itself, not the stages' configs.
 _PIPELINE_LEVEL = ("recipe", "pipeline", "name", "resume", "hydra")
@@ -181,7 +191,7 @@ def build_pipeline_plan(
     planned: dict[str, StagePlan] = {}
     for name in order:
         try:
-            stage_plan = _plan_one(stages[name], composed_stages[name], references[name], planned, container, paths_here)
+            stage_plan = _plan_one(stages[name], composed_stages[name], references[name], planned, container, source, paths_here)
         except ConfigError as error:
             raise _stage_error(name, error) from error
         stage_plan.storage_path = str(Path(storage_root) / run_name)
@@ -190,6 +200,8 @@ def build_pipeline_plan(
         stage_plan.config["trainer"]["storage_path"] = stage_plan.storage_path
         stage_plan.config["name"] = stage_plan.run_name
         planned[name] = stage_plan
+    tasks = {name: planned[name].config["data"]["task"] for name in order}
+    validate_promote(pipeline.get("promote"), tasks, container["tracking"])
     return PipelinePlan(
         run_name=run_name,
         resuming=resuming,
@@ -209,6 +221,7 @@ def _plan_one(
     references: Mapping[str, str],
     planned: Mapping[str, StagePlan],
     base: Mapping[str, Any],
+    source: ConfigSource,
     paths_here: bool = True,
 ) -> StagePlan:
     validate.validate_known_keys(composed.cfg)
@@ -226,6 +239,7 @@ def _plan_one(
         # the stage keeps its input's architecture (as configured: a structured-pruning stage upstream makes it
         # smaller at run time, which its export records)
         config["model"] = dict(planned[upstream].config["model"])
+    resolve_transfer_data(config, source)
     teacher = references.get("teacher")
     if teacher in planned:
         validate.validate_teacher_matches_student(

@@ -11,7 +11,9 @@
   report   every stage's model measured on the driver's CPU (`orchestrator.pipeline.report`): printed, and logged
            to the parent run as CSV, markdown and a PNG of accuracy vs size; the final stage against the first as
            the parent's metrics (final_val_accuracy, size_ratio ...), so the runs table compares pipelines
-  register the final stage's model in the Model Registry when tracking.register_as names one
+  register the final stage's model in the Model Registry: with `pipeline.promote`, only if every gate passes
+           (`orchestrator.pipeline.promote`; the decision is recorded on the parent run); else when
+           tracking.register_as names one
 A failure marks the parent FAILED; running the same pipeline again reuses the finished stages and starts at the
 one that failed.
 """
@@ -30,6 +32,7 @@ from orchestrator.config.trust import trusted_model_targets
 from orchestrator.launch.ray_session import RaySession
 from orchestrator.pipeline.lineage import PipelineRun, input_tags
 from orchestrator.pipeline.plan import PipelinePlan
+from orchestrator.pipeline.promote import is_enabled, promote_final
 from orchestrator.pipeline.report import print_report, stage_row, summary_metrics, write_report
 from orchestrator.stage_runner import (
     StageResult,
@@ -89,9 +92,14 @@ def run_pipeline(plan: PipelinePlan, console: Optional[Console] = None, log_file
             lineage.log_report(str(Path(scratch) / "report"))
             lineage.log_summary(summary_metrics(rows))
         print_report(rows, console, title)
-        # --- register: the final stage's model, if tracking.register_as asks ---
+        # --- register: the final stage's model, if its promotion gates pass, or if tracking.register_as asks ---
         final = plan.stages[-1]
-        register_result(results[final.name], final.config["tracking"])
+        promote = plan.config.get("promote")
+        if is_enabled(promote):
+            result = results[final.name]
+            result.registered_model_uri = promote_final(promote, rows, result.tracking_uri, result.run_id, lineage.parent, console)
+        else:
+            register_result(results[final.name], final.config["tracking"])
     return [results[stage.name] for stage in plan.stages]
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from orchestrator.compress import FeatureDistillation, freeze_teacher, kd_loss
+from orchestrator.compress import FeatureDistillation, freeze_teacher, kd_loss, transfer_kd_loss
 
 
 def reference(student, teacher, labels, temperature, alpha):
@@ -102,3 +102,29 @@ def test_freeze_teacher():
     assert freeze_teacher(teacher) is teacher
     assert not teacher.training and not teacher[1].training
     assert all(not p.requires_grad for p in teacher.parameters())
+
+
+def test_transfer_set_loss_is_soft_on_the_transfer_batch_and_hard_on_the_labelled_one():
+    """Hinton's transfer set: the KL term sees only the transfer logits, the cross-entropy only the labelled ones."""
+    torch.manual_seed(0)
+    transfer_student = torch.randn(5, 4, requires_grad=True)
+    transfer_teacher = torch.randn(5, 4)
+    labelled = torch.randn(3, 4, requires_grad=True)
+    labels = torch.tensor([0, 3, 1])
+    loss = transfer_kd_loss(transfer_student, transfer_teacher, labelled, labels, temperature=2.0, alpha=0.7)
+    soft = kd_loss(transfer_student, transfer_teacher, None, 2.0, 1.0)
+    expected = 0.7 * soft + 0.3 * F.cross_entropy(labelled, labels)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    # the labelled logits get only the hard term's gradient: (softmax - onehot) / n, scaled by 1 - alpha
+    hard_grad = (torch.softmax(labelled.detach(), -1) - F.one_hot(labels, 4).float()) / 3
+    torch.testing.assert_close(labelled.grad, 0.3 * hard_grad)
+    # alpha = 1: the labels are not used at all; token-level logits with ignored positions work too
+    only_soft = transfer_kd_loss(transfer_student, transfer_teacher, labelled, labels, 2.0, 1.0)
+    assert only_soft.item() == pytest.approx(soft.item(), rel=1e-6)
+    tokens = torch.randn(2, 3, 7)
+    token_labels = torch.tensor([[1, -100, 2], [-100, -100, 6]])
+    lm = transfer_kd_loss(torch.randn(2, 3, 7), torch.randn(2, 3, 7), tokens, token_labels, 1.0, 0.5)
+    assert torch.isfinite(lm)
+    all_ignored = transfer_kd_loss(tokens, tokens, tokens, torch.full((2, 3), -100), 1.0, 0.5)
+    assert all_ignored.item() == pytest.approx(0.0, abs=1e-6)  # identical soft targets, no labels: nothing to learn

@@ -1,14 +1,16 @@
 """A whole pipeline on real Ray workers, DeepSpeed engines and an MLflow store, on tiny settings.
 
 teacher (train) → pruned (structured 50% of neurons + gradual unstructured 50%, ZeRO-2 bf16) → finetuned (masks
-held) → student (distill with feature matching, ZeRO-1) → quantized (int8). Four fits, made once per module; then
-the same pipeline again (everything reused, no fit), a run that fails at its last stage, and the fixed run, which
-starts at that stage.
+held) → student (distill on 300 labels with a transfer set and feature matching, ZeRO-1) → quantized (int8). Four
+fits, made once per module, whose final model passes a promotion gate; then the same pipeline again (everything
+reused, no fit) under a gate it fails, a run that fails at its last stage, and the fixed run, which starts at that
+stage.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from omegaconf import OmegaConf
 
 from orchestrator.compress import prunable_parameters, realized_sparsity
 from orchestrator.config import compose
-from orchestrator.config.schema import PipelineStageConfig
+from orchestrator.config.schema import PipelineStageConfig, PromoteConfig
 from orchestrator.pipeline import runner as pipeline_runner
 from orchestrator.pipeline.plan import build_pipeline_plan
 from orchestrator.plan import build_plan
@@ -47,14 +49,22 @@ def stages(quantize_skip: str = "[]") -> list[dict]:
         {"name": "student", "kind": "distill", "teacher": "finetuned",
          "overrides": ["model.hidden_sizes=[16]", "recipe.distill.feature_weight=0.1", "recipe.distill.temperature=2",
                        "recipe.distill.alpha=0.5", "trainer.max_steps=100", "trainer.optimizer.lr=1e-2",
-                       "trainer.zero_stage=1"]},
+                       "trainer.zero_stage=1", "data.limit_train=300", "recipe.distill.transfer_data=all_inputs"]},
         {"name": "quantized", "kind": "quantize", "input": "student", "overrides": [f"recipe.skip={quantize_skip}"]},
     ]
 
 
-def run_pipeline(workdir: Path, name: str, quantize_skip: str = "[]"):
+# the quantized student is far smaller than the teacher, and may lose anything but all of its accuracy
+PASSING_GATE = {"register_as": "pipe-e2e", "max_quality_drop": {"vs": "teacher", "max_drop": 1.0},
+                "min_size_ratio": {"vs": "teacher", "min": 1.0}}
+FAILING_GATE = {"register_as": "pipe-e2e", "min_size_ratio": {"vs": "teacher", "min": 1000.0}}
+
+
+def run_pipeline(workdir: Path, name: str, quantize_skip: str = "[]", promote: Optional[dict] = None):
     composed = compose(["recipe=pipeline", f"name={name}", *COMMAND_LINE])
     composed.cfg.pipeline.stages = [OmegaConf.merge(OmegaConf.structured(PipelineStageConfig), s) for s in stages(quantize_skip)]
+    if promote:
+        composed.cfg.pipeline.promote = OmegaConf.merge(OmegaConf.structured(PromoteConfig), promote)
     plan = build_pipeline_plan(composed, COMMAND_LINE, cwd=workdir)
     return plan, pipeline_runner.run_pipeline(plan)
 
@@ -66,12 +76,12 @@ def client(workdir) -> MlflowClient:
 
 @pytest.fixture(scope="module")
 def first(ray_instance, workdir):
-    return run_pipeline(workdir, "pipe-1")
+    return run_pipeline(workdir, "pipe-1", promote=PASSING_GATE)
 
 
 @pytest.fixture(scope="module")
 def second(first, workdir):
-    return run_pipeline(workdir, "pipe-2")
+    return run_pipeline(workdir, "pipe-2", promote=FAILING_GATE)
 
 
 def parent_of(client: MlflowClient, run_name: str):
@@ -162,6 +172,30 @@ def test_distilled_student_and_its_int8_version_predict(first, client, tmp_path)
         accuracy = (student(inputs).argmax(-1) == targets).float().mean().item()
         agreement = (quantized(inputs).argmax(-1) == student(inputs).argmax(-1)).float().mean().item()
     assert accuracy > 0.6 and agreement > 0.95
+
+
+def test_the_student_trained_on_300_labels_with_every_training_input_as_its_transfer_set(first):
+    plan, _ = first
+    student = next(stage for stage in plan.stages if stage.name == "student")
+    assert student.config["data"]["limit_train"] == 300
+    transfer = student.config["recipe"]["distill"]["transfer"]
+    assert transfer["limit_train"] is None and transfer["_target_"] == student.config["data"]["_target_"]
+
+
+def test_the_promotion_gate_registers_a_passing_pipeline_and_refuses_a_failing_one(first, second, client):
+    _, first_results = first
+    assert first_results[-1].registered_model_uri == "models:/pipe-e2e/1"
+    champion = client.get_model_version_by_alias("pipe-e2e", "champion")
+    assert champion.run_id == first_results[-1].run_id
+    assert parent_of(client, "pipe-1").data.tags["orch.promote.status"] == "promoted"
+    # the same models under a size gate they fail: nothing registered, the alias stays, the parent says why
+    plan, second_results = second
+    assert second_results[-1].registered_model_uri is None
+    assert [str(v.version) for v in client.search_model_versions("name='pipe-e2e'")] == ["1"]
+    assert str(client.get_model_version_by_alias("pipe-e2e", "champion").version) == "1"
+    refused = parent_of(client, plan.run_name).data
+    assert refused.tags["orch.promote.status"] == "refused" and refused.tags["orch.promote.failed"] == "min_size_ratio"
+    assert refused.metrics["promote.min_size_ratio.margin"] < 0
 
 
 def test_running_the_same_pipeline_again_reuses_every_finished_stage(first, second, client):

@@ -289,3 +289,69 @@ def test_orch_eval_evaluates_a_folder_and_a_registered_model_on_the_driver(tmp_p
     tags = client.get_run(result["run_id"]).data.tags
     assert tags["orch.input_run_id"] == logged and tags["orch.input_model_uri"] == "models:/digits-mlp/1"
     assert result["metrics"]["val_accuracy"] == pytest.approx(expected["val_accuracy"])
+
+
+# --- a pipeline's promotion gate (pipeline.promote) ----------------------------------------------------------------
+
+GATE = {"register_as": "digits-gate", "alias": "champion",
+        "max_quality_drop": {"vs": "teacher", "metric": "val_accuracy", "max_drop": 0.02},
+        "min_size_ratio": {"vs": None, "min": 4.0}, "min_latency_ratio": {"vs": None, "min": None}}
+REPORT = [{"stage": "teacher", "val_accuracy": 0.97, "size_bytes": 400_000, "latency_ms": 2.0},
+          {"stage": "pruned", "val_accuracy": 0.90, "size_bytes": 400_000, "latency_ms": 2.0},
+          {"stage": "student", "val_accuracy": 0.96, "size_bytes": 50_000, "latency_ms": 0.5}]
+
+
+def test_gates_read_the_report_rows_against_the_named_stage():
+    from orchestrator.pipeline.promote import evaluate_gates
+
+    results = {r.gate: r for r in evaluate_gates({**GATE, "min_latency_ratio": {"vs": "pruned", "min": 5.0}}, REPORT)}
+    drop, size, latency = results["max_quality_drop"], results["min_size_ratio"], results["min_latency_ratio"]
+    assert drop.passed and drop.value == pytest.approx(0.01) and drop.margin == pytest.approx(0.01)
+    assert size.passed and size.vs == "teacher" and size.value == pytest.approx(8.0)  # vs: null = the first stage
+    assert not latency.passed and latency.value == pytest.approx(4.0) and latency.margin == pytest.approx(-1.0)
+    assert "FAILED by 1.0000" in latency.describe()
+    # perplexity: lower is better, so a rise is the drop; gates left at null are not checked
+    lm = [{"stage": "teacher", "val_perplexity": 10.0}, {"stage": "student", "val_perplexity": 10.5}]
+    only_quality = {"max_quality_drop": {"vs": "teacher", "metric": "val_perplexity", "max_drop": 0.4},
+                    "min_size_ratio": {"vs": None, "min": None}, "min_latency_ratio": {"vs": None, "min": None}}
+    [perplexity] = evaluate_gates(only_quality, lm)
+    assert not perplexity.passed and perplexity.value == pytest.approx(0.5)
+
+
+def test_a_promotion_gate_registers_and_moves_the_alias_only_when_every_gate_passes(tmp_path, store):
+    """Against a real sqlite registry: a passing pipeline becomes version 1 under the alias; a failing one registers
+    nothing, the alias stays on version 1, and its parent run says which gate failed and by how much."""
+    from rich.console import Console
+
+    from orchestrator.pipeline.promote import promote_final
+    from orchestrator.track.parent_run import ParentRun
+
+    tracking, stage = store
+    folder = trained_mlp_folder(tmp_path / "model", steps=1)
+    save_mlflow_model(folder, input_example(DIGITS))
+    good_run, bad_run = logged_run(tracking, stage, folder), logged_run(tracking, stage, folder)
+    console = Console(record=True, width=300)
+    client = MlflowClient(tracking.uri)
+
+    good_parent = ParentRun(tracking)
+    good_parent.create("pipe-good", {"orch.recipe": "pipeline"})
+    assert promote_final(GATE, REPORT, tracking.uri, good_run, good_parent, console) == "models:/digits-gate/1"
+    champion = client.get_model_version_by_alias("digits-gate", "champion")
+    assert str(champion.version) == "1" and champion.run_id == good_run
+    tags = client.get_run(good_parent.run_id).data.tags
+    assert tags["orch.promote.status"] == "promoted" and tags["orch.promote.version"] == "models:/digits-gate/1"
+
+    worse = [REPORT[0], REPORT[1], {**REPORT[2], "val_accuracy": 0.92}]  # 5 points below the teacher
+    bad_parent = ParentRun(tracking)
+    bad_parent.create("pipe-bad", {"orch.recipe": "pipeline"})
+    assert promote_final(GATE, worse, tracking.uri, bad_run, bad_parent, console) is None
+    assert [str(v.version) for v in client.search_model_versions("name='digits-gate'")] == ["1"]
+    assert client.get_registered_model("digits-gate").aliases == {"champion": 1}
+    bad = client.get_run(bad_parent.run_id).data
+    assert bad.tags["orch.promote.status"] == "refused" and bad.tags["orch.promote.failed"] == "max_quality_drop"
+    assert "FAILED by 0.0300" in bad.tags["orch.promote.max_quality_drop"]
+    assert bad.metrics["promote.max_quality_drop.value"] == pytest.approx(0.05)
+    assert bad.metrics["promote.max_quality_drop.margin"] == pytest.approx(-0.03)
+    assert bad.metrics["promote.min_size_ratio.value"] == pytest.approx(8.0)  # the gates that passed are shown too
+    printed = console.export_text()
+    assert "promotion refused" in printed and "max_quality_drop: val_accuracy drop vs teacher +0.0500" in printed

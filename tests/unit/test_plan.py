@@ -186,3 +186,16 @@ def test_orch_plan_json_carries_the_total_and_the_verdict(tmp_path):
     memory = plan_document(plan)["stages"][0]["memory"]
     assert memory["total"] == plan.stages[0].memory.total and memory["fits"] is False
     assert memory["suggestion"].startswith("trainer.zero_stage=") and memory["budget"] == 1.9e9
+def test_a_transfer_set_is_resolved_into_the_stage_config_the_workers_instantiate(tmp_path):
+    """recipe.distill.transfer_data -> recipe.distill.transfer: all_inputs lifts the label limit of the stage's own
+    data; a data option is composed as `data=<option>` would be; none leaves it empty."""
+    teacher = ["recipe=distill", "recipe.distill.teacher=0123456789abcdef0123456789abcdef", "data.limit_train=300"]
+
+    def distill_settings(*overrides: str) -> dict:
+        return build_plan(compose([*teacher, *overrides]), cwd=tmp_path).stages[0].config["recipe"]["distill"]
+
+    all_inputs = distill_settings("recipe.distill.transfer_data=all_inputs")["transfer"]
+    assert all_inputs["_target_"].endswith("load_digits_splits") and all_inputs["limit_train"] is None
+    option = distill_settings("recipe.distill.transfer_data=digits")["transfer"]
+    assert option["limit_train"] is None and option["split_seed"] == 0  # the option as shipped
+    assert distill_settings()["transfer"] is None
