@@ -33,7 +33,7 @@ from hydra.utils import instantiate
 from torch import nn
 from torch.utils.data import Subset
 
-from orchestrator.compress import count_parameters, prune_structured, pruned_model_config
+from orchestrator.compress import prune_structured, pruned_model_config
 from orchestrator.data.splits import DataSplits
 from orchestrator.data.text import load_text_splits
 from orchestrator.pipeline.report import measure

@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import time
-from pathlib import Path
 
 import torch
 from hydra.utils import instantiate

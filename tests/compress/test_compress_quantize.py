@@ -16,8 +16,6 @@ from orchestrator.compress.quantize import (
     save_quantized,
     serialized_size_bytes,
 )
-from orchestrator.models.gpt import GPT
-from orchestrator.models.hf_causal_lm import HFCausalLM
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 

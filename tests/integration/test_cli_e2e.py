@@ -10,7 +10,6 @@ import sys
 import tempfile
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient

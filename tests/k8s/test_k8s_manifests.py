@@ -13,7 +13,6 @@ import subprocess
 import textwrap
 
 import pytest
-import yaml
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 

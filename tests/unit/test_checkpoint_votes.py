@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from pyarrow.fs import LocalFileSystem
 
-from orchestrator.train.checkpoints import Layout, complete_checkpoints, load_first_good, local_files, write_marker
+from orchestrator.train.checkpoints import Layout, complete_checkpoints, load_first_good, write_marker
 
 LAYOUT = Layout(world_size=2, zero_stage=1, micro_batch_size=4, grad_accum_steps=1)
 
