@@ -56,6 +56,27 @@ class KillWorkerOnce:
         pass
 
 
+class ReportPid:
+    """Write one worker's PID to `path` before a given step, once: what a test or a drill needs to signal that
+    worker from outside, as a spot node's reclaim does (`kill -TERM <pid>`: see orchestrator.train.preemption)."""
+
+    def __init__(self, step: int, rank: int, path: str) -> None:
+        self.step, self.rank, self.path = step, rank, Path(path)
+        self.my_rank = -1
+
+    def on_fit_start(self, engine: Any, rank: int, world_size: int) -> None:
+        self.my_rank = rank
+
+    def on_step_start(self, step: int) -> None:
+        if step == self.step and self.my_rank == self.rank and not self.path.exists():
+            partial = self.path.with_suffix(".partial")
+            partial.write_text(str(os.getpid()))
+            partial.rename(self.path)  # whole or absent: the reader never sees a half-written PID
+
+    def on_checkpoint(self, step: int, last: bool, report: dict[str, Any]) -> None:
+        pass
+
+
 class WeightDigests:
     """At the last checkpoint, a hash of every rank's full weights in the report (`rank_weight_digests`, comma
     separated): data parallelism must leave them identical, and a resumed run must end where an uninterrupted one does."""
