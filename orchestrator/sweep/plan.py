@@ -191,7 +191,7 @@ def _check_concurrency(sweep: Mapping[str, Any], config: Mapping[str, Any]) -> N
     if config["cluster"]["kind"] != "local" or sweep["max_concurrent_trials"] is None:
         return
     cpus = config["cluster"]["num_cpus"] or validate.local_cpu_count()
-    per_trial = config["trainer"]["num_workers"] * config["trainer"]["cpus_per_worker"]
+    per_trial = validate.worker_range(config["trainer"]["num_workers"])[0] * config["trainer"]["cpus_per_worker"]
     fit = int(cpus // per_trial)
     if sweep["max_concurrent_trials"] > fit:
         raise ConfigError(

@@ -56,7 +56,7 @@ def max_concurrent(plan: SweepPlan) -> int:
 
     stage = plan.base_plan.stages[0]
     resources = ray.cluster_resources()
-    fits = [int(resources.get(name, 0) // (amount * stage.num_workers)) for name, amount in stage.resources_per_worker.items() if amount]
+    fits = [int(resources.get(name, 0) // (amount * stage.min_workers)) for name, amount in stage.resources_per_worker.items() if amount]
     fit = max(1, min(fits)) if fits else 1
     return min(plan.max_concurrent_trials or fit, fit)
 
