@@ -151,6 +151,7 @@ PROCESS_ROWS = [
     (["sweep", "sweep.space.trainer.optimizer.lrr={uniform: [0.1, 0.2]}"], "sweep.space.trainer.optimizer.lrr"),
     (["sweep", "sweep.metric=nope"], "sweep.metric='nope'"),
     (["sweep", "sweep.num_sampls=3"], "did you mean sweep.num_samples?"),
+    (["sweep", "resume=never-swept"], "resume='never-swept': no sweep named"),
 ]
 
 
