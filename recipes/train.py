@@ -92,6 +92,7 @@ def fit(
     throughput = Throughput(trainer["micro_batch_size"] * grad_accum * world_size, start_step=step)
     metrics = WorkerMetrics(loop_config, rank=rank, resumed_at=step if restored else None)
     metrics.set_tag("orch.precision", engine_precision(engine))  # what precision=auto became on this device
+    metrics.log({"orch.world_size": world_size}, step)  # at each (re)start: an elastic group may come back smaller
     clock = timeline.StepClock(rank)
     peak = peak_flops_for(torch.cuda.get_device_name(), trainer.get("peak_tflops")) if torch.device(engine.device).type == "cuda" else None
     sample_flops = flops_per_sample(engine.module, cfg["data"].get("block_size", 1) if data.task == "lm" else 1)
