@@ -30,11 +30,12 @@ def measure(steps: int, signal_at: int, workers: int, workdir: Path) -> dict[str
                f"trainer.num_workers={workers}", f"trainer.max_steps={steps}", "trainer.log_every=1",
                "trainer.eval_every=0", "trainer.checkpoint_every=0", "trainer.max_failures=0",
                "tracking.system_metrics=false", "tracking.log_model=false", f"trainer.callbacks=[{report}]"]
-    driver = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    output = workdir / "driver.txt"
+    driver = subprocess.Popen(command, cwd=workdir, stdout=output.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         while not pid_file.exists():
             if driver.poll() is not None:
-                raise RuntimeError(f"the run ended (exit {driver.returncode}) before step {signal_at}")
+                raise RuntimeError(f"the run ended (exit {driver.returncode}) before step {signal_at}:\n{output.read_text()[-2000:]}")
             time.sleep(0.02)
         pid = int(pid_file.read_text())
         sent = time.monotonic()
