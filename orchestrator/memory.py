@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from orchestrator.config.validate import ConfigError
+from orchestrator.config.validate import ConfigError, worker_range
 from orchestrator.models.activations import activation_elements
 from orchestrator.models.sizes import count_parameters
 
@@ -137,7 +137,7 @@ def _memory_of(container: Mapping[str, Any], parameters: int, precision: str, tr
         parameters,
         trainer["zero_stage"],
         precision,
-        trainer["num_workers"],
+        worker_range(trainer["num_workers"])[0],  # elastic [MIN, MAX]: a worker holds the most with the fewest
         trainer["optimizer"]["name"],
         offload.get("optimizer", "none"),
         offload.get("param", "none"),
@@ -206,7 +206,8 @@ def memory_budget(container: Mapping[str, Any]) -> tuple[Optional[int], str]:
     if container["cluster"]["kind"] != "local":
         return None, "unknown on a cluster: set trainer.memory_budget_gb"
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return ram // trainer["num_workers"], f"this machine's RAM / {trainer['num_workers']} workers"
+    workers = worker_range(trainer["num_workers"])[1]  # elastic: up to MAX local workers share the RAM
+    return ram // workers, f"this machine's RAM / {workers} workers"
 
 
 def local_gpu_memory() -> Optional[int]:

@@ -31,7 +31,7 @@ DEFAULT_EXPERIMENT = "orchestrator"
 class StagePlan:
     name: str
     recipe: str
-    num_workers: int
+    num_workers: int | tuple[int, int]  # (MIN, MAX): an elastic worker group (Ray Train's ScalingConfig takes either)
     use_gpu: bool
     resources_per_worker: dict[str, float]
     placement_strategy: str
@@ -47,6 +47,10 @@ class StagePlan:
     # role ("input", "teacher") -> reference as written: a pipeline stage name, an MLflow run id/URI or a directory
     inputs: dict[str, str] = field(default_factory=dict)
     key: str = ""  # cache key: hash of the config that shapes the model, and of the inputs' keys
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
 
 
 @dataclass
@@ -79,10 +83,14 @@ def deepspeed_config(trainer: Mapping[str, Any], precision: str) -> dict[str, An
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": trainer["micro_batch_size"],
         "gradient_accumulation_steps": trainer["grad_accum_steps"],
-        "train_batch_size": trainer["micro_batch_size"] * trainer["grad_accum_steps"] * trainer["num_workers"],
+        # an elastic group's world size, so its global batch, changes: DeepSpeed derives it from the world it finds
+        "train_batch_size": None if validate.is_elastic(trainer["num_workers"])
+        else trainer["micro_batch_size"] * trainer["grad_accum_steps"] * trainer["num_workers"],
         "zero_optimization": {"stage": trainer["zero_stage"]},
         "steps_per_print": 10**9,  # orch reports progress itself
     }
+    if config["train_batch_size"] is None:
+        del config["train_batch_size"]
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif precision == "fp16":
@@ -236,7 +244,7 @@ def plan_stage(container: dict[str, Any], name: str, kind: str) -> StagePlan:
     return StagePlan(
         name=name,
         recipe=container["recipe"]["name"],
-        num_workers=trainer["num_workers"],
+        num_workers=tuple(trainer["num_workers"]) if validate.is_elastic(trainer["num_workers"]) else trainer["num_workers"],
         use_gpu=trainer["use_gpu"],
         resources_per_worker=resources,
         placement_strategy=trainer["placement_strategy"],

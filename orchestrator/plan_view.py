@@ -50,7 +50,7 @@ def print_plan(plan: Plan, console: Optional[Console] = None) -> None:
         table.add_row(
             stage.name,
             stage.recipe,
-            str(stage.num_workers),
+            f"{stage.num_workers[0]}-{stage.num_workers[1]} (elastic)" if isinstance(stage.num_workers, tuple) else str(stage.num_workers),
             resources,
             stage.placement_strategy,
             stage.backend,

@@ -209,6 +209,10 @@ def adopt_resumed_layout(stage: StagePlan) -> None:
         resumed_grad_accum,
     )
 
+    if isinstance(stage.num_workers, tuple):
+        # an elastic group's global batch follows its world size (DeepSpeed derives train_batch_size), and the
+        # workers reshard whatever layout they find (restore_latest): there is no fixed layout to keep here
+        return
     filesystem, root = run_storage(stage)
     layouts = [c.layout for c in complete_checkpoints(filesystem, root, stage.num_workers) if c.layout is not None]
     if not layouts:
@@ -310,7 +314,7 @@ def _fit(
     if checkpoint is None:  # a resumed attempt that had no step left to train: the newest of an earlier attempt
         from orchestrator.train.checkpoints import complete_checkpoints
 
-        [newest, *_] = complete_checkpoints(filesystem, run_root, stage.num_workers)
+        [newest, *_] = complete_checkpoints(filesystem, run_root, stage.min_workers)
         checkpoint = newest.checkpoint()
     if stage.config["tracking"]["log_model"]:
         from orchestrator.artifacts.export import export_model

@@ -32,6 +32,7 @@ from orchestrator.train.engine import (
 )
 from orchestrator.train.mfu import flops_per_sample, mfu, peak_flops_for
 from orchestrator.train.objective import task_loss
+from orchestrator.train.preemption import Preempted, StopAgreement, install_sigterm_flag
 from orchestrator.train.samples import generate_samples
 from orchestrator.train.steps import (
     Agreements,
@@ -100,12 +101,15 @@ def fit(
     throughput = Throughput(trainer["micro_batch_size"] * grad_accum * world_size, start_step=step)
     metrics = WorkerMetrics(loop_config, rank=rank, resumed_at=step if restored else None)
     metrics.set_tag("orch.precision", engine_precision(engine))  # what precision=auto became on this device
+    metrics.log({"orch.world_size": world_size}, step)  # at each (re)start: an elastic group may come back smaller
     clock = timeline.StepClock(rank)
     peak = peak_flops_for(torch.cuda.get_device_name(), trainer.get("peak_tflops")) if torch.device(engine.device).type == "cuda" else None
     sample_flops = flops_per_sample(engine.module, cfg["data"].get("block_size", 1) if data.task == "lm" else 1)
 
     for callback in callbacks:
         callback.on_fit_start(engine, rank, world_size)
+    install_sigterm_flag()  # a SIGTERM (preemption) now saves the step it arrives in, on every rank, then stops
+    stop, stopped_at = StopAgreement(), None
 
     # --- loop ---
     bad_step: Optional[int] = None  # this rank's first step with a non-finite loss or gradient norm
@@ -128,7 +132,9 @@ def fit(
         step_metrics: dict[str, float] = {}
         if not settle(agreements, metrics, step, step_metrics):  # the one started earlier, read after this compute
             break
-        log_due, save_due = due(step, trainer["log_every"], max_steps), due(step, trainer["checkpoint_every"], max_steps)
+        preempted = stop.agreed()
+        log_due = due(step, trainer["log_every"], max_steps)
+        save_due = due(step, trainer["checkpoint_every"], max_steps) or preempted
         if log_due:
             agreements.add_loss(step, step_loss / grad_accum)
         if save_due or (log_due and agreements.due(step)):
@@ -165,11 +171,18 @@ def fit(
             if not save_and_report(engine, step, report, client_state={"hooks": hook_states}, model_spec=model_spec):
                 metrics.diverged(step)  # non-finite weights on some rank: no checkpoint of them, the run fails here
                 break
+        if preempted:
+            metrics.set_tag("orch.preempted_at_step", str(step))
+            stopped_at = step
+            break
 
     # --- cleanup ---
     clock.close()
     metrics.log_memory(cfg, engine_precision(engine), torch.device(engine.device).type, step)
     metrics.close()
+    stop.close()  # collective: no rank ends the group (raising Preempted) while rank 0 still writes to MLflow
+    if stopped_at is not None:
+        raise Preempted(stopped_at)
 
 
 def settle(agreements: Agreements, metrics: WorkerMetrics, step: int, step_metrics: dict[str, float]) -> bool:

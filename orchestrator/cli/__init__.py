@@ -2,7 +2,7 @@
 
     orch run [--plan] [-v] [key=value ...]   train (Hydra overrides; -m for multirun; --help lists the config groups)
     orch plan [key=value ...]            validate and print the plan; starts nothing
-    orch sweep [sweep=NAME] [key=value ...]  hyperparameter search on Ray Tune (conf/sweep/)
+    orch sweep [sweep=NAME] [key=value ...]  hyperparameter search on Ray Tune (conf/sweep/); resume=RUN continues one
     orch eval MODEL [key=value ...]      evaluate a model on a data config's validation split (driver, no Ray)
     orch ui [--port 5000]                MLflow UI for the local store (loopback unless --insecure-public)
     orch submit|status|logs|stop|list    Ray Jobs on a cluster
@@ -250,7 +250,7 @@ def _sweep(cfg, mode: _Mode) -> None:
     except ConfigError as error:
         fail(str(error))
     except KeyboardInterrupt:
-        fail("interrupted; the sweep's parent run is marked KILLED in MLflow", 130)
+        fail(f"interrupted; the sweep's parent run is marked KILLED in MLflow. Continue it with the same command and resume={plan.run_name}", 130)
     if mode.json:
         print_json(asdict(outcome))
     else:

@@ -79,7 +79,9 @@ class OffloadConfig:
 
 @dataclass
 class TrainerConfig:
-    num_workers: int = 2
+    # an int, or [MIN, MAX]: an elastic worker group (Ray Train) that starts with as many as fit and goes on with
+    # fewer when a node is lost; checked by orchestrator.config.validate.worker_range
+    num_workers: Any = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # only read when use_gpu

@@ -30,10 +30,35 @@ def _at_least(cfg: Mapping[str, Any], section: str, key: str, minimum: float) ->
         raise ConfigError(f"{section}.{key}", value, f"expected a value >= {minimum}")
 
 
+def worker_range(num_workers: Any) -> tuple[int, int]:
+    """trainer.num_workers as (MIN, MAX): an int n is (n, n); [MIN, MAX] is an elastic worker group, which Ray
+    Train starts with as many workers as the cluster holds (up to MAX) and restarts with fewer (down to MIN) when
+    workers are lost."""
+    expected = "expected a number of workers >= 1, or [MIN, MAX] with 1 <= MIN <= MAX for an elastic worker group"
+    if isinstance(num_workers, int) and not isinstance(num_workers, bool):
+        if num_workers < 1:
+            raise ConfigError("trainer.num_workers", num_workers, expected)
+        return num_workers, num_workers
+    if not isinstance(num_workers, (list, tuple)) or len(num_workers) != 2 or not all(
+        isinstance(n, int) and not isinstance(n, bool) for n in num_workers
+    ):
+        raise ConfigError("trainer.num_workers", num_workers, expected)
+    low, high = num_workers
+    if low < 1:
+        raise ConfigError("trainer.num_workers", list(num_workers), f"MIN={low}: an elastic group needs at least 1 worker; {expected}")
+    if low > high:
+        raise ConfigError("trainer.num_workers", list(num_workers), f"MIN={low} > MAX={high}; {expected}")
+    return low, high
+
+
+def is_elastic(num_workers: Any) -> bool:
+    return isinstance(num_workers, (list, tuple))
+
+
 def validate_trainer(cfg: Mapping[str, Any]) -> None:
     trainer = cfg["trainer"]
+    worker_range(trainer["num_workers"])
     for key, minimum in [
-        ("num_workers", 1),
         ("micro_batch_size", 1),
         ("grad_accum_steps", 1),
         ("max_steps", 1),
@@ -218,13 +243,16 @@ def validate_cluster(cfg: Mapping[str, Any]) -> None:
 def validate_resources(cfg: Mapping[str, Any], available_cpus: float, available_gpus: float, where: str) -> None:
     """Checked against this machine before a local start, and against the cluster right after connecting."""
     trainer = cfg["trainer"]
-    workers = trainer["num_workers"]
+    # an elastic group starts with as many workers as fit, so only its minimum must fit
+    workers, _ = worker_range(trainer["num_workers"])
+    shown = trainer["num_workers"]
+    at_least = "at least " if is_elastic(shown) else ""
     needed_cpus = workers * trainer["cpus_per_worker"]
     if needed_cpus > available_cpus:
         raise ConfigError(
             "trainer.num_workers",
-            workers,
-            f"{workers} workers x trainer.cpus_per_worker={trainer['cpus_per_worker']} need {needed_cpus:g} CPUs but "
+            shown,
+            f"{at_least}{workers} workers x trainer.cpus_per_worker={trainer['cpus_per_worker']} need {needed_cpus:g} CPUs but "
             f"{where} has {available_cpus:g}; lower trainer.num_workers or trainer.cpus_per_worker",
         )
     if trainer["use_gpu"]:
@@ -232,8 +260,8 @@ def validate_resources(cfg: Mapping[str, Any], available_cpus: float, available_
         if needed_gpus > available_gpus:
             raise ConfigError(
                 "trainer.num_workers",
-                workers,
-                f"{workers} workers x trainer.gpus_per_worker={trainer['gpus_per_worker']} need {needed_gpus:g} GPUs "
+                shown,
+                f"{at_least}{workers} workers x trainer.gpus_per_worker={trainer['gpus_per_worker']} need {needed_gpus:g} GPUs "
                 f"but {where} has {available_gpus:g}; use fewer workers, or trainer=default to train on CPU",
             )
 

@@ -51,6 +51,21 @@ class SweepPlan:
     base_plan: Plan  # the base config planned: tracking, storage, cluster, resources per trial
     overrides: list[str]  # sweep.overrides + command line: the base recipe as `orch run` arguments
     config: dict[str, Any] = field(default_factory=dict)  # the sweep section, logged with the parent run
+    resuming: bool = False  # `orch sweep resume=NAME`: continue that interrupted sweep (Tuner.restore)
+
+    @property
+    def sweep_dir(self) -> Path:
+        """The sweep's folder: Tune's experiment state under tune/, each trial's Ray Train run beside it."""
+        return Path(self.base_plan.storage_path, self.run_name)
+
+    def identity(self) -> dict[str, Any]:
+        """What a resumed sweep must share with the one it continues (stored as data in sweep_plan.json)."""
+        return {"sweep": self.name, "space": {d.key: d.describe() for d in self.dimensions}, "overrides": self.overrides,
+                "metric": self.metric, "mode": self.mode, "num_samples": self.num_samples, "search": self.search,
+                "seed": self.seed, "scheduler": self.scheduler}
+
+
+IDENTITY_FILE = "sweep_plan.json"
 
 
 def new_sweep_name(name: str) -> str:
@@ -191,7 +206,7 @@ def _check_concurrency(sweep: Mapping[str, Any], config: Mapping[str, Any]) -> N
     if config["cluster"]["kind"] != "local" or sweep["max_concurrent_trials"] is None:
         return
     cpus = config["cluster"]["num_cpus"] or validate.local_cpu_count()
-    per_trial = config["trainer"]["num_workers"] * config["trainer"]["cpus_per_worker"]
+    per_trial = validate.worker_range(config["trainer"]["num_workers"])[0] * config["trainer"]["cpus_per_worker"]
     fit = int(cpus // per_trial)
     if sweep["max_concurrent_trials"] > fit:
         raise ConfigError(
@@ -208,10 +223,14 @@ def build_sweep_plan(
     overrides: Sequence[str],
     cwd: Optional[Path] = None,
     paths_here: bool = True,
+    resume: Optional[str] = None,
 ) -> SweepPlan:
     """`sweep` is the composed sweep section; `base` the base recipe composed with sweep.overrides + command line.
-    `paths_here`: see `orchestrator.plan.build_plan` (False for `orch submit --sweep`)."""
+    `paths_here`: see `orchestrator.plan.build_plan` (False for `orch submit --sweep`). `resume`: the name of an
+    interrupted sweep to continue."""
     cwd = cwd or Path.cwd()
+    if resume is not None:
+        validate.validate_run_name_format("resume", resume)
     dimensions = parse_space(sweep["space"])
     with open_dict(base):
         base.sweep = None
@@ -231,9 +250,9 @@ def build_sweep_plan(
     scheduler = _check_search(sweep, dimensions, max_steps, stage.config["trainer"])
     _check_concurrency(sweep, stage.config)
     _check_probes(base, dimensions, choices, cwd, paths_here)
-    return SweepPlan(
+    plan = SweepPlan(
         name=sweep["name"],
-        run_name=new_sweep_name(sweep["name"]),
+        run_name=resume or new_sweep_name(sweep["name"]),
         dimensions=dimensions,
         metric=sweep["metric"],
         mode=sweep["mode"],
@@ -248,7 +267,28 @@ def build_sweep_plan(
         base_plan=base_plan,
         overrides=list(overrides),
         config=dict(sweep),
+        resuming=resume is not None,
     )
+    if resume is not None and paths_here:
+        _check_resumable(plan)
+    return plan
+
+
+def _check_resumable(plan: SweepPlan) -> None:
+    """`resume=NAME` continues a sweep of this storage with the same search: the same command line plus resume=."""
+    import json
+
+    stored = plan.sweep_dir / IDENTITY_FILE
+    if not (plan.sweep_dir / "tune").is_dir() or not stored.is_file():
+        raise ConfigError("resume", plan.run_name, f"no sweep named {plan.run_name!r} under trainer.storage_path={plan.base_plan.storage_path}")
+    before = json.loads(stored.read_text())  # data: only compared, never run
+    now = json.loads(json.dumps(plan.identity(), default=str))
+    changed = sorted(key for key in set(before) | set(now) if before.get(key) != now.get(key))
+    if changed:
+        raise ConfigError(
+            "resume", plan.run_name,
+            f"the sweep was started with other settings ({', '.join(changed)} differ); repeat its command line with resume={plan.run_name}",
+        )
 
 
 SWEEP_LEVEL = ("sweep", "hydra", "name", "resume")  # command-line keys that pick or name the sweep, not its trials
@@ -271,11 +311,12 @@ def plan_sweep(
     from hydra.errors import HydraException
 
     overrides = base_overrides(sweep, command_line)
+    resume = next((o.split("=", 1)[1] for o in command_line if _top_key(o) == "resume" and "=" in o), None)
     try:
         base = compose(overrides, source if source is not None else ConfigSource.for_directory(cwd))
     except (OmegaConfBaseException, HydraException) as error:
         raise ConfigError("sweep.overrides", overrides, str(error).splitlines()[0]) from error
-    return build_sweep_plan(sweep, base.cfg, base.choices, overrides, cwd, paths_here)
+    return build_sweep_plan(sweep, base.cfg, base.choices, overrides, cwd, paths_here, resume=resume or None)
 
 
 HYDRA_FLAGS_WITH_VALUE = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp")

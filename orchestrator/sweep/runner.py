@@ -5,7 +5,8 @@
   parent    the sweep's MLflow parent run (search space, algorithm, scheduler as params)
   tune      Tuner(with_resources(run_trial, 0 CPU), search algorithm, ASHA, max_concurrent_trials): the trial
             function holds no CPU itself; its Ray Train workers reserve theirs, and at most as many trials run at
-            once as the cluster holds workers for, so concurrent trials never oversubscribe it
+            once as the cluster holds workers for, so concurrent trials never oversubscribe it. `resume=NAME`:
+            the parent reopened and Tune's experiment restored (Tuner.restore) instead
   outcome   every trial's MLflow child closed with its Tune state; the best tagged; trials table, plots, the
             best config as a YAML `orch run` accepts, all logged to the parent
 """
@@ -22,7 +23,7 @@ from rich.console import Console
 
 from orchestrator.stage_runner import cluster_session
 from orchestrator.sweep.best import write_best
-from orchestrator.sweep.plan import SweepPlan, apply
+from orchestrator.sweep.plan import IDENTITY_FILE, SweepPlan, apply
 from orchestrator.sweep.space import decode, encode_options, to_tune
 from orchestrator.sweep.tracking import SweepRun
 from orchestrator.sweep.trial import run_trial
@@ -56,7 +57,7 @@ def max_concurrent(plan: SweepPlan) -> int:
 
     stage = plan.base_plan.stages[0]
     resources = ray.cluster_resources()
-    fits = [int(resources.get(name, 0) // (amount * stage.num_workers)) for name, amount in stage.resources_per_worker.items() if amount]
+    fits = [int(resources.get(name, 0) // (amount * stage.min_workers)) for name, amount in stage.resources_per_worker.items() if amount]
     fit = max(1, min(fits)) if fits else 1
     return min(plan.max_concurrent_trials or fit, fit)
 
@@ -95,13 +96,17 @@ def run_sweep(
     console = console or Console()
     cwd = cwd or Path.cwd()
     base = plan.base_plan
-    sweep_dir = Path(base.storage_path, plan.run_name)
+    sweep_dir = plan.sweep_dir
     # --- ray ---
     with cluster_session(base.stages[0].config["cluster"], base.stages):
         concurrency = max_concurrent(plan)
         # --- parent ---
         parent = SweepRun(base.tracking)
-        parent.start_sweep(plan, concurrency)
+        if plan.resuming:
+            parent.resume_sweep(plan.run_name)
+        else:
+            parent.start_sweep(plan, concurrency)
+            write_identity(plan)
         console.rule(f"[bold]sweep[/bold] {plan.name} · {plan.run_name} · {concurrency} trial(s) at a time")
         with closed_with_outcome(parent.finish), log_file_attached(parent.parent.log_artifact, log_file):
             # --- tune ---
@@ -119,25 +124,55 @@ def run_sweep(
                 "parent_run_id": parent.run_id,
                 "cwd": str(cwd),
             }
-            tuner = ray.tune.Tuner(
-                ray.tune.with_resources(ray.tune.with_parameters(run_trial, spec=spec), TRIAL_DRIVER_RESOURCES),
-                param_space=to_tune(plan.dimensions),
-                tune_config=ray.tune.TuneConfig(
-                    metric=plan.metric,
-                    mode=plan.mode,
-                    search_alg=_search_algorithm(plan, concurrency),
-                    scheduler=_scheduler(plan),
-                    num_samples=plan.num_samples,
-                    max_concurrent_trials=concurrency,
-                ),
-                run_config=ray.tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1),
-            )
+            trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, spec=spec), TRIAL_DRIVER_RESOURCES)
+            if plan.resuming:
+                tuner = _restored_tuner(plan, trainable)
+            else:
+                tuner = _new_tuner(plan, trainable, concurrency, sweep_dir)
             started = time.monotonic()
             grid = tuner.fit()
             # --- outcome ---
             outcome = _record_outcome(plan, parent, grid, cwd)
             outcome.tune_wall_s, outcome.concurrency = time.monotonic() - started, concurrency
             return outcome
+
+
+def write_identity(plan: SweepPlan) -> None:
+    """What `resume=` checks a later command line against (`orchestrator.sweep.plan._check_resumable`)."""
+    import json
+
+    plan.sweep_dir.mkdir(parents=True, exist_ok=True)
+    (plan.sweep_dir / IDENTITY_FILE).write_text(json.dumps(plan.identity(), indent=2, default=str))
+
+
+def _restored_tuner(plan: SweepPlan, trainable):
+    """Tune's own restore: finished trials keep their results, the searcher and scheduler continue from their saved
+    state (no trial is sampled twice), and trials the killed driver left running start again under their own ids,
+    so each reopens its own MLflow child and Ray Train run (`orchestrator.sweep.trial`). A trial that failed
+    stays failed: its error is a result, not an interruption."""
+    import ray.tune
+
+    return ray.tune.Tuner.restore(
+        str(plan.sweep_dir / "tune"), trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+    )
+
+
+def _new_tuner(plan: SweepPlan, trainable, concurrency: int, sweep_dir: Path):
+    import ray.tune
+
+    return ray.tune.Tuner(
+        trainable,
+        param_space=to_tune(plan.dimensions),
+        tune_config=ray.tune.TuneConfig(
+            metric=plan.metric,
+            mode=plan.mode,
+            search_alg=_search_algorithm(plan, concurrency),
+            scheduler=_scheduler(plan),
+            num_samples=plan.num_samples,
+            max_concurrent_trials=concurrency,
+        ),
+        run_config=ray.tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1),
+    )
 
 
 def trial_state(result, max_steps: int) -> str:

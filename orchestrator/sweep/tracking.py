@@ -55,6 +55,13 @@ class SweepRun:
         self.parent.log_text(json.dumps(plan.config, indent=2, default=str), "config/sweep.json")
         return self.parent.run_id  # type: ignore[return-value]
 
+    def resume_sweep(self, run_name: str) -> str:
+        """`resume=NAME`: the same parent run, RUNNING again, its resumes counted (params stay as first logged)."""
+        run_id = self.parent.reopen(run_name, "sweep")
+        resumes = int(self.client.get_run(run_id).data.tags.get("orch.resumes", "0")) + 1
+        self.parent.set_tag("orch.resumes", str(resumes))
+        return run_id
+
     def trial_runs(self) -> dict[str, Any]:
         """Trial id -> its MLflow child run."""
         runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.run_id}'")

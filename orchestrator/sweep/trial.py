@@ -9,6 +9,10 @@ The final report is held back until the run is closed: ASHA may stop a trial on 
 one, and a trial stopped while it exports its model would leave its MLflow run half-written. So the callback
 forwards every report before the last step, and the function reports the final metrics itself once `run_stage`
 has returned.
+
+A sweep resumed after its driver died (`orch sweep resume=NAME`) starts the trials the driver left running again
+under their own ids: each finds its MLflow child and reopens it, continuing its Ray Train run from its checkpoints;
+one whose run had already finished (the driver died before Tune heard) reports what that run recorded instead.
 """
 
 from __future__ import annotations
@@ -46,7 +50,12 @@ def run_trial(config: dict[str, Any], spec: Mapping[str, Any]) -> None:
     trial_id = ray.tune.get_context().get_trial_id()
     dimensions: list[Dimension] = spec["dimensions"]
     params = decode(dimensions, config)
-    cfg: DictConfig = apply(spec["base"], {**params, **spec["fixed"]}, name=trial_run_name(spec["sweep_run"], trial_id))
+    name = trial_run_name(spec["sweep_run"], trial_id)
+    cfg: DictConfig = apply(spec["base"], {**params, **spec["fixed"]}, name=name)
+    # A trial started again (the sweep resumed after its driver died) continues its own Ray Train run from its
+    # checkpoints, and reopens its own MLflow child: never a second child for one trial.
+    if Path(spec["fixed"]["trainer.storage_path"], name).is_dir():
+        cfg.resume = name
     plan = build_plan(Composed(cfg, dict(spec["choices"])), cwd=Path(spec["cwd"]))
     [stage] = plan.stages
     stage.name = f"trial-{trial_id}"  # the child run's name in the MLflow UI, under the sweep's parent run
@@ -54,14 +63,35 @@ def run_trial(config: dict[str, Any], spec: Mapping[str, Any]) -> None:
     tags = {SWEEP_TAG: spec["sweep_run"], TRIAL_TAG: trial_id}
     quiet = Console(file=io.StringIO())  # Tune prints the trials' progress; per-trial bars would interleave
     sources = resolve_sources(stage, {}, plan.tracking.uri)
+    child = _trial_child(plan.tracking, spec["parent_run_id"], trial_id)
+    if child is not None and child.info.status == "FINISHED":
+        # its run ended, but the driver died before Tune heard: what the run recorded is the result; nothing retrains
+        ray.tune.report({**child.data.metrics, "step": max_steps, "mlflow_run_id": child.info.run_id,
+                         "trial_wall_s": time.monotonic() - started})
+        return
     result = run_stage(
-        plan.tracking, stage, quiet, resuming=False, sources=sources, parent_run_id=spec["parent_run_id"],
+        plan.tracking, stage, quiet, resuming=child is not None, sources=sources, parent_run_id=spec["parent_run_id"],
         tags=tags, train_callbacks=[_forward_reports_before(max_steps)],
     )
     final = {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
     # trial_wall_s: the whole trial as its function saw it (plan, Ray Train fit, export), for the overhead benchmark
     final.update(step=max_steps, mlflow_run_id=result.run_id, trial_wall_s=time.monotonic() - started)
     ray.tune.report(final)
+
+
+def _trial_child(tracking, parent_run_id: str, trial_id: str):
+    """This trial's MLflow child under the sweep's parent, if an attempt the driver lost already opened it."""
+    from mlflow import MlflowClient
+
+    from orchestrator.track.mlflow_run import PARENT_TAG, experiment_id
+
+    client = MlflowClient(tracking.uri)
+    runs = client.search_runs(
+        [experiment_id(client, tracking)],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'",
+        max_results=1,
+    )
+    return runs[0] if runs else None
 
 
 def _forward_reports_before(max_steps: int):

@@ -10,7 +10,8 @@ handling needs too:
     trainer.callbacks='[{_target_: orchestrator.train.callbacks.KillWorkerOnce, step: 37, rank: 1, marker: /tmp/killed}]'
     trainer.callbacks='[{_target_: orchestrator.train.callbacks.WeightDigests}]'
 `HoldAt` pauses one rank at a step until a file appears, so that something can happen to the world (a tracking
-server stops, a node goes) at a known point of training.
+server stops, a node goes) at a known point of training; `ReportPid` writes one worker's PID to a file, so that
+something outside can signal it (a preemption drill).
 """
 
 from __future__ import annotations
@@ -76,6 +77,27 @@ class HoldAt:
         deadline = time.monotonic() + self.timeout_s
         while not self.until.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
+
+    def on_checkpoint(self, step: int, last: bool, report: dict[str, Any]) -> None:
+        pass
+
+
+class ReportPid:
+    """Write one worker's PID to `path` before a given step, once: what a test or a drill needs to signal that
+    worker from outside, as a spot node's reclaim does (`kill -TERM <pid>`: see orchestrator.train.preemption)."""
+
+    def __init__(self, step: int, rank: int, path: str) -> None:
+        self.step, self.rank, self.path = step, rank, Path(path)
+        self.my_rank = -1
+
+    def on_fit_start(self, engine: Any, rank: int, world_size: int) -> None:
+        self.my_rank = rank
+
+    def on_step_start(self, step: int) -> None:
+        if step == self.step and self.my_rank == self.rank and not self.path.exists():
+            partial = self.path.with_suffix(".partial")
+            partial.write_text(str(os.getpid()))
+            partial.rename(self.path)  # whole or absent: the reader never sees a half-written PID
 
     def on_checkpoint(self, step: int, last: bool, report: dict[str, Any]) -> None:
         pass

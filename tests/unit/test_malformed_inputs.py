@@ -30,6 +30,11 @@ PLAN_ROWS = [
     (["trainer.precision=fp8"], "trainer.precision=fp8"),
     (["trainer.num_workers=0"], "trainer.num_workers=0"),
     (["trainer.num_workers=64"], "trainer.num_workers"),
+    (["trainer.num_workers=[2,1]"], "trainer.num_workers=[2, 1]: MIN=2 > MAX=1"),
+    (["trainer.num_workers=[0,2]"], "trainer.num_workers=[0, 2]: MIN=0"),
+    (["trainer.num_workers=[1,2,3]"], "trainer.num_workers=[1, 2, 3]"),
+    (["trainer.num_workers=two"], "trainer.num_workers='two'"),
+    (["trainer.num_workers=[3,4]", "cluster.num_cpus=2"], "trainer.num_workers=[3, 4]: at least 3 workers"),
     (["trainer.micro_batch_size=0"], "trainer.micro_batch_size=0"),
     (["trainer.grad_accum_steps=0"], "trainer.grad_accum_steps=0"),
     (["trainer.max_steps=0"], "trainer.max_steps=0"),
@@ -188,6 +193,7 @@ PROCESS_ROWS = [
     (["run", "tracking.uri=http://127.0.0.1:9"], "tracking.uri='http://127.0.0.1:9': no MLflow server answers there"),
     (["sweep", "tracking.uri=http://127.0.0.1:9"], "tracking.uri='http://127.0.0.1:9'"),
     (["ui", "--host", "0.0.0.0"], "--insecure-public"),
+    (["sweep", "resume=never-swept"], "resume='never-swept': no sweep named"),
 ]
 
 
