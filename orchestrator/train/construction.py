@@ -38,10 +38,57 @@ def build_model(model_cfg: Mapping[str, Any], ds_config: Mapping[str, Any], acti
 
     `ds_config` must be the config the engine will be initialised with (precision already resolved): zero.Init
     creates the partitions in its dtype, and `deepspeed.initialize` must find the same layout."""
+    model = _partitioned(dict(model_cfg), ds_config) if zero3(ds_config) else instantiate(dict(model_cfg))
+    if activation_checkpointing:
+        enable_activation_checkpointing(model)
+    return model
+
+
+def _partitioned(model_cfg: dict[str, Any], ds_config: Mapping[str, Any]) -> nn.Module:
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    # zero.Init partitions over deepspeed.comm's world, which deepspeed.initialize would only set up later (on the
+    # process group Ray Train made): the same call, made first
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    if model_cfg.get("_target_") != HF_CAUSAL_LM_TARGET:
+        with deepspeed.zero.Init(config_dict_or_path=dict(ds_config)):
+            return instantiate(model_cfg)
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_ds_config = HfDeepSpeedConfig(dict(ds_config))
+    model = instantiate(model_cfg)
+    # transformers looks the config up through a weak reference (is_deepspeed_zero3_enabled), also after
+    # construction (e.g. in activation_checkpointing_enable and generate): it lives as long as the model
+    model.hf_deepspeed_config = hf_ds_config
+    return model
+
+
+def enable_activation_checkpointing(self) -> None: ...
+
+
+def zero3(ds_config: Mapping[str, Any]) -> bool:
+    return int((ds_config.get("zero_optimization") or {}).get("stage", 0)) == 3
+
+
+def build_model(model_cfg: Mapping[str, Any], ds_config: Mapping[str, Any], activation_checkpointing: bool = False) -> nn.Module:
+    """The model `model_cfg` describes, ZeRO-3-partitioned as it is built when `ds_config` says stage 3.
+
+    `ds_config` must be the config the engine will be initialised with (precision already resolved): zero.Init
+    creates the partitions in its dtype, and `deepspeed.initialize` must find the same layout."""
     model_cfg = dict(model_cfg)
     if not zero3(ds_config):
         model = instantiate(model_cfg)
-    elif model_cfg.get("_target_") == HF_CAUSAL_LM_TARGET:
+        if activation_checkpointing:
+            enable_activation_checkpointing(model)
+        return model
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    # zero.Init partitions over deepspeed.comm's world, which deepspeed.initialize would only set up later (on the
+    # process group Ray Train made): the same call, made first
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    if model_cfg.get("_target_") == HF_CAUSAL_LM_TARGET:
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds_config = HfDeepSpeedConfig(dict(ds_config))
@@ -50,8 +97,6 @@ def build_model(model_cfg: Mapping[str, Any], ds_config: Mapping[str, Any], acti
         # construction (e.g. in gradient_checkpointing_enable and generate): it lives as long as the model
         model.hf_deepspeed_config = hf_ds_config
     else:
-        import deepspeed
-
         with deepspeed.zero.Init(config_dict_or_path=dict(ds_config)):
             model = instantiate(model_cfg)
     if activation_checkpointing:
