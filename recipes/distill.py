@@ -13,6 +13,10 @@
 
 ZeRO and precision: any ZeRO stage (0-3) and precision for the student; the teacher's forward is fp32 under
 torch.no_grad and the logits are compared in fp32. Only the student's weights are exported.
+Under ZeRO-3 the student is built partitioned (`orchestrator.train.construction`) and the teacher stays a full
+replica on every rank: it is frozen and only runs forward, so partitioning it would add two all-gathers per layer
+per micro-batch to save the memory of one inference-only copy. Feature distillation is refused under ZeRO-3 (it
+runs the student outside DeepSpeed once to learn its hidden width).
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from orchestrator.compress import (
 from orchestrator.config.trust import trusted_model_targets
 from orchestrator.train.compression import pruning_hook
 from orchestrator.train.data_order import example_inputs
-from orchestrator.train.engine import build_engine
+from orchestrator.train.construction import build_model, enable_activation_checkpointing
+from orchestrator.train.engine import build_engine, worker_deepspeed_config
 from orchestrator.train.steps import start_worker, to_engine
 
 
@@ -50,10 +55,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     trusted = trusted_model_targets(cfg)
     teacher, _ = load_model(sources["teacher"], trusted)
     freeze_teacher(teacher)
+    ds_config = worker_deepspeed_config(loop_config)
     if "input" in sources:  # continue from a trained (e.g. structurally pruned) student
         student, student_cfg = load_model(sources["input"], trusted)
-    else:
-        student, student_cfg = instantiate(cfg["model"]), cfg["model"]
+        if trainer["activation_checkpointing"]:
+            enable_activation_checkpointing(student)
+    else:  # after the teacher: under ZeRO-3 only the student is built partitioned
+        student, student_cfg = build_model(cfg["model"], ds_config, trainer["activation_checkpointing"]), cfg["model"]
     student.train()
 
     model, spec = student, {"model": student_cfg, "state_prefix": ""}
@@ -66,7 +74,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         widths = student_hidden.value.shape[-1], teacher_hidden.value.shape[-1]
         model = StudentWithProjection(student, FeatureDistillation(*widths))
         spec["state_prefix"] = StudentWithProjection.STATE_PREFIX
-    engine = build_engine(model, loop_config["deepspeed"], trainer["optimizer"], loop_config["precision_auto"])
+    engine = build_engine(model, ds_config, trainer["optimizer"], precision_auto=False)
 
     def objective(inputs: Tensor, targets: Tensor, transfer_inputs: Optional[Tensor] = None) -> Tensor:
         if transfer_inputs is None:

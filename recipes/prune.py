@@ -14,6 +14,8 @@ The exported model is the smaller architecture (its config written into the chec
 ZeRO and precision: unstructured masks hold at ZeRO 0-2 in fp32/bf16 (gradient hooks + master-copy and moment
 zeroing, see `orchestrator.compress.mask_enforcer`); ZeRO-3 is refused when the plan is built. Structured pruning
 happens on the fp32 model before `deepspeed.initialize`, so any ZeRO stage and precision trains the result.
+With recipe.pruning.schedule=none (plain fine-tuning) ZeRO-3 runs; the input model is loaded whole on every rank
+(from its safetensors) and partitioned by `deepspeed.initialize`, unlike the train recipe's partitioned construction.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from orchestrator.compress.wanda import input_feature_norms
 from orchestrator.config.trust import trusted_model_targets
 from orchestrator.models.hf_causal_lm import hf_model_config
 from orchestrator.train.compression import pruning_hook, selected_parameters
+from orchestrator.train.construction import enable_activation_checkpointing
 from orchestrator.train.data_order import calibration_batches, example_inputs
 from orchestrator.train.engine import build_engine
 from orchestrator.train.steps import start_worker
@@ -60,6 +63,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # Hugging Face LMs: heads and MLP units removed by weight magnitude (the same choice on every rank)
         model = prune_causal_lm(model, lm_structured["heads_ratio"], lm_structured["mlp_ratio"])
         model_cfg = hf_model_config(model)
+    if trainer["activation_checkpointing"]:
+        enable_activation_checkpointing(model)
     pruning, norms = recipe["pruning"], None
     if pruning["method"] == "wanda" and pruning["schedule"] in ("one_shot", "gradual"):
         # on the fp32 model before DeepSpeed: the same first batches and weights on every rank, so the same masks

@@ -1,7 +1,8 @@
 """Recipe `train`: supervised data-parallel training of one model on one dataset with DeepSpeed.
 
 `train_loop_per_worker` runs on every Ray Train worker, top to bottom:
-  setup    data and model from config (hydra instantiate), DeepSpeed engine, the optional pruning hook
+  setup    data and model from config (hydra instantiate; under ZeRO-3 inside deepspeed.zero.Init, so no rank
+           holds the whole model), DeepSpeed engine, the optional pruning hook
   fit      restore the checkpoint Ray hands us → micro-batches → engine.backward/step → hooks; metrics every
            log_every, validation every eval_every; a DeepSpeed checkpoint reported to Ray Train every
            checkpoint_every and at the last step; flush rank 0's metrics
@@ -23,12 +24,14 @@ from orchestrator import timeline
 from orchestrator.compress import StepEndHook
 from orchestrator.train.callbacks import build_callbacks
 from orchestrator.train.compression import pruning_hook
+from orchestrator.train.construction import build_model
 from orchestrator.train.data_order import training_batches
 from orchestrator.train.engine import (
     build_engine,
     engine_precision,
     restore_latest,
     save_and_report,
+    worker_deepspeed_config,
 )
 from orchestrator.train.mfu import flops_per_sample, mfu, peak_flops_for
 from orchestrator.train.objective import task_loss
@@ -53,8 +56,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg, trainer = loop_config["config"], loop_config["config"]["trainer"]
     rank, _ = start_worker(loop_config)
     data = instantiate(cfg["data"])
-    model = instantiate(cfg["model"])
-    engine = build_engine(model, loop_config["deepspeed"], trainer["optimizer"], loop_config["precision_auto"])
+    ds_config = worker_deepspeed_config(loop_config)
+    model = build_model(cfg["model"], ds_config, trainer["activation_checkpointing"])  # ZeRO-3: built partitioned
+    engine = build_engine(model, ds_config, trainer["optimizer"], precision_auto=False)
     if rank == 0:
         timeline.mark("engine_ready")
     hook = pruning_hook(engine.module, cfg["recipe"]["pruning"], trainer["max_steps"], engine.optimizer)

@@ -93,6 +93,8 @@ class TrainerConfig:
     micro_batch_size: int = 32
     grad_accum_steps: int = 1
     grad_clip: float = 1.0  # 0 disables clipping
+    # recompute each transformer block's activations in the backward pass (GPT, Hugging Face LMs): less memory, ~1 more forward
+    activation_checkpointing: bool = False
     max_steps: int = 300  # optimizer steps
     log_every: int = 10
     eval_every: int = 100  # 0: evaluate only at the end

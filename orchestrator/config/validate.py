@@ -82,6 +82,13 @@ def validate_trainer(cfg: Mapping[str, Any]) -> None:
             "use trainer.precision=bf16 or fp32 on CPU, or trainer=gpu on a GPU cluster",
         )
     validate_deepspeed_overlay(trainer.get("deepspeed") or {})
+    target = (cfg.get("model") or {}).get("_target_")
+    if trainer.get("activation_checkpointing") and target not in CHECKPOINTABLE_MODELS:
+        raise ConfigError(
+            "trainer.activation_checkpointing", True,
+            f"recomputes transformer blocks in the backward pass, which {', '.join(CHECKPOINTABLE_MODELS)} have; "
+            f"the model is {target}: set it to false",
+        )
     optimizer, scheduler = trainer["optimizer"], trainer["scheduler"]
     if not (math.isfinite(optimizer["lr"]) and optimizer["lr"] > 0):
         raise ConfigError("trainer.optimizer.lr", optimizer["lr"], "expected a positive, finite learning rate")
@@ -428,6 +435,8 @@ def local_cpu_count() -> float:
 # --- compression recipes and pipelines ---------------------------------------------------------------------------
 
 RUN_ID = re.compile(r"[0-9a-f]{32}")
+# models whose blocks can be recomputed in the backward pass (their enable_activation_checkpointing method)
+CHECKPOINTABLE_MODELS = ("orchestrator.models.gpt.GPT", "orchestrator.models.hf_causal_lm.HFCausalLM")
 STRUCTURED_MODELS = ("orchestrator.models.mlp.MLP", "orchestrator.models.cnn.CNN", "orchestrator.models.gpt.GPT")
 HF_MODEL = "orchestrator.models.hf_causal_lm.HFCausalLM"
 REFERENCE_FORMS = (
@@ -566,6 +575,13 @@ def validate_compression(cfg: Mapping[str, Any]) -> None:
         _fraction("recipe.distill.alpha", distill["alpha"], True, "alpha")
         if distill["feature_weight"] < 0:
             raise ConfigError("recipe.distill.feature_weight", distill["feature_weight"], "expected a weight >= 0")
+        if distill["feature_weight"] > 0 and cfg["trainer"]["zero_stage"] == 3:
+            raise ConfigError(
+                "trainer.zero_stage", 3,
+                "feature distillation (recipe.distill.feature_weight > 0) runs the student once outside DeepSpeed to "
+                "learn its hidden width, which ZeRO-3's partitioned parameters do not allow; use trainer.zero_stage "
+                "0, 1 or 2, or recipe.distill.feature_weight=0",
+            )
 
 
 def _pattern(value: Any) -> Optional[tuple[int, int]]:

@@ -10,12 +10,14 @@ and the exported smaller model is rebuilt from its config, so the config must be
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 class CausalSelfAttention(nn.Module):
@@ -81,14 +83,25 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(n_embd)
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying: fewer parameters, better small-data perplexity
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
+        if not isinstance(module, (nn.Linear, nn.Embedding)):
+            return
+        params = list(module.parameters(recurse=False))
+        # Built inside deepspeed.zero.Init (ZeRO-3), each submodule's parameters were partitioned when its
+        # constructor returned: gather them to initialise, rank 0's values win (every rank draws the same anyway).
+        with _gathered(params):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def enable_activation_checkpointing(self) -> None:
+        """Keep only each block's input in the forward pass and recompute its activations in the backward one:
+        activation memory per block drops to one [batch, length, n_embd] tensor, for about one more forward."""
+        self.activation_checkpointing = True
 
     def forward(self, idx: Tensor) -> Tensor:
         length = idx.shape[1]
@@ -97,11 +110,29 @@ class GPT(nn.Module):
         pos = torch.arange(length, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         for block in self.blocks:
-            x = block(x)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # non-reentrant: gradients reach parameters (and ZeRO-3's gather hooks run) as in a plain forward
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         return self.lm_head(self.ln_f(x))
 
     def estimate_flops_per_token(self) -> float:
         """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix: 6N + 12·L·H·Q·T."""
-        non_embedding = sum(p.numel() for p in self.parameters()) - self.pos_emb.weight.numel()
+        non_embedding = sum(_numel(p) for p in self.parameters()) - _numel(self.pos_emb.weight)
         attention_width = sum(block.attn.n_head * block.attn.head_dim for block in self.blocks)
         return 6 * non_embedding + 12 * attention_width * self.block_size
+
+
+def _numel(param: Tensor) -> int:
+    """Full size of a parameter, also of a ZeRO-3 partitioned one (an empty placeholder outside forward)."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def _gathered(params: list[nn.Parameter]):
+    """Full parameters for in-place initialisation: deepspeed's GatheredParameters for ZeRO-3 partitions, else a no-op."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)

@@ -74,6 +74,11 @@ class HFCausalLM(nn.Module):
     def forward(self, idx: Tensor) -> Tensor:
         return self.hf(input_ids=idx, use_cache=False).logits
 
+    def enable_activation_checkpointing(self) -> None:
+        """transformers' activation (formerly "gradient") checkpointing: each decoder layer's activations are
+        recomputed in the backward pass (non-reentrant, so gradients and ZeRO-3's gather hooks behave as without it)."""
+        self.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
     @property
     def vocab_size(self) -> int:
         return int(self.hf.config.vocab_size)

@@ -72,6 +72,13 @@ def engine_precision(engine) -> str:
     return "fp16" if engine.fp16_enabled() else "fp32"
 
 
+def worker_deepspeed_config(loop_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's DeepSpeed config as this worker's engine will use it (precision=auto decided for its device):
+    what ZeRO-3's partitioned construction (orchestrator.train.construction) must be given too."""
+    ds_config = dict(loop_config["deepspeed"])
+    return auto_precision_config(ds_config) if loop_config["precision_auto"] else ds_config
+
+
 def build_engine(model: nn.Module, ds_config: dict[str, Any], optimizer_cfg: Mapping[str, Any], precision_auto: bool):
     import deepspeed
 

@@ -48,6 +48,9 @@ PLAN_ROWS = [
     (["trainer.cpus_per_worker=0"], "trainer.cpus_per_worker=0"),
     (["trainer.threads_per_worker=-3"], "trainer.threads_per_worker=-3"),
     (["trainer.use_gpu=true", "trainer.gpus_per_worker=-1", "cluster=ray"], "trainer.gpus_per_worker=-1"),
+    (["trainer.activation_checkpointing=true"], "trainer.activation_checkpointing=True"),  # the MLP has no blocks
+    (["model=cnn", "trainer.activation_checkpointing=true"], "trainer.activation_checkpointing=True"),
+    (["trainer.activation_checkpointing=maybe"], "trainer.activation_checkpointing"),
     (["trainer.optimizer.name=adam"], "trainer.optimizer.name=adam"),
     (["trainer.optimizer.lr=0"], "trainer.optimizer.lr=0"),
     (["trainer.optimizer.lr=-1e-3"], "trainer.optimizer.lr=-0.001"),
@@ -102,6 +105,8 @@ PLAN_ROWS = [
     (["recipe=train", "recipe.pruning.schedule=gradual", "recipe.pruning.sparsity=1.5"], "recipe.pruning.sparsity=1.5"),
     (["recipe.pruning.scope=model"], "recipe.pruning.scope='model'"),
     (["recipe=prune", f"recipe.input={RUN_ID}", "trainer.zero_stage=3"], "trainer.zero_stage=3"),
+    (["recipe=distill", f"recipe.distill.teacher={RUN_ID}", "recipe.distill.feature_weight=0.1", "trainer.zero_stage=3"],
+     "trainer.zero_stage=3"),
     (["recipe=quantize", f"recipe.input={RUN_ID}", "recipe.method=int3"], "recipe.method=int3"),
     (["recipe=quantize", f"recipe.input={RUN_ID}", "recipe.method=int4_weight_only"], "recipe.method='int4_weight_only'"),
     (["recipe=quantize", f"recipe.input={RUN_ID}", "recipe.method=fp8"], "recipe.method='fp8'"),
