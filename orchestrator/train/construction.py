@@ -64,46 +64,6 @@ def _partitioned(model_cfg: dict[str, Any], ds_config: Mapping[str, Any]) -> nn.
     return model
 
 
-def enable_activation_checkpointing(self) -> None: ...
-
-
-def zero3(ds_config: Mapping[str, Any]) -> bool:
-    return int((ds_config.get("zero_optimization") or {}).get("stage", 0)) == 3
-
-
-def build_model(model_cfg: Mapping[str, Any], ds_config: Mapping[str, Any], activation_checkpointing: bool = False) -> nn.Module:
-    """The model `model_cfg` describes, ZeRO-3-partitioned as it is built when `ds_config` says stage 3.
-
-    `ds_config` must be the config the engine will be initialised with (precision already resolved): zero.Init
-    creates the partitions in its dtype, and `deepspeed.initialize` must find the same layout."""
-    model_cfg = dict(model_cfg)
-    if not zero3(ds_config):
-        model = instantiate(model_cfg)
-        if activation_checkpointing:
-            enable_activation_checkpointing(model)
-        return model
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    # zero.Init partitions over deepspeed.comm's world, which deepspeed.initialize would only set up later (on the
-    # process group Ray Train made): the same call, made first
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
-    if model_cfg.get("_target_") == HF_CAUSAL_LM_TARGET:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        hf_ds_config = HfDeepSpeedConfig(dict(ds_config))
-        model = instantiate(model_cfg)
-        # transformers looks the config up through a weak reference (is_deepspeed_zero3_enabled), also after
-        # construction (e.g. in gradient_checkpointing_enable and generate): it lives as long as the model
-        model.hf_deepspeed_config = hf_ds_config
-    else:
-        with deepspeed.zero.Init(config_dict_or_path=dict(ds_config)):
-            model = instantiate(model_cfg)
-    if activation_checkpointing:
-        enable_activation_checkpointing(model)
-    return model
-
-
 def enable_activation_checkpointing(model: nn.Module) -> None:
     if not isinstance(model, ActivationCheckpointable):
         # the plan refuses this before Ray starts (orchestrator.config.validate); a model loaded from a run may not
