@@ -334,7 +334,7 @@ def test_a_promotion_gate_registers_and_moves_the_alias_only_when_every_gate_pas
     client = MlflowClient(tracking.uri)
 
     good_parent = ParentRun(tracking)
-    good_parent.create("pipe-good", {"orch.recipe": "pipeline"})
+    good_parent.create("pipe-good", str(tmp_path / "runs"), {"orch.recipe": "pipeline"})
     assert promote_final(GATE, REPORT, tracking.uri, good_run, good_parent, console) == "models:/digits-gate/1"
     champion = client.get_model_version_by_alias("digits-gate", "champion")
     assert str(champion.version) == "1" and champion.run_id == good_run
@@ -343,7 +343,7 @@ def test_a_promotion_gate_registers_and_moves_the_alias_only_when_every_gate_pas
 
     worse = [REPORT[0], REPORT[1], {**REPORT[2], "val_accuracy": 0.92}]  # 5 points below the teacher
     bad_parent = ParentRun(tracking)
-    bad_parent.create("pipe-bad", {"orch.recipe": "pipeline"})
+    bad_parent.create("pipe-bad", str(tmp_path / "runs"), {"orch.recipe": "pipeline"})
     assert promote_final(GATE, worse, tracking.uri, bad_run, bad_parent, console) is None
     assert [str(v.version) for v in client.search_model_versions("name='digits-gate'")] == ["1"]
     assert client.get_registered_model("digits-gate").aliases == {"champion": 1}
