@@ -67,3 +67,16 @@ def single_process_group() -> Iterator[None]:
 def workdir(tmp_path_factory) -> Path:
     """Where the runs of the session live: ./orch_runs checkpoints, ./mlflow.db, ./mlartifacts."""
     return tmp_path_factory.mktemp("orch-work")
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_linear() -> Iterator[None]:
+    """A ZeRO-3 engine built in the test process (`deepspeed.zero.Init`) replaces `torch.nn.functional.linear` for
+    the rest of the process ("This will persist unless manually reset", DeepSpeed says). A training worker hosts one
+    engine and keeps it; a test process hosts many, and torchao's quantized tensors cannot run DeepSpeed's version
+    (`aten.t` on an Int8Tensor): put PyTorch's own back after each test."""
+    import torch.nn.functional as F
+
+    original = F.linear
+    yield
+    F.linear = original
