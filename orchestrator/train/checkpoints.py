@@ -104,13 +104,20 @@ def attempt_paths(filesystem, run_path: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def next_attempt(filesystem, run_path: str) -> int:
-    """The number of the next attempt: 0 for a run that never wrote anything."""
-    from pyarrow.fs import FileType
+RUN_OWN_ENTRIES = {"logs"}  # the run's log folder (orchestrator.launch.run_log), written before the first attempt
 
-    if filesystem.get_file_info(run_path).type == FileType.NotFound:
-        return 0
-    return attempt_paths(filesystem, run_path)[-1][0] + 1
+
+def next_attempt(filesystem, run_path: str) -> int:
+    """The number of the next attempt: 0 for a run whose folder holds nothing an attempt wrote (absent, or only the
+    driver's log, which the CLI opens before training starts)."""
+    from pyarrow.fs import FileSelector
+
+    attempts = attempt_paths(filesystem, run_path)
+    if len(attempts) == 1:
+        entries = filesystem.get_file_info(FileSelector(run_path, allow_not_found=True))
+        if all(entry.base_name in RUN_OWN_ENTRIES for entry in entries):
+            return 0
+    return attempts[-1][0] + 1
 
 
 def _complete(filesystem, path: str, world_size: int) -> tuple[bool, Optional[Layout], str]:

@@ -76,6 +76,9 @@ def test_markers_of_an_older_orch_count_for_the_resuming_world_size(tmp_path):
 
 def test_every_attempt_of_a_run_is_searched_and_new_attempts_get_new_folders(tmp_path):
     assert next_attempt(LocalFileSystem(), str(tmp_path / "never")) == 0
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "driver.log").write_text("the CLI opens the run's log before the first attempt starts\n")
+    assert next_attempt(LocalFileSystem(), str(tmp_path)) == 0  # a fresh run writes its run's own folder
     make(tmp_path, 10, [0, 1])
     assert next_attempt(LocalFileSystem(), str(tmp_path)) == 1
     make(tmp_path / "resume-1", 10, [0], layout=ONE)
