@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from orchestrator.compress.calibration import calibrate
+
 __all__ = ["block_influence", "drop_blocks", "transformer_blocks"]
 
 GPT_TARGET = "orchestrator.models.gpt.GPT"
@@ -73,15 +75,7 @@ def block_influence(model: nn.Module, batches: Iterable[Tensor]) -> Tensor:
             counts[index] += cosine.numel()
 
         handles.append(block.register_forward_hook(measure, with_kwargs=True))
-    training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(training)
+    calibrate(model, batches, handles)
     if not counts.all():
         raise ValueError("block_influence: no calibration batch reached every block")
     return (sums / counts).float()

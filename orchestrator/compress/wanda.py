@@ -29,6 +29,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from orchestrator.compress.calibration import calibrate
+
 __all__ = ["input_feature_norms", "wanda_scores", "weight_input_dims"]
 
 
@@ -68,15 +70,7 @@ def input_feature_norms(model: nn.Module, params: Mapping[str, Tensor], batches:
             squares[name] = squares.get(name, 0) + features.pow(2).sum(dim=0)
 
         handles.append(_owner(model, name).register_forward_pre_hook(accumulate))
-    training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(training)
+    calibrate(model, batches, handles)
     silent = sorted(set(params) - set(squares))
     if silent:
         raise ValueError(f"no calibration input reached {silent}: wanda cannot score them")
