@@ -103,7 +103,7 @@ def run_sweep(
         # --- parent ---
         parent = SweepRun(base.tracking)
         if plan.resuming:
-            parent.resume_sweep(plan.run_name)
+            parent.resume_sweep(plan.run_name, base.storage_path)
         else:
             parent.start_sweep(plan, concurrency)
             write_identity(plan)

@@ -55,9 +55,9 @@ class SweepRun:
         self.parent.log_text(json.dumps(plan.config, indent=2, default=str), "config/sweep.json")
         return self.parent.run_id  # type: ignore[return-value]
 
-    def resume_sweep(self, run_name: str) -> str:
-        """`resume=NAME`: the same parent run, RUNNING again, its resumes counted (params stay as first logged)."""
-        run_id = self.parent.reopen(run_name, "sweep")
+    def resume_sweep(self, run_name: str, storage_path: str) -> str:
+        """`resume=NAME`: the same parent run (same name and storage), RUNNING again, its resumes counted."""
+        run_id = self.parent.reopen(run_name, storage_path, "sweep")
         resumes = int(self.client.get_run(run_id).data.tags.get("orch.resumes", "0")) + 1
         self.parent.set_tag("orch.resumes", str(resumes))
         return run_id

@@ -62,7 +62,7 @@ def test_ranks_that_see_different_checkpoints_all_load_the_newest_good_on_every_
     garbled.write_text("x" * len(garbled.read_text()))
     assert len(complete_checkpoints(LocalFileSystem(), str(tmp_path / "node1"), 2)) == 2  # it looks complete there
 
-    # fork: the children share the imported modules instead of importing torch again
-    mp.start_processes(choose, args=(str(tmp_path), str(tmp_path / "init")), nprocs=2, join=True, start_method="fork")
+    # spawn, not fork: a fork would inherit whatever process group an earlier test left in this process
+    mp.spawn(choose, args=(str(tmp_path), str(tmp_path / "init")), nprocs=2, join=True)
     chosen = [json.loads((tmp_path / f"chose{rank}").read_text()) for rank in (0, 1)]
     assert chosen == [{"step": 10}, {"step": 10}]
