@@ -8,7 +8,8 @@ User models (any other `_target_`) are counted by instantiating them on torch's 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping
 
 
 def _mlp(cfg: Mapping[str, Any]) -> int:
@@ -59,6 +60,24 @@ def count_parameters(model_cfg: Mapping[str, Any]) -> int:
     import torch
     from hydra.utils import instantiate
 
-    with torch.device("meta"):
+    with torch.device("meta"), _hf_zero3_suspended():
         model = instantiate(dict(model_cfg))
     return parameter_count(model)
+
+
+@contextmanager
+def _hf_zero3_suspended() -> Iterator[None]:
+    """A ZeRO-3 worker keeps transformers' DeepSpeed config alive on its model (`train/construction.py`), and
+    transformers then builds every HF model inside `deepspeed.zero.Init`, whose broadcasts wait for every rank. A
+    count made on one rank (the memory log is rank 0's) would hang the run: it builds plain, on meta."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:
+        yield
+        return
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved

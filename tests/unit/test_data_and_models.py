@@ -78,3 +78,22 @@ def test_losses_and_eval_sums():
     assert metrics["val_loss"] == pytest.approx(float(task_loss(logits, targets)))
     lm = eval_metrics(torch.tensor([6.0, 0.0, 3.0], dtype=torch.float64), "lm")
     assert lm["val_perplexity"] == pytest.approx(math.exp(2.0))
+
+
+def test_counting_an_hf_model_on_a_zero3_worker_builds_it_plain_and_leaves_zero3_on():
+    """A ZeRO-3 worker keeps transformers' DeepSpeed config alive; a count that built inside zero.Init on rank 0 alone
+    waited forever for rank 1 (the memory log hung a distillation run)."""
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    model_cfg = OmegaConf.to_container(
+        compose(["model=hf_causal_lm", "data=text", "model.config.n_layer=1", "model.config.n_embd=32",
+                 "model.config.n_head=2"]).cfg.model, resolve=True)
+    expected = sum(p.numel() for p in {id(p): p for p in instantiate(model_cfg).parameters()}.values())
+    alive = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        assert count_parameters(model_cfg) == expected  # no process group here: zero.Init would have failed
+        assert is_deepspeed_zero3_enabled()  # the worker's own setting is back
+    finally:
+        del alive
+    assert not is_deepspeed_zero3_enabled()
