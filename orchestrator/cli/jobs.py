@@ -30,6 +30,8 @@ def parser_for(command: str) -> argparse.ArgumentParser:
         wait.add_argument("--follow", action="store_true", help="stream the job's output; exit with its outcome")
         wait.add_argument("--no-wait", action="store_true", help="print the job id and return (the default)")
         parser.add_argument("--sweep", action="store_true", help="run `orch sweep` (conf/sweep/) instead of `orch run`")
+        parser.add_argument("-v", "--verbose", action="store_true",
+                            help="the job's run shows Ray's, DeepSpeed's and MLflow's output in the job's logs")
         parser.add_argument("overrides", nargs="*", help="key=value config overrides, as for orch run")
     elif command in ("status", "logs", "stop"):
         parser.add_argument("job_id")
@@ -96,7 +98,7 @@ def submit(args: argparse.Namespace) -> None:
                   file=sys.stderr)
     excludes = jobs.upload_excludes(Path.cwd(), cfg.trainer.storage_path, cfg.tracking.uri)
     job_id = jobs.submit(args.address, args.overrides, args.env, Path.cwd(), command="sweep" if args.sweep else "run",
-                         excludes=excludes)
+                         excludes=excludes, verbose=args.verbose)
     if args.json:
         print_json({"job_id": job_id})
     else:

@@ -119,20 +119,23 @@ def job_env(names: Iterable[str]) -> dict[str, str]:
     return env
 
 
-def entrypoint(overrides: Sequence[str], command: str = "run") -> str:
+def entrypoint(overrides: Sequence[str], command: str = "run", verbose: bool = False) -> str:
+    """`verbose`: the job's `orch run -v`, so the libraries' output goes to the job's logs (`orch logs`) live rather
+    than only to the run's log file on the cluster."""
     # the cluster's own python: the image has orchestrator installed; the shipped directory is the job's cwd
-    return shlex.join(["python", "-m", "orchestrator.cli", command, "cluster=ray", *overrides])
+    flags = ["-v"] if verbose else []
+    return shlex.join(["python", "-m", "orchestrator.cli", command, *flags, "cluster=ray", *overrides])
 
 
 def submit(
     address: Optional[str], overrides: Sequence[str], env_names: Sequence[str], working_dir: Path, command: str = "run",
-    excludes: Sequence[str] = tuple(UPLOAD_EXCLUDES),
+    excludes: Sequence[str] = tuple(UPLOAD_EXCLUDES), verbose: bool = False,
 ) -> str:
-    """`excludes`: what not to upload (`upload_excludes`)."""
+    """`excludes`: what not to upload (`upload_excludes`); `verbose`: see `entrypoint`."""
     env = job_env(env_names)
     job_client = client(address)
     return job_client.submit_job(
-        entrypoint=entrypoint(overrides, command),
+        entrypoint=entrypoint(overrides, command, verbose),
         runtime_env={"working_dir": str(working_dir), "excludes": list(excludes), "env_vars": env},
         metadata={"orch.overrides": " ".join(overrides)},
     )

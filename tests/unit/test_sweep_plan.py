@@ -212,3 +212,13 @@ def test_the_outcome_table_in_a_log_keeps_whole_column_names(tmp_path):
     out = io.StringIO()
     print_outcome(outcome, "val_accuracy", Console(file=out, width=80))
     assert "recipe.pruning.sparsity" in out.getvalue() and "444b3_00000" in out.getvalue()
+
+
+def test_submit_verbose_reaches_the_jobs_run_wherever_it_is_written():
+    from orchestrator.cli.jobs import parser_for
+    from orchestrator.launch.jobs import entrypoint
+
+    args = parser_for("submit").parse_intermixed_args(["trainer.seed=1", "-v", "--address", "http://h:8265", "x=2"])
+    assert args.verbose and args.overrides == ["trainer.seed=1", "x=2"]
+    assert not parser_for("submit").parse_intermixed_args(["trainer.seed=1"]).verbose
+    assert entrypoint(args.overrides, "run", args.verbose) == "python -m orchestrator.cli run -v cluster=ray trainer.seed=1 x=2"
