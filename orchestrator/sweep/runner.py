@@ -24,6 +24,7 @@ from rich.console import Console
 from orchestrator.stage_runner import cluster_session
 from orchestrator.sweep.best import write_best
 from orchestrator.sweep.plan import IDENTITY_FILE, SweepPlan, apply
+from orchestrator.sweep.progress import trial_progress
 from orchestrator.sweep.space import decode, encode_options, to_tune
 from orchestrator.sweep.tracking import SweepRun
 from orchestrator.sweep.trial import run_trial
@@ -128,7 +129,7 @@ def run_sweep(
             if plan.resuming:
                 tuner = _restored_tuner(plan, trainable)
             else:
-                tuner = _new_tuner(plan, trainable, concurrency, sweep_dir)
+                tuner = _new_tuner(plan, trainable, concurrency, sweep_dir, console)
             started = time.monotonic()
             grid = tuner.fit()
             # --- outcome ---
@@ -157,9 +158,11 @@ def _restored_tuner(plan: SweepPlan, trainable):
     )
 
 
-def _new_tuner(plan: SweepPlan, trainable, concurrency: int, sweep_dir: Path):
+def _new_tuner(plan: SweepPlan, trainable, concurrency: int, sweep_dir: Path, console: Console):
     import ray.tune
 
+    progress = trial_progress(console, plan.dimensions, plan.metric, plan.mode,
+                              int(plan.base_plan.stages[0].config["trainer"]["max_steps"]), plan.num_samples)
     return ray.tune.Tuner(
         trainable,
         param_space=to_tune(plan.dimensions),
@@ -171,7 +174,7 @@ def _new_tuner(plan: SweepPlan, trainable, concurrency: int, sweep_dir: Path):
             num_samples=plan.num_samples,
             max_concurrent_trials=concurrency,
         ),
-        run_config=ray.tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1),
+        run_config=ray.tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1, callbacks=[progress]),
     )
 
 

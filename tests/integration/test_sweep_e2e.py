@@ -8,6 +8,7 @@ what Optuna samples for the other two.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -46,12 +47,19 @@ def sweep_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def outcome(ray_instance, sweep_dir):
+def console_output() -> io.StringIO:
+    return io.StringIO()
+
+
+@pytest.fixture(scope="module")
+def outcome(ray_instance, sweep_dir, console_output):
+    from rich.console import Console
+
     from orchestrator.sweep.plan import plan_sweep
     from orchestrator.sweep.runner import run_sweep
 
     plan = plan_sweep(SWEEP, [], cwd=sweep_dir)
-    return run_sweep(plan, cwd=sweep_dir)
+    return run_sweep(plan, console=Console(file=console_output, width=200), cwd=sweep_dir)
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +105,16 @@ def test_asha_stopped_the_bad_trial_early_and_it_is_recorded(outcome, client, ch
     # (its workers may still log a few steps to MLflow while Tune tears the trial down: the stop is Tune's record)
     assert bad["trial_wall_s"] is None  # it never sent the final report, which only a finished trial sends
     assert client.get_run(outcome.parent_run_id).data.metrics["trials_early_stopped"] >= 1
+
+
+def test_the_console_shows_each_trial_start_and_end_as_it_happens(outcome, console_output):
+    text = console_output.getvalue()
+    for row in outcome.trials:
+        assert f"trial {row['trial_id']} started (" in text
+        ended = "completed:" if row["state"] == "completed" else f"stopped early at step {row['step']}:"
+        assert f"trial {row['trial_id']} {ended}" in text
+    assert f"{len(outcome.trials)}/{len(outcome.trials)} ended" in text
+    assert text.index("started (1/") < text.index(" ended")  # printed as trials ran, before the summary table
 
 
 def test_completed_trials_are_finished_and_the_best_is_tagged(outcome, client, children):
