@@ -22,16 +22,20 @@ def ray_instance() -> Iterator[None]:
 
     from orchestrator.launch.ray_session import findable_by_ray_helpers, free_port, record_address
 
-    temp_dir = tempfile.mkdtemp(prefix="orch-test-ray-", dir="/tmp")
+    temp_dir, port = tempfile.mkdtemp(prefix="orch-test-ray-", dir="/tmp"), free_port()
     with findable_by_ray_helpers(temp_dir):
-        ray.init(
-            address="local",
-            num_cpus=2,
-            include_dashboard=True,
-            dashboard_port=free_port(),
-            logging_level=logging.WARNING,
-            _temp_dir=temp_dir,
-        )
+        # the State API's address only while Ray starts (its processes keep it): the test process's own children
+        # (`orch submit --address URL`) must not inherit it, since it overrides any address a job client is given
+        with findable_by_ray_helpers(temp_dir, port):
+            ray.init(
+                address="local",
+                num_cpus=2,
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=port,
+                logging_level=logging.WARNING,
+                _temp_dir=temp_dir,
+            )
         record_address(temp_dir)
         try:
             yield

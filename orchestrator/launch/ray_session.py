@@ -54,25 +54,32 @@ def worker_env(cluster: Mapping[str, Any], use_gpu: bool) -> dict[str, str]:
 
 
 @contextmanager
-def findable_by_ray_helpers(temp_dir: str) -> Iterator[None]:
-    """Make a private local Ray the one its own helper processes find.
+def findable_by_ray_helpers(temp_dir: str, dashboard_port: Optional[int] = None) -> Iterator[None]:
+    """Make a private local Ray the one its own helper processes find, with other Ray instances on the machine.
 
-    Some of Ray's helpers locate "the" cluster by auto-detection (Train V2's placement-group cleaner, which frees a
-    run's CPUs when its controller dies abruptly, e.g. a sweep trial that Tune stops). With several Ray instances on
-    one machine that detection fails and the CPUs stay reserved. Every process of the instance inherits
-    RAY_TMPDIR from the process that starts it, and Ray reads the cluster's address from RAY_TMPDIR/ray/
-    ray_current_cluster: point both at this instance. Use around `ray.init(address="local", _temp_dir=temp_dir)`,
-    then call `record_address(temp_dir)`.
+    Some of Ray's helpers locate "the" cluster by auto-detection: Train V2's placement-group cleaner (which frees a
+    run's CPUs when its controller dies abruptly, e.g. a sweep trial that Tune stops) asks the State API, whose
+    client, given no address, scans the machine for GCS processes. With several Ray instances that scan warns
+    ("Found multiple active Ray instances") and picks the newest one, which need not be this run's. Every process of
+    the instance inherits the environment of the process that starts it, so two variables set around
+    `ray.init(address="local", _temp_dir=temp_dir, dashboard_port=dashboard_port)` settle it for all of them:
+    RAY_API_SERVER_ADDRESS (this instance's dashboard, the State API's address: no scan at all) and RAY_TMPDIR
+    (Ray reads the cluster's address from RAY_TMPDIR/ray/ray_current_cluster; call `record_address(temp_dir)` after).
+    Both are restored on exit.
     """
-    previous = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = temp_dir
+    settings = {"RAY_TMPDIR": temp_dir}
+    if dashboard_port is not None:
+        settings["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         yield
     finally:
-        if previous is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = previous
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def record_address(temp_dir: str) -> None:
@@ -131,17 +138,22 @@ class RaySession:
 
 
 def _init_local(cluster: Mapping[str, Any], temp_dir: str, dashboard_port: int) -> None:
+    """The State API's address only while Ray starts: its processes (raylet, GCS, and the workers the raylet
+    spawns) keep it, and the driver's own environment goes back as it was (a driver that kept it exited on SIGTERM
+    with SIGABRT instead of unwinding: tests/integration/test_ray_session.py)."""
     import ray
 
-    ray.init(
-        address="local",
-        num_cpus=cluster.get("num_cpus"),
-        num_gpus=cluster.get("num_gpus"),
-        include_dashboard=True,
-        dashboard_port=dashboard_port,
-        logging_level=logging.WARNING,
-        _temp_dir=temp_dir,
-    )
+    with findable_by_ray_helpers(temp_dir, dashboard_port):
+        ray.init(
+            address="local",
+            num_cpus=cluster.get("num_cpus"),
+            num_gpus=cluster.get("num_gpus"),
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",  # the State API address findable_by_ray_helpers gives Ray's helpers
+            dashboard_port=dashboard_port,
+            logging_level=logging.WARNING,
+            _temp_dir=temp_dir,
+        )
     record_address(temp_dir)
     timeline.mark("ray_ready")
 

@@ -32,7 +32,21 @@ CHROMIUM_FLAGS = [
 
 
 @pytest.fixture(scope="module")
-def user_run(tmp_path_factory):
+def other_ray(ray_instance):
+    """Another Ray instance already running on the machine (this test session's own), as on many users' machines:
+    what it holds before `orch run` starts beside it."""
+    import ray
+    from ray.util.state import list_actors
+
+    return {
+        "actors": {actor.actor_id for actor in list_actors(limit=10_000, raise_on_missing_output=False)},
+        "placement_groups": set(ray.util.placement_group_table()),
+        "resources": ray.cluster_resources(),
+    }
+
+
+@pytest.fixture(scope="module")
+def user_run(tmp_path_factory, other_ray):
     """`orch run` with small settings, exactly as typed at a shell, in an empty directory."""
     cwd = tmp_path_factory.mktemp("user")
     out = subprocess.run(
@@ -44,11 +58,11 @@ def user_run(tmp_path_factory):
         timeout=600,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return cwd, out.stdout
+    return cwd, out.stdout, out.stderr
 
 
 def test_orch_run_prints_progress_and_a_summary_and_writes_the_local_store(user_run):
-    cwd, stdout = user_run
+    cwd, stdout, _ = user_run
     assert "step 30/30" in stdout and "samples/s" in stdout  # progress lines (not a terminal) reached the end
     for line in ("MLflow run:", "checkpoint:", "model:", "orch ui"):
         assert line in stdout
@@ -61,6 +75,24 @@ def test_orch_run_prints_progress_and_a_summary_and_writes_the_local_store(user_
     assert run.data.tags["orch.precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
 
 
+def test_a_run_beside_another_ray_instance_keeps_to_its_own(user_run, other_ray):
+    """orch's private Ray is the only cluster its processes and Ray's helpers see: nothing of the run lands on the
+    other instance, which is left as it was, and no helper trips over two instances on one machine."""
+    import ray
+    from ray.util.state import list_actors
+
+    cwd, stdout, stderr = user_run
+    log = (cwd / "orch_runs" / "first" / "logs" / "driver.log").read_text()
+    assert "(RayTrainWorker pid=" in log  # the log holds the run's Ray output, so the next line could fail
+    for text in (stdout, stderr, log):
+        assert "multiple active Ray instances" not in text and "Found multiple" not in text
+    new_actors = [(actor.class_name, actor.actor_id) for actor in list_actors(limit=10_000, raise_on_missing_output=False)
+                  if actor.actor_id not in other_ray["actors"]]
+    assert not new_actors, new_actors
+    assert not set(ray.util.placement_group_table()) - other_ray["placement_groups"]
+    assert ray.cluster_resources() == other_ray["resources"]
+
+
 def test_the_run_registers_its_mlflow_model_and_orch_eval_measures_the_registered_version(user_run, tmp_path):
     """tracking.register_as: a Model Registry version (alias newest) of the run's MLflow Model, which MLflow loads;
     `orch eval models:/...` evaluates it on the driver and tags the run it evaluated."""
@@ -69,7 +101,7 @@ def test_the_run_registers_its_mlflow_model_and_orch_eval_measures_the_registere
 
     from orchestrator.data.digits import load_digits_splits
 
-    cwd, stdout = user_run
+    cwd, stdout, _ = user_run
     uri = f"sqlite:///{cwd / 'mlflow.db'}"
     client = MlflowClient(uri)
     [run] = client.search_runs(["1"], filter_string="tags.`orch.run_name` = 'first'")
@@ -100,7 +132,7 @@ def test_the_run_registers_its_mlflow_model_and_orch_eval_measures_the_registere
 
 
 def test_a_second_run_with_the_same_name_is_refused_and_nothing_is_touched(user_run):
-    cwd, _ = user_run
+    cwd, _, _ = user_run
     before = sorted(p.name for p in (cwd / "orch_runs" / "first").iterdir())
     out = subprocess.run([*ORCH, "run", "name=first"], cwd=cwd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "resume=first" in out.stderr
@@ -111,7 +143,7 @@ def test_a_second_run_with_the_same_name_is_refused_and_nothing_is_touched(user_
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (.ci/run installs it)")
 def test_orch_ui_shows_the_run_and_its_metrics_in_a_browser(user_run):
-    cwd, _ = user_run
+    cwd, _, _ = user_run
     port = free_port()
     ui = subprocess.Popen(
         [*ORCH, "ui", "--port", str(port)], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
