@@ -133,6 +133,8 @@ def test_finished_trials_are_kept_and_the_searcher_continues(interrupted_and_res
     by_id = {run.info.run_id: run for run in after}
     finished = [run for run in before if run.info.status == "FINISHED"]
     assert finished
+    # Tune's outcome was on the child before the kill (the driver tags it as Tune decides): data a resume can read
+    assert all(run.data.tags.get("orch.trial_state") == "completed" for run in finished)
     for run in finished:  # the same child, closed at the same time, with the same results
         kept = by_id[run.info.run_id]
         assert kept.info.status == "FINISHED" and kept.info.end_time == run.info.end_time
