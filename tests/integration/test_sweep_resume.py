@@ -18,10 +18,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from pathlib import Path
 
 pytestmark = pytest.mark.slow
 
