@@ -51,7 +51,7 @@ class SweepPlan:
     base_plan: Plan  # the base config planned: tracking, storage, cluster, resources per trial
     overrides: list[str]  # sweep.overrides + command line: the base recipe as `orch run` arguments
     config: dict[str, Any] = field(default_factory=dict)  # the sweep section, logged with the parent run
-    resuming: bool = False  # `orch sweep resume=NAME`: continue that interrupted sweep (Tuner.restore)
+    resuming: bool = False  # `orch sweep resume=NAME`: continue that interrupted sweep (`orchestrator.sweep.resume`)
 
     @property
     def sweep_dir(self) -> Path:

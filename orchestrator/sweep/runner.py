@@ -6,9 +6,11 @@
   tune      Tuner(with_resources(run_trial, 0 CPU), search algorithm, ASHA, max_concurrent_trials): the trial
             function holds no CPU itself; its Ray Train workers reserve theirs, and at most as many trials run at
             once as the cluster holds workers for, so concurrent trials never oversubscribe it. `resume=NAME`:
-            the parent reopened and Tune's experiment restored (Tuner.restore) instead
+            the parent reopened, its trials read from MLflow (`orchestrator.sweep.resume`: data only, no pickle),
+            and a fresh Tuner in tune-resume-<n> runs what is left: interrupted trials first, under their own ids
   outcome   every trial's MLflow child closed with its Tune state; the best tagged; trials table, plots, the
-            best config as a YAML `orch run` accepts, all logged to the parent
+            best config as a YAML `orch run` accepts, all logged to the parent (a resumed sweep's outcome counts
+            the earlier attempts' finished trials too)
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from rich.console import Console
 
@@ -25,9 +27,10 @@ from orchestrator.stage_runner import cluster_session
 from orchestrator.sweep.best import write_best
 from orchestrator.sweep.plan import IDENTITY_FILE, SweepPlan, apply
 from orchestrator.sweep.progress import trial_progress
+from orchestrator.sweep.resume import RecordedTrial
 from orchestrator.sweep.space import decode, encode_options, to_tune
 from orchestrator.sweep.tracking import SweepRun
-from orchestrator.sweep.trial import run_trial
+from orchestrator.sweep.trial import RESUMED_TRIAL_KEY, run_trial
 from orchestrator.track.mlflow_run import closed_with_outcome, log_file_attached
 from orchestrator.track.tables import csv_table, format_cell, markdown_table, print_table
 
@@ -126,14 +129,15 @@ def run_sweep(
                 "cwd": str(cwd),
             }
             trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, spec=spec), TRIAL_DRIVER_RESOURCES)
+            earlier: list[RecordedTrial] = []
             if plan.resuming:
-                tuner = _restored_tuner(plan, trainable)
+                tuner, earlier = _resumed_tuner(plan, trainable, concurrency, parent, console)
             else:
-                tuner = _new_tuner(plan, trainable, concurrency, sweep_dir, console)
+                tuner = _new_tuner(plan, trainable, concurrency, sweep_dir, parent, console)
             started = time.monotonic()
-            grid = tuner.fit()
+            grid = tuner.fit() if tuner is not None else []
             # --- outcome ---
-            outcome = _record_outcome(plan, parent, grid, cwd)
+            outcome = _record_outcome(plan, parent, grid, cwd, earlier)
             outcome.tune_wall_s, outcome.concurrency = time.monotonic() - started, concurrency
             return outcome
 
@@ -146,23 +150,43 @@ def write_identity(plan: SweepPlan) -> None:
     (plan.sweep_dir / IDENTITY_FILE).write_text(json.dumps(plan.identity(), indent=2, default=str))
 
 
-def _restored_tuner(plan: SweepPlan, trainable):
-    """Tune's own restore: finished trials keep their results, the searcher and scheduler continue from their saved
-    state (no trial is sampled twice), and trials the killed driver left running start again under their own ids,
-    so each reopens its own MLflow child and Ray Train run (`orchestrator.sweep.trial`). A trial that failed
-    stays failed: its error is a result, not an interruption."""
+def _resumed_tuner(plan: SweepPlan, trainable, concurrency: int, parent: SweepRun, console: Console):
+    """A fresh Tuner for what an interrupted sweep left (`orchestrator.sweep.resume`), and the finished trials it
+    keeps. Nothing is restored from Tune's pickled state: the trials come from MLflow, the searcher is warmed with
+    the finished ones, and the new attempt writes its own folder (tune-resume-<n>), leaving the earlier ones as they
+    are. None for the tuner when every trial already finished (the driver died while recording the outcome)."""
     import ray.tune
 
-    return ray.tune.Tuner.restore(
-        str(plan.sweep_dir / "tune"), trainable=trainable, resume_unfinished=True, resume_errored=False, restart_errored=False
+    from orchestrator.sweep import resume
+
+    recorded = resume.read_trials(parent.client, parent.experiment_id, parent.run_id, plan.dimensions, plan.metric)
+    finished, _ = resume.split_trials(recorded)
+    attempt = resume.next_attempt(plan.sweep_dir)
+    search_alg, num_samples = resume.resume_search(plan, recorded, concurrency, attempt)
+    if search_alg is None:
+        return None, finished
+    tuner = ray.tune.Tuner(
+        trainable,
+        param_space={**to_tune(plan.dimensions), RESUMED_TRIAL_KEY: None},
+        tune_config=ray.tune.TuneConfig(
+            metric=plan.metric, mode=plan.mode, search_alg=search_alg, scheduler=_scheduler(plan),
+            num_samples=num_samples, max_concurrent_trials=concurrency,
+        ),
+        run_config=ray.tune.RunConfig(name=f"{resume.ATTEMPT_PREFIX}{attempt}", storage_path=str(plan.sweep_dir), verbose=1,
+                                      callbacks=[_outcome_tagger(plan, parent), _progress(plan, console, num_samples)]),
     )
+    return tuner, finished
 
 
-def _new_tuner(plan: SweepPlan, trainable, concurrency: int, sweep_dir: Path, console: Console):
+def _progress(plan: SweepPlan, console: Console, trials: int):
+    """The console's line per trial start and end (`orchestrator.sweep.progress`); `trials`: this attempt's."""
+    return trial_progress(console, plan.dimensions, plan.metric, plan.mode,
+                          int(plan.base_plan.stages[0].config["trainer"]["max_steps"]), trials)
+
+
+def _new_tuner(plan: SweepPlan, trainable, concurrency: int, sweep_dir: Path, parent: SweepRun, console: Console):
     import ray.tune
 
-    progress = trial_progress(console, plan.dimensions, plan.metric, plan.mode,
-                              int(plan.base_plan.stages[0].config["trainer"]["max_steps"]), plan.num_samples)
     return ray.tune.Tuner(
         trainable,
         param_space=to_tune(plan.dimensions),
@@ -174,8 +198,48 @@ def _new_tuner(plan: SweepPlan, trainable, concurrency: int, sweep_dir: Path, co
             num_samples=plan.num_samples,
             max_concurrent_trials=concurrency,
         ),
-        run_config=ray.tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1, callbacks=[progress]),
+        run_config=ray.tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
+                                      callbacks=[_outcome_tagger(plan, parent), _progress(plan, console, plan.num_samples)]),
     )
+
+
+def _trial_max_steps(plan: SweepPlan, params: dict[str, Any]) -> int:
+    return int(params.get("trainer.max_steps", plan.base_plan.stages[0].config["trainer"]["max_steps"]))
+
+
+def _outcome_tagger(plan: SweepPlan, parent: SweepRun):
+    """A Tune callback that tags each trial's MLflow child with Tune's outcome (orch.trial_state) the moment Tune
+    has it. A driver killed later leaves that outcome recorded, so a resume counts the trial as finished (an
+    ASHA-stopped trial is not run again) and reads only data to know it. Holds plain values only: Tune pickles its
+    callbacks with its own experiment state."""
+    from ray.tune import Callback
+
+    from orchestrator.sweep.trial import STATE_TAG, TRIAL_TAG
+    from orchestrator.track.mlflow_run import PARENT_TAG
+
+    uri, experiment_id, parent_run_id = plan.base_plan.tracking.uri, parent.experiment_id, parent.run_id
+    dimensions, default_steps = plan.dimensions, plan.base_plan.stages[0].config["trainer"]["max_steps"]
+
+    class TagTrialOutcome(Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            params = decode(dimensions, {d.key: trial.config[d.key] for d in dimensions})
+            max_steps = int(params.get("trainer.max_steps", default_steps))
+            self._tag(trial, "completed" if (trial.last_result or {}).get("step", 0) >= max_steps else "early_stopped")
+
+        def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self._tag(trial, "failed")
+
+        def _tag(self, trial: Any, state: str) -> None:
+            from mlflow import MlflowClient
+
+            client = MlflowClient(uri)
+            trial_id = trial.config.get(RESUMED_TRIAL_KEY) or trial.trial_id
+            runs = client.search_runs([experiment_id], max_results=1, filter_string=(
+                f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'"))
+            if runs:
+                client.set_tag(runs[0].info.run_id, STATE_TAG, state)
+
+    return TagTrialOutcome()
 
 
 def trial_state(result, max_steps: int) -> str:
@@ -186,19 +250,39 @@ def trial_state(result, max_steps: int) -> str:
 
 
 def _trial_id(result) -> str:
-    """Tune's trial id: in every report, else (a trial that failed before reporting) in its folder's name."""
+    """The trial's id: an interrupted trial run again keeps its own (`RESUMED_TRIAL_KEY`); else Tune's, in every
+    report, else (a trial that failed before reporting) in its folder's name."""
+    if (result.config or {}).get(RESUMED_TRIAL_KEY):
+        return result.config[RESUMED_TRIAL_KEY]
     reported = (result.metrics or {}).get("trial_id")
     return reported or Path(result.path).name.split("_")[2]  # run_trial_<id>_<n>_<params>
 
 
-def _record_outcome(plan: SweepPlan, parent: SweepRun, grid, cwd: Path) -> SweepOutcome:
+def _earlier_row(plan: SweepPlan, trial: RecordedTrial) -> dict[str, Any]:
+    """A trial an earlier attempt finished, as a row of the outcome: what its MLflow child recorded."""
+    row: dict[str, Any] = {"trial_id": trial.trial_id, "run_id": trial.run_id, "state": trial.outcome, **trial.params}
+    row[plan.metric] = trial.value
+    row["step"] = trial.step
+    row["trial_wall_s"] = None  # timed by the earlier attempt's trial function, which Tune did not hear from
+    return row
+
+
+def _record_outcome(plan: SweepPlan, parent: SweepRun, grid, cwd: Path, earlier: Sequence[RecordedTrial] = ()) -> SweepOutcome:
+    """Every trial of the sweep: this attempt's (from Tune's results) and, on a resume, the earlier attempts'
+    finished ones (from MLflow)."""
     children = parent.trial_runs()
     rows: list[dict[str, Any]] = []
+    for trial in earlier:
+        rows.append(_earlier_row(plan, trial))
+        parent.close_trial(trial.run_id, trial.outcome, None)
+        run = children.get(trial.trial_id)
+        for key in SIZE_METRICS:
+            if run is not None and key in run.data.metrics:
+                rows[-1][key] = run.data.metrics[key]
     for result in grid:
         trial_id = _trial_id(result)
         params = decode(plan.dimensions, {k: result.config[k] for k in (d.key for d in plan.dimensions)})
-        max_steps = int(params.get("trainer.max_steps", plan.base_plan.stages[0].config["trainer"]["max_steps"]))
-        state = trial_state(result, max_steps)
+        state = trial_state(result, _trial_max_steps(plan, params))
         run = children.get(trial_id)
         row: dict[str, Any] = {"trial_id": trial_id, "run_id": run.info.run_id if run else None, "state": state, **params}
         row[plan.metric] = (result.metrics or {}).get(plan.metric)

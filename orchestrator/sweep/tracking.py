@@ -5,9 +5,10 @@
   counts; artifacts: sweep/trials.csv, plots/<metric>_vs_<key>.png, plots/parallel_coordinates.png (and
   plots/accuracy_vs_size.png when trials pruned), best/best.yaml; tag orch.best_trial_run_id and metric best_<metric>.
 * Child (one per trial, written by the trial through `run_stage`): mlflow.parentRunId, orch.trial_id,
-  orch.sweep_run, the trial's full config as params, its metric history; closed here with its Tune outcome
-  (orch.trial_state = completed | early_stopped | failed; an early-stopped trial's status is KILLED, a failed one's
-  FAILED) and the best one tagged orch.best_trial=true.
+  orch.sweep_run, the trial's full config as params, its metric history; tagged with its Tune outcome the moment
+  Tune decides it (orch.trial_state = completed | early_stopped | failed), closed here with it (an early-stopped
+  trial's status is KILLED, a failed one's FAILED) and the best one tagged orch.best_trial=true. A resumed sweep
+  reads its trials back from these children alone (`orchestrator.sweep.resume`).
 """
 
 from __future__ import annotations

@@ -10,9 +10,10 @@ one, and a trial stopped while it exports its model would leave its MLflow run h
 forwards every report before the last step, and the function reports the final metrics itself once `run_stage`
 has returned.
 
-A sweep resumed after its driver died (`orch sweep resume=NAME`) starts the trials the driver left running again
-under their own ids: each finds its MLflow child and reopens it, continuing its Ray Train run from its checkpoints;
-one whose run had already finished (the driver died before Tune heard) reports what that run recorded instead.
+A sweep resumed after its driver died (`orch sweep resume=NAME`, `orchestrator.sweep.resume`) runs the trials the
+driver left running again in a new Tuner, which gives them new Tune ids; each carries its own id in its config
+(`RESUMED_TRIAL_KEY`), so it finds its MLflow child and reopens it, continuing its Ray Train run from its
+checkpoints; one whose run had already finished reports what that run recorded instead.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ TRIAL_TAG = "orch.trial_id"
 SWEEP_TAG = "orch.sweep_run"
 STATE_TAG = "orch.trial_state"  # completed | early_stopped | failed
 BEST_TAG = "orch.best_trial"
+# A trial's config key that carries an interrupted trial's own id into a resumed sweep's new Tuner (None for new
+# trials): Tune gives each trial of that Tuner a new id, and the id names the trial's Ray Train run and MLflow child.
+RESUMED_TRIAL_KEY = "orch_resumed_trial_id"
 
 
 def trial_run_name(sweep_run: str, trial_id: str) -> str:
@@ -47,7 +51,8 @@ def run_trial(config: dict[str, Any], spec: Mapping[str, Any]) -> None:
     from orchestrator.sweep.plan import apply
 
     started = time.monotonic()
-    trial_id = ray.tune.get_context().get_trial_id()
+    # an interrupted trial run again by a resumed sweep keeps its own id (its Ray Train run, its MLflow child)
+    trial_id = config.get(RESUMED_TRIAL_KEY) or ray.tune.get_context().get_trial_id()
     dimensions: list[Dimension] = spec["dimensions"]
     params = decode(dimensions, config)
     name = trial_run_name(spec["sweep_run"], trial_id)

@@ -1,18 +1,24 @@
-"""`orch sweep resume=NAME` after the sweep's driver was SIGKILLed once its first trial had finished: real Ray Tune
-(Tuner.restore), Ray Train, DeepSpeed and MLflow, through the command line as a user types it (~2 min on 2 cores).
+"""`orch sweep resume=NAME` after the sweep's driver was SIGKILLed once its first trial had finished and the second
+had saved a checkpoint: real Ray Tune, Ray Train, DeepSpeed and MLflow, through the command line as a user types it
+(~2 min on 2 cores).
 
-Three Optuna trials, one at a time, one worker each. The first finished trial must come through untouched, the
-trial the kill interrupted must reuse its MLflow child (never a second child, never one left RUNNING), and the
-searcher must continue: three trials in all, not three more.
+Three Optuna trials, one at a time, one worker each. The resume reads only data (MLflow, JSON, checkpoints): every
+pickle Tune left in the first attempt's tune/ folder is replaced by one whose loading would create a marker file,
+and the folder must come through byte for byte. The first finished trial must come through untouched, the trial
+the kill interrupted must continue its own Ray Train run from its checkpoint in its own MLflow child (never a second
+child, never one left RUNNING), and the searcher must continue: three trials in all, not three more.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -46,6 +52,29 @@ def sweep_runs(client: MlflowClient):
     return parent, [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
 
 
+class BoobyTrap:
+    """A pickle whose loading creates `marker`: proof that nothing unpickled it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def files_digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def checkpointed_but_unfinished(cwd: Path, parent, children) -> bool:
+    """A RUNNING trial whose Ray Train run has a complete checkpoint: the kill then interrupts a trial mid-run."""
+    sweep_dir = cwd / "orch_runs" / parent.data.tags["orch.run_name"]
+    return any(
+        list((sweep_dir / child.data.tags["orch.run_name"]).glob("checkpoint_step_*/.orch_complete_rank0"))
+        for child in children if child.info.status == "RUNNING"
+    )
+
+
 @pytest.fixture(scope="module")
 def interrupted_and_resumed(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("sweep-resume")
@@ -57,9 +86,10 @@ def interrupted_and_resumed(tmp_path_factory):
         deadline = time.time() + 600
         while True:
             assert driver.poll() is None, "the sweep ended before the driver was killed"
-            assert time.time() < deadline, "no trial finished within 600 s"
+            assert time.time() < deadline, "no trial finished, and another checkpointed, within 600 s"
             parent, children = sweep_runs(client) if (cwd / "mlflow.db").exists() else (None, [])
-            if any(child.info.status == "FINISHED" for child in children):
+            finished = any(child.info.status == "FINISHED" for child in children)
+            if finished and checkpointed_but_unfinished(cwd, parent, children):
                 break
             time.sleep(0.5)
     finally:
@@ -70,14 +100,32 @@ def interrupted_and_resumed(tmp_path_factory):
         driver.wait(timeout=60)
     before_parent, before = sweep_runs(client)
     name = before_parent.data.tags["orch.run_name"]
+    tune_dir = cwd / "orch_runs" / name / "tune"
+    marker = cwd / "unpickled"
+    pickles = sorted(tune_dir.rglob("*.pkl"))
+    assert pickles, "Tune wrote no pickle: nothing to booby-trap"
+    for path in pickles:
+        path.write_bytes(pickle.dumps(BoobyTrap(marker)))
+    tune_files = files_digest(tune_dir)
+    resume_started_ms = int(time.time() * 1000)
     resumed = subprocess.run([*ORCH, "sweep", *SWEEP_ARGS, f"resume={name}"], cwd=cwd, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     after_parent, after = sweep_runs(client)
-    return before_parent, before, after_parent, after
+    return {"before_parent": before_parent, "before": before, "after_parent": after_parent, "after": after, "client": client,
+            "marker": marker, "tune_dir": tune_dir, "tune_files": tune_files, "resume_started_ms": resume_started_ms,
+            "sweep_dir": cwd / "orch_runs" / name, "stdout": resumed.stdout}
+
+
+def test_the_resume_reads_no_pickle_and_leaves_the_first_attempt_as_it_was(interrupted_and_resumed):
+    r = interrupted_and_resumed
+    assert not r["marker"].exists(), "the resume unpickled a file of the interrupted sweep's tune/ folder"
+    assert files_digest(r["tune_dir"]) == r["tune_files"]
+    assert (r["sweep_dir"] / "tune-resume-1").is_dir()
 
 
 def test_finished_trials_are_kept_and_the_searcher_continues(interrupted_and_resumed):
-    before_parent, before, after_parent, after = interrupted_and_resumed
+    r = interrupted_and_resumed
+    before_parent, before, after_parent, after = r["before_parent"], r["before"], r["after_parent"], r["after"]
     assert after_parent.info.run_id == before_parent.info.run_id and after_parent.info.status == "FINISHED"
     assert after_parent.data.tags["orch.resumes"] == "1"
     assert len(after) == NUM_SAMPLES, "the searcher started again, or a trial has two children"
@@ -85,18 +133,36 @@ def test_finished_trials_are_kept_and_the_searcher_continues(interrupted_and_res
     by_id = {run.info.run_id: run for run in after}
     finished = [run for run in before if run.info.status == "FINISHED"]
     assert finished
+    # Tune's outcome was on the child before the kill (the driver tags it as Tune decides): data a resume can read
+    assert all(run.data.tags.get("orch.trial_state") == "completed" for run in finished)
     for run in finished:  # the same child, closed at the same time, with the same results
         kept = by_id[run.info.run_id]
         assert kept.info.status == "FINISHED" and kept.info.end_time == run.info.end_time
         assert kept.data.metrics["val_accuracy"] == run.data.metrics["val_accuracy"]
 
 
-def test_an_interrupted_trial_reuses_its_child_and_none_stays_running(interrupted_and_resumed):
-    _, before, _, after = interrupted_and_resumed
+def test_an_interrupted_trial_continues_from_its_checkpoint_in_its_child_and_none_stays_running(interrupted_and_resumed):
+    r = interrupted_and_resumed
+    before, after = r["before"], r["after"]
     assert all(run.info.status != "RUNNING" for run in after)
     assert all(run.data.tags.get("orch.trial_state") == "completed" for run in after)
     interrupted = [run for run in before if run.info.status == "RUNNING"]
+    assert interrupted, "the kill interrupted no trial"
     by_id = {run.info.run_id: run for run in after}
     for run in interrupted:
         assert run.info.run_id in by_id, "the interrupted trial's child was replaced by another"
         assert by_id[run.info.run_id].data.tags.get("orch.resumes") == "1"
+        assert by_id[run.info.run_id].data.tags["orch.trial_id"] == run.data.tags["orch.trial_id"]
+        # it continued from a checkpoint (step >= 10): nothing it logged after the resume started is from step 10 or before
+        history = r["client"].get_metric_history(run.info.run_id, "loss")
+        resumed_steps = [m.step for m in history if m.timestamp >= r["resume_started_ms"]]
+        assert resumed_steps and min(resumed_steps) > 10, sorted((m.step, m.timestamp) for m in history)
+
+
+def test_the_outcome_counts_every_trial_of_the_sweep(interrupted_and_resumed):
+    r = interrupted_and_resumed
+    parent = r["client"].get_run(r["after_parent"].info.run_id)
+    assert parent.data.metrics["trials"] == NUM_SAMPLES and parent.data.metrics["trials_completed"] == NUM_SAMPLES
+    best = parent.data.tags["orch.best_trial_run_id"]
+    values = {run.info.run_id: run.data.metrics["val_accuracy"] for run in r["after"]}
+    assert values[best] == max(values.values())
