@@ -76,7 +76,11 @@ def checkpointed_but_unfinished(cwd: Path, parent, children) -> bool:
 
 
 @pytest.fixture(scope="module")
-def interrupted_and_resumed(tmp_path_factory):
+def interrupted_and_resumed(tmp_path_factory, ray_instance):
+    """The sweep's drivers run beside another Ray instance (the test session's), as on many users' machines."""
+    from ray.util.state import list_actors
+
+    actors_before = {actor.actor_id for actor in list_actors(limit=10_000, raise_on_missing_output=False)}
     cwd = tmp_path_factory.mktemp("sweep-resume")
     client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
     driver = subprocess.Popen(
@@ -113,7 +117,7 @@ def interrupted_and_resumed(tmp_path_factory):
     after_parent, after = sweep_runs(client)
     return {"before_parent": before_parent, "before": before, "after_parent": after_parent, "after": after, "client": client,
             "marker": marker, "tune_dir": tune_dir, "tune_files": tune_files, "resume_started_ms": resume_started_ms,
-            "sweep_dir": cwd / "orch_runs" / name, "stdout": resumed.stdout}
+            "sweep_dir": cwd / "orch_runs" / name, "stdout": resumed.stdout, "actors_before": actors_before}
 
 
 def test_the_resume_reads_no_pickle_and_leaves_the_first_attempt_as_it_was(interrupted_and_resumed):
@@ -166,3 +170,16 @@ def test_the_outcome_counts_every_trial_of_the_sweep(interrupted_and_resumed):
     best = parent.data.tags["orch.best_trial_run_id"]
     values = {run.info.run_id: run.data.metrics["val_accuracy"] for run in r["after"]}
     assert values[best] == max(values.values())
+
+
+def test_the_sweep_beside_another_ray_instance_keeps_to_its_own_and_shows_its_trials(interrupted_and_resumed):
+    from ray.util.state import list_actors
+
+    r = interrupted_and_resumed
+    log = (r["sweep_dir"] / "logs" / "driver.log").read_text()
+    assert "(RayTrainWorker pid=" in log or "TrainController" in log  # Ray's output is there, so the next line can fail
+    assert "multiple active Ray instances" not in log + r["stdout"]
+    new_actors = [(actor.class_name, actor.actor_id) for actor in list_actors(limit=10_000, raise_on_missing_output=False)
+                  if actor.actor_id not in r["actors_before"]]
+    assert not new_actors, new_actors
+    assert " started (1/" in r["stdout"] and " ended" in r["stdout"]  # the resumed attempt's trial lines

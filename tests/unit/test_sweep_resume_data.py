@@ -4,11 +4,13 @@ is a real sqlite one, Optuna and Tune's search algorithms run in this process.""
 
 from __future__ import annotations
 
+import io
 import pickle
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from rich.console import Console
 
 from orchestrator.sweep.plan import plan_sweep_from_overrides
 from orchestrator.sweep.resume import (
@@ -145,7 +147,7 @@ def test_the_resume_path_opens_no_pickle(tmp_path, monkeypatch):
     for name in ("tuner.pkl", "searcher-state-2026-11-29_12-00-00.pkl", "trainable.pkl"):
         (tune / name).write_bytes(pickle.dumps(BoobyTrap(marker)))
     plan.resuming = True
-    tuner, earlier = _resumed_tuner(plan, ray.tune.with_parameters(lambda config, spec: None, spec={}), 1, parent)
+    tuner, earlier = _resumed_tuner(plan, ray.tune.with_parameters(lambda config, spec: None, spec={}), 1, parent, Console(file=io.StringIO()))
     assert isinstance(tuner, ray.tune.Tuner)
     assert [t.trial_id for t in earlier] == ["aaa"] and earlier[0].params["trainer.optimizer.lr"] == 0.002
     assert not marker.exists()
