@@ -1,5 +1,6 @@
 """A real multi-node Ray cluster on this machine (`ray start --head` + `ray start --address`), driven as a user would:
-`orch run cluster=ray` from outside, and `orch submit/status/logs/list/stop` through the Ray Jobs API.
+`orch run cluster=ray` from outside, `orch submit/status/logs/list/stop` through the Ray Jobs API, and Ray's own
+`ray job submit`.
 
 Every node runs in its own process group with its own ports and is stopped by that group, never with `ray stop`.
 """
@@ -265,3 +266,31 @@ def test_submit_a_sweep_follow_it_and_find_its_runs_and_best_config(cluster):
     assert "best/best.yaml" in {a.path for a in client.list_artifacts(parent.info.run_id, "best")}
     best_yaml = shared / "orch_runs" / parent.data.tags["orch.run_name"] / "best" / "best.yaml"
     assert best_yaml.is_file() and "trainer:" in best_yaml.read_text()
+
+
+def test_ray_job_submit_with_local_tracking_is_refused_naming_tracking_uri(cluster, tmp_path):
+    """`ray job submit` (Ray's own CLI, not orch's) with orch's default local tracking: the job's driver refuses in
+    one line naming `tracking.uri`, because the store would be written into the job's temporary copy of the working
+    directory, which Ray deletes."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("the job's working directory\n")
+    for _attempt in range(6):
+        _wait_http(f"{cluster['jobs']}/api/version")
+        out = subprocess.run(
+            [RAY, "job", "submit", "--address", cluster["jobs"], "--working-dir", str(project), "--",
+             sys.executable, "-m", "orchestrator.cli", "run", "cluster=ray", "cluster.address=auto", "trainer.num_workers=1"],
+            env=cluster["env"], capture_output=True, text=True, timeout=600, check=False,
+        )
+        # a head still starting on a busy machine drops the upload or has no job agent yet: submit again, as Ray's
+        # own message says to
+        if not any(busy in out.stdout + out.stderr for busy in ("Connection aborted", "please try again later",
+                                                                 "Failed to connect to Ray")):
+            break
+        time.sleep(10)
+    assert out.returncode != 0, out.stdout[-3000:]
+    # Ray's CLI shows the job's output twice (the tail, then the status message): one distinct line
+    errors = sorted({line for line in out.stdout.splitlines() if line.startswith("orch: error:")})
+    assert len(errors) == 1, out.stdout[-3000:] + out.stderr[-2000:]
+    assert errors[0].startswith("orch: error: tracking.uri='sqlite:///") and "inside Ray job raysubmit_" in errors[0]
+    assert sorted(p.name for p in project.iterdir()) == ["notes.txt"]
