@@ -99,11 +99,12 @@ def test_the_exported_model_is_a_hugging_face_directory(gpt2_run, client, tmp_pa
 @pytest.fixture(scope="module")
 def pipeline_run(ray_instance, workdir, corpus):
     shipped = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "pipeline" / "lm_compress.yaml")
-    steps = {"teacher": 60, "pruned": 10, "student": 30}
+    steps = {"teacher": 60, "pruned": 10, "student": 30}  # the quantize stage does not train
     stages = []
     for stage in OmegaConf.to_container(shipped.stages):
         kept = [o for o in stage["overrides"] if not o.startswith("trainer.max_steps=")]
-        stages.append({**stage, "overrides": [*kept, f"trainer.max_steps={steps[stage['name']]}"]})
+        shorter = [f"trainer.max_steps={steps[stage['name']]}"] if stage["name"] in steps else []
+        stages.append({**stage, "overrides": [*kept, *shorter]})
     command_line = [*COMMON, "model=hf_llama", f"data.path={corpus}", "data.block_size=32", "trainer.eval_every=0",
                     "trainer.checkpoint_every=0", "tracking.experiment=lm-pipeline-e2e"]
     composed = compose(["recipe=pipeline", "pipeline=lm_compress", "name=lm-pipe", *command_line])
@@ -112,12 +113,13 @@ def pipeline_run(ray_instance, workdir, corpus):
     return plan, run_pipeline(plan)
 
 
-def test_the_lm_pipeline_prunes_distills_and_reports_every_stage(pipeline_run, client, tmp_path):
+def test_the_lm_pipeline_prunes_distills_quantizes_and_reports_every_stage(pipeline_run, client, tmp_path):
+    """The shipped pipeline: depth + width pruning, transfer-set distillation, int8 weight-only quantization."""
     from transformers import AutoModelForCausalLM
 
     plan, results = pipeline_run
     ids = {result.stage: result.run_id for result in results}
-    assert sorted(ids) == ["pruned", "student", "teacher"]
+    assert sorted(ids) == ["pruned", "quantized", "student", "teacher"]
     [parent] = client.search_runs(
         [client.get_experiment_by_name("lm-pipeline-e2e").experiment_id],
         filter_string=f"tags.`orch.run_name` = '{plan.run_name}'",
@@ -128,10 +130,19 @@ def test_the_lm_pipeline_prunes_distills_and_reports_every_stage(pipeline_run, c
     assert {"val_perplexity", "parameters", "size_bytes", "tokens_per_s"} <= set(header)
     assert int(table["pruned"]["parameters"]) < int(table["teacher"]["parameters"])
     assert table["student"]["parameters"] == table["pruned"]["parameters"]
+    # one of the teacher's two blocks and half of the other's heads and MLP units: under half its parameters
+    assert int(table["pruned"]["parameters"]) < 0.5 * int(table["teacher"]["parameters"])
     assert float(table["teacher"]["val_perplexity"]) < 256 / 4 and float(table["student"]["val_perplexity"]) < 256 / 2
-    # the final model loads with transformers alone, smaller by its saved config
+    # int8 weights: smaller on disk than the fp32 student, perplexity within 5 % of it
+    assert int(table["quantized"]["size_bytes"]) < 0.7 * int(table["student"]["size_bytes"])
+    assert float(table["quantized"]["val_perplexity"]) == pytest.approx(float(table["student"]["val_perplexity"]), rel=0.05)
+    # the student's soft loss ran on the transfer set the teacher labelled
+    student_run = client.get_run(ids["student"])
+    assert student_run.data.params["recipe.distill.transfer_data"] == "all_inputs"
+    # the distilled student loads with transformers alone, smaller by its saved config
     local = Path(client.download_artifacts(ids["student"], "model", str(tmp_path / "student")))
     student = AutoModelForCausalLM.from_pretrained(str(local / "hf"), local_files_only=True)
+    assert student.config.num_hidden_layers == 1
     assert student.config.num_attention_heads == 2 and student.config.intermediate_size == 128
     assert torch.isfinite(student(input_ids=torch.randint(0, 256, (1, 16))).logits).all()
 
