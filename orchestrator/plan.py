@@ -83,14 +83,12 @@ def deepspeed_config(trainer: Mapping[str, Any], precision: str) -> dict[str, An
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": trainer["micro_batch_size"],
         "gradient_accumulation_steps": trainer["grad_accum_steps"],
-        # an elastic group's world size, so its global batch, changes: DeepSpeed derives it from the world it finds
-        "train_batch_size": None if validate.is_elastic(trainer["num_workers"])
+        # an elastic group keeps the batch of its MAX workers; a smaller group accumulates more (start_worker)
+        "train_batch_size": validate.elastic_global_batch(trainer) if validate.is_elastic(trainer["num_workers"])
         else trainer["micro_batch_size"] * trainer["grad_accum_steps"] * trainer["num_workers"],
         "zero_optimization": {"stage": trainer["zero_stage"]},
         "steps_per_print": 10**9,  # orch reports progress itself
     }
-    if config["train_batch_size"] is None:
-        del config["train_batch_size"]
     if precision == "bf16":
         config["bf16"] = {"enabled": True}
     elif precision == "fp16":

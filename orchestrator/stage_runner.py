@@ -210,8 +210,8 @@ def adopt_resumed_layout(stage: StagePlan) -> None:
     )
 
     if isinstance(stage.num_workers, tuple):
-        # an elastic group's global batch follows its world size (DeepSpeed derives train_batch_size), and the
-        # workers reshard whatever layout they find (restore_latest): there is no fixed layout to keep here
+        # an elastic group's workers make its global batch by accumulation whatever their number (start_worker),
+        # and reshard whatever layout they find (restore_latest), checking it there
         return
     filesystem, root = run_storage(stage)
     layouts = [c.layout for c in complete_checkpoints(filesystem, root, stage.num_workers) if c.layout is not None]

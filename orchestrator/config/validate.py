@@ -55,9 +55,35 @@ def is_elastic(num_workers: Any) -> bool:
     return isinstance(num_workers, (list, tuple))
 
 
+def elastic_global_batch(trainer: Mapping[str, Any]) -> int:
+    """An elastic run keeps one global batch, MAX x micro-batch x accumulation, whatever the size of its group: a
+    smaller group accumulates more micro-batches, so a restart on the workers left continues the same optimization
+    at the same sample position (what `resume=` on another number of workers does too)."""
+    _, high = worker_range(trainer["num_workers"])
+    return high * trainer["micro_batch_size"] * trainer["grad_accum_steps"]
+
+
+def validate_elastic_batch(trainer: Mapping[str, Any]) -> None:
+    """Every group size Ray Train may choose in [MIN, MAX] must make the global batch by whole accumulation steps."""
+    low, high = worker_range(trainer["num_workers"])
+    accum = trainer["grad_accum_steps"]
+    misfits = [size for size in range(low, high + 1) if (high * accum) % size]
+    if misfits:
+        lcm = math.lcm(*range(low, high + 1))
+        step = lcm // math.gcd(lcm, high)
+        raise ConfigError(
+            "trainer.num_workers", [low, high],
+            f"an elastic group keeps the global batch of {high} workers x trainer.grad_accum_steps={accum}; a group of "
+            f"{misfits[0]} cannot make it by whole accumulation steps: set trainer.grad_accum_steps to a multiple of "
+            f"{step}, or choose a range whose sizes all divide {high * accum}",
+        )
+
+
 def validate_trainer(cfg: Mapping[str, Any]) -> None:
     trainer = cfg["trainer"]
     worker_range(trainer["num_workers"])
+    if is_elastic(trainer["num_workers"]):
+        validate_elastic_batch(trainer)
     for key, minimum in [
         ("micro_batch_size", 1),
         ("grad_accum_steps", 1),

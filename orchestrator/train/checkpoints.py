@@ -178,6 +178,10 @@ class ResumeMismatch(ValueError):
         self.key, self.value, self.reason = key, value, reason
         super().__init__(f"{key}={value!r}: {reason}")
 
+    def __reduce__(self):
+        # raised in a Ray worker, it travels to the controller and the driver pickled: rebuild it from its fields
+        return type(self), (self.key, self.value, self.reason)
+
 
 def check_zero_stage(layout: Layout, zero_stage: int) -> None:
     """Raise ResumeMismatch where no conversion leads from the checkpoint's ZeRO layout to `zero_stage`."""

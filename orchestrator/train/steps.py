@@ -33,12 +33,25 @@ def start_worker(loop_config: dict) -> tuple[int, int]:
     torch.set_num_threads(trainer["threads_per_worker"] or max(1, int(trainer["cpus_per_worker"])))
     torch.manual_seed(trainer["seed"])  # identical initial weights on every rank
     rank = context.get_world_rank()
+    if isinstance(trainer["num_workers"], (list, tuple)):
+        _keep_elastic_global_batch(loop_config, context.get_world_size())
     if rank == 0:
         timeline.mark("worker_start")
         connect_in_background(loop_config["tracking"]["uri"])
         if loop_config.get("progress") is not None:
             send_warnings_to_driver(loop_config["progress"])
     return rank, context.get_world_size()
+
+
+def _keep_elastic_global_batch(loop_config: dict, world_size: int) -> None:
+    """An elastic group of `world_size` workers accumulates what makes the run's global batch (this worker's copy
+    of the loop config: the data order and DeepSpeed's engine both read it)."""
+    trainer = loop_config["config"]["trainer"]
+    global_batch = loop_config["deepspeed"]["train_batch_size"]  # the plan's: MAX x micro x accumulation
+    grad_accum = global_batch // (world_size * trainer["micro_batch_size"])  # validated to divide
+    trainer["grad_accum_steps"] = grad_accum
+    loop_config["deepspeed"] = {**loop_config["deepspeed"], "gradient_accumulation_steps": grad_accum,
+                                "train_batch_size": global_batch}
 
 
 def due(step: int, every: int, last: int) -> bool:

@@ -1,6 +1,6 @@
 """A real multi-node Ray cluster on this machine (`ray start --head` + `ray start --address`), driven as a user would:
-`orch run cluster=ray` from outside, `orch submit/status/logs/list/stop` through the Ray Jobs API, and Ray's own
-`ray job submit`.
+`orch run cluster=ray` from outside, `orch submit/status/logs/list/stop` through the Ray Jobs API, Ray's own
+`ray job submit`, and, last (it takes the second node away), an elastic run that loses a node.
 
 Every node runs in its own process group with its own ports and is stopped by that group, never with `ray stop`.
 """
@@ -95,7 +95,8 @@ def cluster(tmp_path_factory):
         while len(_alive_nodes(jobs_url, env)) < 2:
             assert time.time() < deadline, "the second node never joined"
             time.sleep(1)
-        yield {"gcs": f"127.0.0.1:{gcs_port}", "jobs": jobs_url, "shared": tmp_path_factory.mktemp("shared"), "env": env}
+        yield {"gcs": f"127.0.0.1:{gcs_port}", "jobs": jobs_url, "shared": tmp_path_factory.mktemp("shared"), "env": env,
+               "worker_node": nodes[1]}
     finally:
         for node in reversed(nodes):
             try:
@@ -294,3 +295,81 @@ def test_ray_job_submit_with_local_tracking_is_refused_naming_tracking_uri(clust
     assert len(errors) == 1, out.stdout[-3000:] + out.stderr[-2000:]
     assert errors[0].startswith("orch: error: tracking.uri='sqlite:///") and "inside Ray job raysubmit_" in errors[0]
     assert sorted(p.name for p in project.iterdir()) == ["notes.txt"]
+
+
+def _lose_node(node: subprocess.Popen) -> None:
+    """SIGKILL every process of a node at once (its raylet and the workers it started, which Ray puts in process
+    groups of their own), as a machine that vanishes would."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" (", 1)
+        except OSError:
+            continue
+        children.setdefault(int(rest.rsplit(") ", 1)[1].split()[1]), []).append(int(pid))
+    doomed, queue = [], [node.pid]
+    while queue:
+        pid = queue.pop()
+        doomed.append(pid)
+        queue.extend(children.get(pid, []))
+    for pid in doomed:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    node.wait(timeout=30)
+
+
+def test_an_elastic_run_that_loses_a_node_finishes_on_the_workers_left(cluster):
+    """Last in this module: it kills the second node. `trainer.num_workers=[1,2]` starts on both nodes; rank 0 holds
+    after the checkpoint of step 30 while the worker node is SIGKILLed (raylet and its workers: a node lost, not
+    drained); Ray Train restarts the group on the one CPU left, the workers reshard the 2-rank ZeRO-2 checkpoint
+    through the universal conversion, and the run ends in its one MLflow run with every step logged once."""
+    shared, name = cluster["shared"], "elastic"
+    hold = shared / "elastic-go"
+    callback = f"{{_target_: orchestrator.train.callbacks.HoldAt, step: 30, rank: 0, until: '{hold}'}}"
+    run = subprocess.Popen(
+        [*ORCH, "run", "cluster=ray", f"cluster.address={cluster['gcs']}", *_common(shared, name),
+         "trainer.num_workers=[1,2]", "trainer.zero_stage=2", "trainer.max_steps=60", "trainer.max_failures=3",
+         "trainer.log_every=1",
+         f"trainer.callbacks=[{callback}]"],
+        # Ray Train's controller may still count the lost node's CPU once: its start of a 2-worker group then
+        # waits this long (default 60 s) before it retries with the workers the cluster has
+        cwd=shared, env={**cluster["env"], "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.time() + 400
+        while not Path(f"{hold}.reached").exists():
+            assert run.poll() is None and time.time() < deadline, "the run never reached step 30"
+            time.sleep(0.5)
+        lost = time.time()
+        _lose_node(cluster["worker_node"])
+        deadline = time.time() + 120  # the head's health checks declare it dead (Ray Train then sees one CPU)
+        while len(_alive_nodes(cluster["jobs"], cluster["env"])) > 1:
+            assert time.time() < deadline, "the head never declared the killed node dead"
+            time.sleep(1)
+        hold.touch()
+        declared = time.time()
+        output, _ = run.communicate(timeout=600)
+        print(f"node declared dead {declared - lost:.0f} s after the kill; the run ended {time.time() - declared:.0f} s later")
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, output[-4000:]
+
+    client = MlflowClient(f"sqlite:///{shared / 'mlflow.db'}")
+    [mlflow_run] = client.search_runs(["1"], filter_string=f"tags.`orch.run_name` = '{name}'")
+    assert mlflow_run.info.status == "FINISHED"
+    sizes = [(m.step, m.value) for m in sorted(client.get_metric_history(mlflow_run.info.run_id, "orch.world_size"),
+                                                key=lambda m: m.step)]
+    assert sizes == [(0, 2.0), (30, 1.0)], sizes  # logged at each start, at the step it starts from
+    losses = sorted(client.get_metric_history(mlflow_run.info.run_id, "loss"), key=lambda m: m.step)
+    assert [m.step for m in losses] == list(range(1, 61))  # every step once: none lost, none repeated
+    # continuous: the restart continued from step 30's weights (a restart from scratch starts near ln 10 = 2.3)
+    before = sum(m.value for m in losses[20:30]) / 10
+    after = sum(m.value for m in losses[30:40]) / 10
+    first = sum(m.value for m in losses[:5]) / 5
+    assert after <= 1.25 * before and after < 0.6 * first, (first, before, after)
+    # the 2-rank checkpoint was resharded for one rank through DeepSpeed's universal format, beside the original
+    assert list((shared / "orch_runs" / name).glob("**/checkpoint_step_*30.universal")), output[-3000:]

@@ -24,10 +24,23 @@ def test_worker_range_refuses_what_is_not_a_count_or_a_range(value):
     assert error.value.key == "trainer.num_workers"
 
 
-def test_an_elastic_range_is_planned_as_a_range_and_leaves_the_global_batch_to_deepspeed(tmp_path):
-    [stage] = build_plan(compose(["trainer.num_workers=[1,2]"]), cwd=tmp_path).stages
+def test_an_elastic_range_is_planned_as_a_range_with_the_global_batch_of_its_max(tmp_path):
+    [stage] = build_plan(compose(["trainer.num_workers=[1,2]", "trainer.micro_batch_size=8"]), cwd=tmp_path).stages
     assert stage.num_workers == (1, 2) and stage.min_workers == 1
-    assert "train_batch_size" not in stage.deepspeed  # the world size, so the global batch, may change
+    # the batch of 2 workers, which 1 worker makes by accumulating 2 micro-batches (start_worker)
+    assert stage.deepspeed["train_batch_size"] == 16 and stage.deepspeed["gradient_accumulation_steps"] == 1
+
+
+@pytest.mark.parametrize("workers, accum, ok", [([1, 2], 1, True), ([2, 4], 1, False), ([2, 4], 3, True),
+                                                ([1, 4], 1, False), ([1, 4], 3, True), ([2, 2], 1, True)])
+def test_every_size_of_an_elastic_group_must_make_its_global_batch(tmp_path, workers, accum, ok):
+    overrides = [f"trainer.num_workers=[{workers[0]},{workers[1]}]", f"trainer.grad_accum_steps={accum}"]
+    if ok:
+        build_plan(compose(overrides), cwd=tmp_path)
+        return
+    with pytest.raises(ConfigError) as error:
+        build_plan(compose(overrides), cwd=tmp_path)
+    assert error.value.key == "trainer.num_workers" and "multiple of 3" in str(error.value)
     [fixed] = build_plan(compose(["trainer.num_workers=2"]), cwd=tmp_path).stages
     assert fixed.num_workers == 2 and fixed.deepspeed["train_batch_size"] == 2 * fixed.deepspeed["train_micro_batch_size_per_gpu"]
 
