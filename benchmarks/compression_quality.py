@@ -6,10 +6,10 @@ cores, but with the very pieces the recipes use: the built-in MLP and digits spl
 report's `measure` (size, gzip size, one-thread CPU latency). The shipped pipeline (conf/pipeline/digits_compress.yaml)
 runs the same steps through Ray Train + DeepSpeed.
 
-    python benchmarks/compression_quality.py            # full: 3 seeds, sparsity 0.80-0.98, both KD regimes
-    python benchmarks/compression_quality.py --quick    # 1 seed, 3 sparsities, shorter training (a smoke run)
-    python benchmarks/compression_quality.py --seeds 0 1 2 3 4 --sparsities 0.9 0.95
-    python benchmarks/compression_quality.py --study transfer   # KD with a transfer set: a 16-unit student, 300 labels
+    python -m benchmarks.compression_quality            # full: 3 seeds, sparsity 0.80-0.98, both KD regimes
+    python -m benchmarks.compression_quality --quick    # 1 seed, 3 sparsities, shorter training (a smoke run)
+    python -m benchmarks.compression_quality --seeds 0 1 2 3 4 --sparsities 0.9 0.95
+    python -m benchmarks.compression_quality --study transfer   # KD with a transfer set: a 16-unit student, 300 labels
 
 Seed s means: digits split with split_seed=s (validation set and the 300-example labelled subset) and torch seed s.
 Outputs: benchmarks/results/compression_quality.{json,md}, pruning_curve.png, and one MLflow run (experiment

@@ -6,8 +6,8 @@ the end of its run (plan, Ray Train fit, export, MLflow); the sweep's wall time 
 wall / ideal − 1 is the overhead Ray Tune and orch add around the trials (Ray Tune publishes about 14 % for its own
 scheduling). Ray's start and the parent MLflow run are outside both, and reported separately.
 
-    python benchmarks/sweep_overhead.py            # 6 trials
-    python benchmarks/sweep_overhead.py --quick    # 3 trials
+    python -m benchmarks.sweep_overhead            # 6 trials
+    python -m benchmarks.sweep_overhead --quick    # 3 trials
 Writes benchmarks/results/sweep_overhead.json.
 """
 

@@ -559,3 +559,16 @@ def test_synopsis_words_and_placeholders_are_filled_and_unknown_ones_are_named()
         ["model=cnn", "model.channels=[16,32]", "trainer.seed=0"],
         ["model=cnn", "model.channels=[16,32]", "trainer.seed=1"],
     ]
+
+
+BENCHMARK = re.compile(r"python -m (benchmarks\.[a-z_]+)")
+
+
+@pytest.mark.parametrize("module", sorted({m for doc in MARKDOWN for m in BENCHMARK.findall((REPO / doc).read_text())}))
+def test_documented_benchmark_runs_as_written(module):
+    """The benchmarks the docs name are run as `python -m benchmarks.NAME` from the repository root (they import
+    each other as `benchmarks.*`): each one starts and answers --help."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "usage:" in out.stdout, out.stderr[-2000:]
