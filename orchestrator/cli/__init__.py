@@ -220,12 +220,13 @@ def _sweep(cfg, mode: _Mode) -> None:
         fail(str(error))
     if mode.plan_only and mode.json:
         print_json({"name": plan.name, "num_samples": plan.num_samples, "search": plan.search, "scheduler": plan.scheduler,
-                    "metric": plan.metric, "mode": plan.mode, "space": {d.key: d.describe() for d in plan.dimensions},
+                    "metric": plan.metric, "mode": plan.mode, "objectives": plan.objectives, "space": {d.key: d.describe() for d in plan.dimensions},
                     "overrides": plan.overrides})
         return
     if mode.plan_only:
         print(f"sweep {plan.name}: {plan.num_samples} trial(s), search={plan.search}, scheduler={plan.scheduler['name']}, "
-              f"metric={plan.metric} ({plan.mode})")
+              + (f"objectives={', '.join(f'{m} ({d})' for m, d in plan.objectives.items())}" if plan.objectives
+                 else f"metric={plan.metric} ({plan.mode})"))
         for dim in plan.dimensions:
             print(f"  {dim.key}: {dim.describe()}")
         print("base recipe: orch run " + " ".join(plan.overrides))
@@ -255,7 +256,7 @@ def _sweep(cfg, mode: _Mode) -> None:
         print_json(asdict(outcome))
     else:
         print_outcome(outcome, plan.metric, console)
-    if outcome.best is None:
+    if outcome.best is None and not outcome.front:
         sys.exit(1)
 
 

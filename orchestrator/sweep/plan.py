@@ -6,6 +6,8 @@ The base recipe is composed from conf/ like a run of its own: `sweep.overrides`,
   * the space: every key a leaf of the composed config, every distribution well-formed, and every probe value (the
     bounds of a range, every option of a choice) set on the base config still composes and plans;
   * the metric: one the recipe reports to Ray Train at its checkpoints (what Tune sees), at every checkpoint;
+  * the objectives (`sweep.objectives`, several metrics at once): at least two, each max or min and reported by the
+    trial, with no scheduler that stops trials on one metric (ASHA);
   * the search algorithm against the space (Optuna has no grid), the ASHA settings against trainer.max_steps,
     points_to_evaluate against the space, concurrency against this machine.
 """
@@ -38,7 +40,7 @@ class SweepPlan:
     name: str  # the sweep config's name (conf/sweep/<name>.yaml)
     run_name: str  # the parent MLflow run's orch.run_name; trials' checkpoints live under storage_path/run_name
     dimensions: list[Dimension]
-    metric: str
+    metric: str  # with objectives: the first one (what progress lines and tables lead with)
     mode: str
     num_samples: int
     search: str
@@ -52,6 +54,7 @@ class SweepPlan:
     overrides: list[str]  # sweep.overrides + command line: the base recipe as `orch run` arguments
     config: dict[str, Any] = field(default_factory=dict)  # the sweep section, logged with the parent run
     resuming: bool = False  # `orch sweep resume=NAME`: continue that interrupted sweep (`orchestrator.sweep.resume`)
+    objectives: dict[str, str] = field(default_factory=dict)  # metric -> max|min; empty: one metric (metric, mode)
 
     @property
     def sweep_dir(self) -> Path:
@@ -62,7 +65,9 @@ class SweepPlan:
         """What a resumed sweep must share with the one it continues (stored as data in sweep_plan.json)."""
         return {"sweep": self.name, "space": {d.key: d.describe() for d in self.dimensions}, "overrides": self.overrides,
                 "metric": self.metric, "mode": self.mode, "num_samples": self.num_samples, "search": self.search,
-                "seed": self.seed, "scheduler": self.scheduler}
+                "seed": self.seed, "scheduler": self.scheduler,
+                # only when set, so that a single-objective sweep started before objectives existed still resumes
+                **({"objectives": self.objectives} if self.objectives else {})}
 
 
 IDENTITY_FILE = "sweep_plan.json"
@@ -136,6 +141,37 @@ def reported_metrics(config: Mapping[str, Any]) -> tuple[str, ...]:
     if ((config["recipe"].get("pruning") or {}).get("schedule", "none")) != "none":
         metrics += ("sparsity",)
     return metrics
+
+
+def objective_metrics(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """What a one-stage trial's final report holds: the recipe's reported metrics and, for a stage that pruned, the
+    size of its exported model (logged by `run_stage`, added to the report by the trial)."""
+    metrics = reported_metrics(config)
+    if ((config["recipe"].get("pruning") or {}).get("schedule", "none")) != "none":
+        metrics += SIZE_METRICS
+    return metrics
+
+
+# Logged on a pruned stage's run (orchestrator.track.mlflow_run.StageRun.log_compression); trials report them too.
+SIZE_METRICS = ("nonzero_parameters", "parameters", "final_sparsity")
+
+
+def check_objectives(sweep: Mapping[str, Any], reported: Sequence[str], what: str) -> dict[str, str]:
+    """`sweep.objectives` against what a trial reports (`what` says which trial: the recipe or the pipeline)."""
+    given = sweep.get("objectives")
+    if not isinstance(given, Mapping):
+        raise ConfigError("sweep.objectives", given, "expected a mapping metric: max|min, e.g. {val_accuracy: max, nonzero_parameters: min}")
+    objectives = dict(given)
+    if len(objectives) < 2:
+        raise ConfigError("sweep.objectives", objectives, "expected at least 2 metrics (metric: max|min); for one, set sweep.metric and sweep.mode instead")
+    for metric, mode in objectives.items():
+        if mode not in ("max", "min"):
+            raise ConfigError(f"sweep.objectives.{metric}", mode, "expected max or min")
+        if metric not in reported:
+            raise ConfigError(f"sweep.objectives.{metric}", mode, f"{what} reports {', '.join(reported)}; an objective must be one of them")
+    if sweep["scheduler"]["name"] == "asha":
+        raise ConfigError("sweep.scheduler.name", "asha", "ASHA stops trials on one metric; with sweep.objectives expected 'none'")
+    return objectives
 
 
 def _check_metric(sweep: Mapping[str, Any], config: Mapping[str, Any]) -> None:
@@ -242,7 +278,12 @@ def build_sweep_plan(
     if stage.config["recipe"]["runs_on"] != "workers":
         raise ConfigError("sweep.overrides", f"recipe={choices.get('recipe', recipe)}", "expected a training recipe (one that runs on Ray workers, e.g. train, prune, finetune, distill): trials report metrics while they train")
     _check_keys(base, dimensions, recipe)
-    _check_metric(sweep, stage.config)
+    objectives: dict[str, str] = {}
+    if sweep.get("objectives") is not None:
+        what = f"recipe={stage.config['recipe']['name']} on data with task={stage.config['data'].get('task')}"
+        objectives = check_objectives(sweep, objective_metrics(stage.config), what)
+    else:
+        _check_metric(sweep, stage.config)
     max_steps = stage.config["trainer"]["max_steps"]
     steps_dim = next((d for d in dimensions if d.key == "trainer.max_steps"), None)
     if steps_dim is not None:
@@ -254,8 +295,8 @@ def build_sweep_plan(
         name=sweep["name"],
         run_name=resume or new_sweep_name(sweep["name"]),
         dimensions=dimensions,
-        metric=sweep["metric"],
-        mode=sweep["mode"],
+        metric=next(iter(objectives), sweep["metric"]),
+        mode=next(iter(objectives.values()), sweep["mode"]),
         num_samples=sweep["num_samples"],
         search=sweep["search"],
         seed=sweep["seed"],
@@ -268,7 +309,11 @@ def build_sweep_plan(
         overrides=list(overrides),
         config=dict(sweep),
         resuming=resume is not None,
+        objectives=objectives,
     )
+    if resume is not None and objectives and plan.search == "optuna":
+        # Optuna is warmed with the finished trials' values on a resume (`orchestrator.sweep.resume`), one per trial
+        raise ConfigError("resume", resume, "a sweep with sweep.objectives and sweep.search=optuna cannot be resumed; start it again, or use search=random|grid")
     if resume is not None and paths_here:
         _check_resumable(plan)
     return plan

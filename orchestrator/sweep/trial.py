@@ -31,6 +31,7 @@ TRIAL_TAG = "orch.trial_id"
 SWEEP_TAG = "orch.sweep_run"
 STATE_TAG = "orch.trial_state"  # completed | early_stopped | failed
 BEST_TAG = "orch.best_trial"
+PARETO_TAG = "orch.pareto"  # "true" on each trial of a multi-objective sweep's Pareto front
 # A trial's config key that carries an interrupted trial's own id into a resumed sweep's new Tuner (None for new
 # trials): Tune gives each trial of that Tuner a new id, and the id names the trial's Ray Train run and MLflow child.
 RESUMED_TRIAL_KEY = "orch_resumed_trial_id"
@@ -79,9 +80,21 @@ def run_trial(config: dict[str, Any], spec: Mapping[str, Any]) -> None:
         tags=tags, train_callbacks=[_forward_reports_before(max_steps)],
     )
     final = {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
+    final.update(_size_metrics(plan.tracking.uri, result.run_id))
     # trial_wall_s: the whole trial as its function saw it (plan, Ray Train fit, export), for the overhead benchmark
     final.update(step=max_steps, mlflow_run_id=result.run_id, trial_wall_s=time.monotonic() - started)
     ray.tune.report(final)
+
+
+def _size_metrics(uri: str, run_id: str) -> dict[str, float]:
+    """The exported model's size, which `run_stage` logged on the run after training (a pruned stage's): reported
+    with the final metrics so that a sweep can search on it (sweep.objectives: nonzero_parameters: min)."""
+    from mlflow import MlflowClient
+
+    from orchestrator.sweep.plan import SIZE_METRICS
+
+    logged = MlflowClient(uri).get_run(run_id).data.metrics
+    return {key: logged[key] for key in SIZE_METRICS if key in logged}
 
 
 def _trial_child(tracking, parent_run_id: str, trial_id: str):

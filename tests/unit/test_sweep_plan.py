@@ -76,6 +76,11 @@ def with_changes(**changes) -> dict:
         (with_changes(max_concurrent_trials=4), ["cluster.num_cpus=2"], "sweep.max_concurrent_trials", "at most 1"),
         (with_changes(points_to_evaluate=[{"trainer.optimizer.lr": 0.01}]), [], "sweep.points_to_evaluate[0]", "every key"),
         (with_changes(overrides=["recipe=quantize", f"recipe.input={RUN_ID}"]), [], "sweep.overrides", "training recipe"),
+        (with_changes(objectives={"val_accuracy": "max"}, scheduler__name="none"), [], "sweep.objectives", "at least 2"),
+        (with_changes(objectives=["val_accuracy", "loss"], scheduler__name="none"), [], "sweep.objectives", "mapping"),
+        (with_changes(objectives={"val_accuracy": "max", "loss": "lowest"}, scheduler__name="none"), [], "sweep.objectives.loss", "max or min"),
+        (with_changes(objectives={"val_accuracy": "max", "latency_ms": "min"}, scheduler__name="none"), [], "sweep.objectives.latency_ms", "val_loss"),
+        (with_changes(objectives={"val_accuracy": "max", "loss": "min"}), [], "sweep.scheduler.name", "ASHA"),
     ],
 )
 def test_bad_sweeps_fail_before_ray_naming_the_key(tmp_path, sweep, command_line, key, expected):
