@@ -16,7 +16,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from orchestrator.cli.output import fail, print_json
 
@@ -68,6 +68,7 @@ class _Mode:
     sweep: bool = False
     sweep_overrides: list[str] = field(default_factory=list)
     space_edits: list[tuple] = field(default_factory=list)
+    objectives: list[Any] = field(default_factory=list)  # sweep.objectives=... values, set by orch (sweep/plan.py)
 
 
 def _app(cfg, mode: _Mode, choices: Optional[dict] = None, overrides: Optional[list[str]] = None) -> None:
@@ -215,6 +216,8 @@ def _sweep(cfg, mode: _Mode) -> None:
     sweep = OmegaConf.to_container(cfg.sweep, resolve=True, enum_to_str=True)
     try:
         sweep["space"] = apply_space_edits(sweep["space"], mode.space_edits)
+        if mode.objectives:
+            sweep["objectives"] = mode.objectives[-1]
         plan = plan_sweep(sweep, mode.sweep_overrides, source=mode.source)
     except ConfigError as error:
         fail(str(error))
@@ -279,12 +282,13 @@ def _run_hydra(command: str, argv: list[str]) -> None:
         # the sweep section is composed here; the trials' overrides (recipe=distill recipe.distill.teacher=...)
         # make sense on the sweep's base recipe, which the sweep composes itself
         from orchestrator.config.validate import ConfigError
-        from orchestrator.sweep.plan import split_sweep_overrides
+        from orchestrator.sweep.plan import split_objectives, split_sweep_overrides
         from orchestrator.sweep.space import split_space_edits
 
         argv, mode.sweep_overrides = split_sweep_overrides(argv)
         try:  # sweep.space.KEY=... has a dotted KEY, which Hydra's grammar cannot express: orch applies it
             argv, mode.space_edits = split_space_edits(argv)
+            argv, mode.objectives = split_objectives(argv)
         except ConfigError as error:
             fail(str(error))
     if not any(arg.startswith("-") for arg in argv):

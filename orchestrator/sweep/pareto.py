@@ -44,7 +44,8 @@ def front_yaml(entries: Sequence[Mapping[str, Any]], objectives: ObjectiveModes,
     """pareto_front.yaml: the objectives and, per front trial, its values, searched params and the `orch run`
     overrides that train that configuration again (data only: values, never code)."""
     header = (f"# Pareto front of sweep {sweep_run}: trials no other trial beats on every objective at once.\n"
-              "# Train one again: orch run <its overrides, space-separated>\n")
+              "# Train one again: orch run <its overrides, space-separated>; a pipeline trial's stage_overrides go at\n"
+              "# the end of those stages' overrides in its conf/pipeline/<name>.yaml\n")
     body = {"objectives": dict(objectives), "front": [dict(entry) for entry in entries]}
     return header + yaml.safe_dump(body, sort_keys=False)
 

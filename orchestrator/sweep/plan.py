@@ -8,6 +8,8 @@ The base recipe is composed from conf/ like a run of its own: `sweep.overrides`,
   * the metric: one the recipe reports to Ray Train at its checkpoints (what Tune sees), at every checkpoint;
   * the objectives (`sweep.objectives`, several metrics at once): at least two, each max or min and reported by the
     trial, with no scheduler that stops trials on one metric (ASHA);
+  * a pipeline base recipe (recipe=pipeline): space keys stages.<stage>.<key> (one stage) or plain keys (every
+    stage), every probe planned as a whole pipeline, and the stages no probe changes (run once per sweep);
   * the search algorithm against the space (Optuna has no grid), the ASHA settings against trainer.max_steps,
     points_to_evaluate against the space, concurrency against this machine.
 """
@@ -26,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from orchestrator.config import Composed, ConfigSource, compose, validate
 from orchestrator.config.validate import ConfigError
+from orchestrator.pipeline.plan import PipelinePlan, build_pipeline_plan, is_pipeline
 from orchestrator.plan import Plan, build_plan
 from orchestrator.sweep.space import LISTS, Dimension, parse_space
 
@@ -55,6 +58,13 @@ class SweepPlan:
     config: dict[str, Any] = field(default_factory=dict)  # the sweep section, logged with the parent run
     resuming: bool = False  # `orch sweep resume=NAME`: continue that interrupted sweep (`orchestrator.sweep.resume`)
     objectives: dict[str, str] = field(default_factory=dict)  # metric -> max|min; empty: one metric (metric, mode)
+    # a sweep of pipelines (recipe=pipeline): the stages no searched value changes, run once before the trials
+    shared_stages: list[str] = field(default_factory=list)
+
+    @property
+    def pipeline(self) -> bool:
+        """Whether each trial is a pipeline run (its MLflow run the pipeline's parent, its stages children of it)."""
+        return isinstance(self.base_plan, PipelinePlan)
 
     @property
     def sweep_dir(self) -> Path:
@@ -112,7 +122,7 @@ def _check_keys(base: DictConfig, dimensions: Sequence[Dimension], recipe: str) 
                 f"sweep.space.{dim.key}", dim.describe(),
                 "this is a config section; search its leaf keys (or pick group options in sweep.overrides)",
             )
-        if dim.key.split(".", 1)[0] in ("name", "resume", "sweep", "pipeline", "cluster", "tracking"):
+        if dim.key.split(".", 1)[0] in NOT_SEARCHED:
             raise ConfigError(f"sweep.space.{dim.key}", dim.describe(), "expected a key that shapes training, not naming, tracking or placement")
 
 
@@ -252,6 +262,94 @@ def _check_concurrency(sweep: Mapping[str, Any], config: Mapping[str, Any]) -> N
         )
 
 
+STAGE_PREFIX = "stages."  # a pipeline sweep's space key for one stage: stages.<stage>.<key>
+NOT_SEARCHED = ("name", "resume", "sweep", "pipeline", "cluster", "tracking")
+
+
+def override_text(key: str, value: Any) -> str:
+    """A trial's value as a Hydra override (lists and numbers written as JSON, which Hydra's grammar reads)."""
+    import json
+
+    return f"{key}={value if isinstance(value, str) else json.dumps(value, separators=(',', ':'))}"
+
+
+def pipeline_trial_config(base: DictConfig, overrides: Sequence[str], params: Mapping[str, Any]) -> tuple[DictConfig, list[str]]:
+    """A pipeline trial's (config, command line): `stages.<stage>.<key>` values go last into that stage's overrides
+    (after the stage's own, before the command line: pipeline/plan.py's order), other keys onto the command line,
+    so every stage gets them and they win."""
+    cfg = copy.deepcopy(base)
+    command_line = list(overrides)
+    for key, value in params.items():
+        if key.startswith(STAGE_PREFIX):
+            _, stage_name, stage_key = key.split(".", 2)
+            stage = next(stage for stage in cfg.pipeline.stages if stage.name == stage_name)
+            stage.overrides.append(override_text(stage_key, value))
+        else:
+            command_line.append(override_text(key, value))
+    return cfg, command_line
+
+
+def plan_pipeline_trial(
+    base: DictConfig, choices: Mapping[str, str], overrides: Sequence[str], params: Mapping[str, Any], cwd: Path,
+    paths_here: bool = True, source: Optional[ConfigSource] = None,
+) -> PipelinePlan:
+    """The pipeline plan of one trial (`params`: the trial's values; base-level keys such as name or
+    trainer.storage_path are set on `base` by the caller)."""
+    cfg, command_line = pipeline_trial_config(base, overrides, params)
+    return build_pipeline_plan(Composed(cfg, dict(choices)), command_line, cwd, source or ConfigSource.for_directory(cwd), paths_here)
+
+
+def pipeline_metrics(task: str) -> tuple[str, ...]:
+    """What a pipeline trial reports: the summary its run logs (`orchestrator.pipeline.report.summary_metrics`),
+    read off a report row of the final stage's task."""
+    from orchestrator.pipeline.report import summary_metrics
+
+    quality = "val_perplexity" if task == "lm" else "val_accuracy"
+    row = dict.fromkeys((quality, "parameters", "nonzero_parameters", "sparsity", "size_bytes", "size_gzip_bytes", "latency_ms"), 1.0)
+    return tuple(summary_metrics([row, row]))
+
+
+def _check_pipeline_keys(plan: PipelinePlan, dimensions: Sequence[Dimension]) -> None:
+    stages = {stage.name: stage for stage in plan.stages}
+    for dim in dimensions:
+        key, chosen = dim.key, list(stages.values())
+        if dim.key.startswith(STAGE_PREFIX):
+            parts = dim.key.split(".", 2)
+            if len(parts) < 3 or parts[1] not in stages:
+                raise ConfigError(f"sweep.space.{dim.key}", dim.describe(), f"expected stages.<stage>.<key>, a stage of pipeline={plan.name}: {', '.join(stages)}")
+            key, chosen = parts[2], [stages[parts[1]]]
+        if key.split(".", 1)[0] in NOT_SEARCHED:
+            raise ConfigError(f"sweep.space.{dim.key}", dim.describe(), "expected a key that shapes training, not naming, tracking or placement")
+        for stage in chosen:
+            found, value = _leaf(stage.config, key)
+            if not found or isinstance(value, Mapping):
+                where = f"stage {stage.name}" if len(chosen) == 1 else f"stage {stage.name} (a key without stages.<stage>. is set on every stage)"
+                raise ConfigError(f"sweep.space.{dim.key}", dim.describe(), f"no such leaf key in {where}'s config")
+
+
+def _check_pipeline_probes(
+    base: DictConfig, base_plan: PipelinePlan, dimensions: Sequence[Dimension], choices: Mapping[str, str],
+    overrides: Sequence[str], cwd: Path, paths_here: bool,
+) -> list[str]:
+    """Every probe value planned as a pipeline trial; returns the stages whose cache key no probe changes (shared by
+    every trial: run once per sweep, `orchestrator.pipeline.runner.run_shared_stages`)."""
+    from hydra.errors import HydraException
+
+    shared = {stage.name: stage.key for stage in base_plan.stages}
+    for dim in dimensions:
+        for value in dim.probes():
+            try:
+                probe = plan_pipeline_trial(base, choices, overrides, {dim.key: value}, cwd, paths_here)
+            except ConfigError as error:
+                raise ConfigError(f"sweep.space.{dim.key}", value, f"this value fails the pipeline's own checks: {error}") from error
+            except (OmegaConfBaseException, HydraException) as error:
+                message = str(error).splitlines()[0]
+                raise ConfigError(f"sweep.space.{dim.key}", value, f"this value does not fit the config: {message}") from error
+            keys = {stage.name: stage.key for stage in probe.stages}
+            shared = {name: key for name, key in shared.items() if keys.get(name) == key}
+    return [stage.name for stage in base_plan.stages if stage.name in shared]
+
+
 def build_sweep_plan(
     sweep: Mapping[str, Any],
     base: DictConfig,
@@ -260,6 +358,7 @@ def build_sweep_plan(
     cwd: Optional[Path] = None,
     paths_here: bool = True,
     resume: Optional[str] = None,
+    source: Optional[ConfigSource] = None,
 ) -> SweepPlan:
     """`sweep` is the composed sweep section; `base` the base recipe composed with sweep.overrides + command line.
     `paths_here`: see `orchestrator.plan.build_plan` (False for `orch submit --sweep`). `resume`: the name of an
@@ -270,27 +369,44 @@ def build_sweep_plan(
     dimensions = parse_space(sweep["space"])
     with open_dict(base):
         base.sweep = None
-    if base.get("pipeline") is not None or base.recipe.name == "pipeline":
-        raise ConfigError("sweep.overrides", list(sweep["overrides"]), "a sweep searches one training recipe; recipe=pipeline is not supported (sweep a pipeline's stage as its recipe, with its input/teacher as a run id)")
-    base_plan = build_plan(Composed(base, dict(choices)), cwd=cwd, paths_here=paths_here)
-    stage = base_plan.stages[0]
-    recipe = stage.config["recipe"]["name"]
-    if stage.config["recipe"]["runs_on"] != "workers":
-        raise ConfigError("sweep.overrides", f"recipe={choices.get('recipe', recipe)}", "expected a training recipe (one that runs on Ray workers, e.g. train, prune, finetune, distill): trials report metrics while they train")
-    _check_keys(base, dimensions, recipe)
-    objectives: dict[str, str] = {}
-    if sweep.get("objectives") is not None:
-        what = f"recipe={stage.config['recipe']['name']} on data with task={stage.config['data'].get('task')}"
-        objectives = check_objectives(sweep, objective_metrics(stage.config), what)
+    shared: list[str] = []
+    if is_pipeline(base):
+        base_plan = build_pipeline_plan(Composed(base, dict(choices)), overrides, cwd, source, paths_here)
+        stage = base_plan.stages[0]
+        _check_pipeline_keys(base_plan, dimensions)
+        if sweep["scheduler"]["name"] == "asha":
+            raise ConfigError("sweep.scheduler.name", "asha", "a pipeline trial reports once, when its last stage is measured; expected 'none'")
+        reported = pipeline_metrics(base_plan.stages[-1].config["data"].get("task", "classification"))
+        what = f"a pipeline trial (pipeline={base_plan.name})"
+        if sweep.get("objectives") is not None:
+            objectives = check_objectives(sweep, reported, what)
+        else:
+            objectives = {}
+            if sweep["metric"] not in reported:
+                raise ConfigError("sweep.metric", sweep["metric"], f"{what} reports {', '.join(reported)}")
     else:
-        _check_metric(sweep, stage.config)
+        base_plan = build_plan(Composed(base, dict(choices)), cwd=cwd, paths_here=paths_here)
+        stage = base_plan.stages[0]
+        recipe = stage.config["recipe"]["name"]
+        if stage.config["recipe"]["runs_on"] != "workers":
+            raise ConfigError("sweep.overrides", f"recipe={choices.get('recipe', recipe)}", "expected a training recipe (one that runs on Ray workers, e.g. train, prune, finetune, distill): trials report metrics while they train")
+        _check_keys(base, dimensions, recipe)
+        objectives = {}
+        if sweep.get("objectives") is not None:
+            what = f"recipe={stage.config['recipe']['name']} on data with task={stage.config['data'].get('task')}"
+            objectives = check_objectives(sweep, objective_metrics(stage.config), what)
+        else:
+            _check_metric(sweep, stage.config)
     max_steps = stage.config["trainer"]["max_steps"]
     steps_dim = next((d for d in dimensions if d.key == "trainer.max_steps"), None)
     if steps_dim is not None:
         max_steps = max(int(v) for v in steps_dim.values)
     scheduler = _check_search(sweep, dimensions, max_steps, stage.config["trainer"])
     _check_concurrency(sweep, stage.config)
-    _check_probes(base, dimensions, choices, cwd, paths_here)
+    if isinstance(base_plan, PipelinePlan):
+        shared = _check_pipeline_probes(base, base_plan, dimensions, choices, overrides, cwd, paths_here)
+    else:
+        _check_probes(base, dimensions, choices, cwd, paths_here)
     plan = SweepPlan(
         name=sweep["name"],
         run_name=resume or new_sweep_name(sweep["name"]),
@@ -310,6 +426,7 @@ def build_sweep_plan(
         config=dict(sweep),
         resuming=resume is not None,
         objectives=objectives,
+        shared_stages=shared if isinstance(base_plan, PipelinePlan) and base_plan.cache else [],
     )
     if resume is not None and objectives and plan.search == "optuna":
         # Optuna is warmed with the finished trials' values on a resume (`orchestrator.sweep.resume`), one per trial
@@ -361,7 +478,7 @@ def plan_sweep(
         base = compose(overrides, source if source is not None else ConfigSource.for_directory(cwd))
     except (OmegaConfBaseException, HydraException) as error:
         raise ConfigError("sweep.overrides", overrides, str(error).splitlines()[0]) from error
-    return build_sweep_plan(sweep, base.cfg, base.choices, overrides, cwd, paths_here, resume=resume or None)
+    return build_sweep_plan(sweep, base.cfg, base.choices, overrides, cwd, paths_here, resume=resume or None, source=source)
 
 
 HYDRA_FLAGS_WITH_VALUE = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp")
@@ -384,6 +501,30 @@ def split_sweep_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return sweep_level, rest
 
 
+OBJECTIVES_ARGUMENT = "sweep.objectives="
+
+
+def split_objectives(arguments: Sequence[str]) -> tuple[list[str], list[Any]]:
+    """Command-line arguments → (those for Hydra) and the values of `sweep.objectives=...`, in order. orch sets
+    them itself: Hydra merges a mapping into the sweep config's own (`{a: max}` over `{b: min}` is both), where a
+    new set of objectives must replace it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    rest, values = [], []
+    for argument in arguments:
+        if not argument.lstrip("+").startswith(OBJECTIVES_ARGUMENT):
+            rest.append(argument)
+            continue
+        text = argument.split("=", 1)[1]
+        try:
+            values.append(OverridesParser.create().parse_override(f"value={text}").value())
+        except HydraException as error:
+            raise ConfigError("sweep.objectives", text, f"expected a mapping in Hydra's value syntax, e.g. {{val_accuracy: max, loss: min}} "
+                                                        f"(quote the whole argument for the shell): {str(error).splitlines()[0]}") from None
+    return rest, values
+
+
 def _top_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~").split(".", 1)[0]
 
@@ -394,6 +535,7 @@ def plan_sweep_from_overrides(overrides: Sequence[str], cwd: Optional[Path] = No
 
     sweep_level, overrides = split_sweep_overrides(overrides)
     sweep_level, edits = split_space_edits(sweep_level)
+    sweep_level, objectives = split_objectives(sweep_level)
     source = ConfigSource.for_directory(cwd)
     cfg = compose(sweep_level, source).cfg
     if cfg.sweep is None:
@@ -401,4 +543,6 @@ def plan_sweep_from_overrides(overrides: Sequence[str], cwd: Optional[Path] = No
     sweep = OmegaConf.to_container(cfg.sweep, resolve=True, enum_to_str=True)
     assert isinstance(sweep, dict)
     sweep["space"] = apply_space_edits(sweep["space"], edits)
+    if objectives:
+        sweep["objectives"] = objectives[-1]
     return plan_sweep(sweep, overrides, cwd, source, paths_here)

@@ -134,7 +134,11 @@ def run_sweep(
                 "sweep_run": plan.run_name,
                 "parent_run_id": parent.run_id,
                 "cwd": str(cwd),
+                "pipeline": plan.pipeline,
+                "overrides": plan.overrides,  # a pipeline trial composes each stage again from them
             }
+            if plan.shared_stages:
+                _run_shared_stages(plan, spec, parent, console)
             trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, spec=spec), TRIAL_DRIVER_RESOURCES)
             earlier: list[RecordedTrial] = []
             if plan.resuming:
@@ -147,6 +151,21 @@ def run_sweep(
             outcome = _record_outcome(plan, parent, grid, cwd, earlier)
             outcome.tune_wall_s, outcome.concurrency = time.monotonic() - started, concurrency
             return outcome
+
+
+def _run_shared_stages(plan: SweepPlan, spec: dict[str, Any], parent: SweepRun, console: Console) -> None:
+    """A pipeline sweep's stages that no searched value changes (the teacher, typically), run once as children of
+    the sweep's parent before any trial starts: concurrent trials would each miss the stage cache and train them
+    again. Each trial's pipeline run then reuses them through the cache (same key, same inputs)."""
+    from orchestrator.pipeline.runner import run_shared_stages
+    from orchestrator.sweep.plan import plan_pipeline_trial
+
+    shared = plan_pipeline_trial(apply(plan.base, spec["fixed"], name=f"{plan.run_name}-shared"), plan.choices,
+                                 plan.overrides, {}, Path(spec["cwd"]))
+    console.print(f"stages every trial shares, run once first: {', '.join(plan.shared_stages)}", highlight=False)
+    runs = run_shared_stages(shared, plan.shared_stages, parent.run_id, console)
+    for name, run_id in runs.items():
+        parent.parent.set_tag(f"orch.shared_stage.{name}.run_id", run_id)
 
 
 def write_identity(plan: SweepPlan) -> None:
@@ -346,8 +365,7 @@ def _record_front(plan: SweepPlan, parent: SweepRun, rows: list[dict[str, Any]],
     table = front_table(front, plan.objectives, keys)
     entries = [{"trial_id": row["trial_id"], "run_id": row["run_id"],
                 "values": {metric: float(row[metric]) for metric in plan.objectives},
-                "params": {key: row[key] for key in keys},
-                "overrides": [*plan.overrides, *_as_overrides({key: row[key] for key in keys})]} for row in front]
+                "params": {key: row[key] for key in keys}, **_trial_overrides(plan, row)} for row in front]
     (out / "pareto").mkdir(parents=True, exist_ok=True)
     (out / "pareto" / "pareto_front.csv").write_text(csv_table(table) if table else "")
     (out / "pareto" / "pareto_front.md").write_text(f"# Pareto front · {plan.run_name}\n\n" + (markdown_table(table) if table else "no trial completed\n"))
@@ -360,11 +378,19 @@ def _record_front(plan: SweepPlan, parent: SweepRun, rows: list[dict[str, Any]],
     return [dict(row) for row in front]
 
 
-def _as_overrides(params: dict[str, Any]) -> list[str]:
-    """Trial values as Hydra overrides (lists and strings in Hydra's grammar, through JSON)."""
-    import json
+def _trial_overrides(plan: SweepPlan, row: dict[str, Any]) -> dict[str, Any]:
+    """How to train a trial's configuration again: `orch run` arguments and, for a pipeline trial, the overrides its
+    searched stages got after their own (`orchestrator.sweep.plan.pipeline_trial_config`)."""
+    from orchestrator.sweep.plan import STAGE_PREFIX, override_text
 
-    return [f"{key}={value if isinstance(value, str) else json.dumps(value, separators=(',', ':'))}" for key, value in params.items()]
+    overrides, stages = list(plan.overrides), {}
+    for dim in plan.dimensions:
+        if plan.pipeline and dim.key.startswith(STAGE_PREFIX):
+            _, stage, key = dim.key.split(".", 2)
+            stages.setdefault(stage, []).append(override_text(key, row[dim.key]))
+        else:
+            overrides.append(override_text(dim.key, row[dim.key]))
+    return {"overrides": overrides, **({"stage_overrides": stages} if stages else {})}
 
 
 def _write_tables_and_plots(plan: SweepPlan, rows: list[dict[str, Any]], out: Path) -> None:
