@@ -224,7 +224,7 @@ def _sweep(cfg, mode: _Mode) -> None:
     if mode.plan_only and mode.json:
         print_json({"name": plan.name, "num_samples": plan.num_samples, "search": plan.search, "scheduler": plan.scheduler,
                     "metric": plan.metric, "mode": plan.mode, "objectives": plan.objectives, "space": {d.key: d.describe() for d in plan.dimensions},
-                    "overrides": plan.overrides})
+                    "overrides": plan.overrides, "shared_stages": plan.shared_stages})
         return
     if mode.plan_only:
         print(f"sweep {plan.name}: {plan.num_samples} trial(s), search={plan.search}, scheduler={plan.scheduler['name']}, "
@@ -233,6 +233,8 @@ def _sweep(cfg, mode: _Mode) -> None:
         for dim in plan.dimensions:
             print(f"  {dim.key}: {dim.describe()}")
         print("base recipe: orch run " + " ".join(plan.overrides))
+        if plan.shared_stages:
+            print("stages every trial shares (run once, before the trials): " + ", ".join(plan.shared_stages))
         return
     from orchestrator.launch.run_log import run_log_path
     from orchestrator.sweep.runner import print_outcome, run_sweep

@@ -204,6 +204,8 @@ PROCESS_ROWS = [
     (["sweep", "sweep.objectives={val_accuracy: best, loss: min}", "sweep.scheduler.name=none"], "sweep.objectives.val_accuracy='best'"),
     (["sweep", "sweep.objectives={val_accuracy: max, loss: min}"], "sweep.scheduler.name='asha'"),
     (["sweep", "sweep.objectives={val_accuracy: max}", "sweep.scheduler.name=none"], "sweep.objectives={'val_accuracy': 'max'}"),
+    # a pipeline trial reports the pipeline's summary (final_val_accuracy ...), not a stage's val_accuracy
+    (["sweep", "sweep=digits_pareto", "sweep.objectives={final_val_accuracy: max, val_accuracy: min}"], "sweep.objectives.val_accuracy='min'"),
 ]
 
 
