@@ -48,6 +48,7 @@ def outcome(ray_instance, tmp_path_factory):
     plan = plan_sweep_from_overrides(
         ["sweep=digits_pareto", "pipeline=pareto_tiny", "sweep.num_samples=3", f"trainer.max_steps={STEPS}", f"trainer.eval_every={STEPS}",
          f"trainer.checkpoint_every={STEPS}", "trainer.num_workers=1", "trainer.precision=fp32",
+         "trainer.cpus_per_worker=0.6",  # the 3 trials at once on the test's 2-CPU Ray: one round of student fits
          "tracking.system_metrics=false"], cwd=cwd)
     assert plan.pipeline and plan.shared_stages == SHARED and plan.objectives == OBJECTIVES
     return run_sweep(plan, console=Console(file=io.StringIO(), width=200), cwd=cwd)
