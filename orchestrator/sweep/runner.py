@@ -158,7 +158,7 @@ def _run_shared_stages(plan: SweepPlan, spec: dict[str, Any], parent: SweepRun, 
     the sweep's parent before any trial starts: concurrent trials would each miss the stage cache and train them
     again. Each trial's pipeline run then reuses them through the cache (same key, same inputs)."""
     from orchestrator.pipeline.runner import run_shared_stages
-    from orchestrator.sweep.plan import plan_pipeline_trial
+    from orchestrator.sweep.pipeline_trials import plan_pipeline_trial
 
     shared = plan_pipeline_trial(apply(plan.base, spec["fixed"], name=f"{plan.run_name}-shared"), plan.choices,
                                  plan.overrides, {}, Path(spec["cwd"]))
@@ -380,8 +380,8 @@ def _record_front(plan: SweepPlan, parent: SweepRun, rows: list[dict[str, Any]],
 
 def _trial_overrides(plan: SweepPlan, row: dict[str, Any]) -> dict[str, Any]:
     """How to train a trial's configuration again: `orch run` arguments and, for a pipeline trial, the overrides its
-    searched stages got after their own (`orchestrator.sweep.plan.pipeline_trial_config`)."""
-    from orchestrator.sweep.plan import STAGE_PREFIX, override_text
+    searched stages got after their own (`orchestrator.sweep.pipeline_trials.pipeline_trial_config`)."""
+    from orchestrator.sweep.pipeline_trials import STAGE_PREFIX, override_text
 
     overrides, stages = list(plan.overrides), {}
     for dim in plan.dimensions:

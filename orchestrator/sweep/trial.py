@@ -101,7 +101,8 @@ def _run_pipeline_trial(spec: Mapping[str, Any], params: dict[str, Any], trial_i
     from rich.console import Console
 
     from orchestrator.pipeline.runner import run_pipeline
-    from orchestrator.sweep.plan import apply, plan_pipeline_trial
+    from orchestrator.sweep.pipeline_trials import plan_pipeline_trial
+    from orchestrator.sweep.plan import apply
 
     base = apply(spec["base"], spec["fixed"], name=name)
     if Path(spec["fixed"]["trainer.storage_path"], name).is_dir():

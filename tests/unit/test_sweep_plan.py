@@ -119,7 +119,7 @@ def test_pipeline_trial_values_reach_their_stage_and_only_untouched_stages_are_s
     assert plan.shared_stages == []  # trainer.seed is set on every stage, the teacher included
     plan = plan_sweep({**sweep, "space": {"stages.pruned.recipe.pruning.sparsity": {"choice": [0.5, 0.8]}}}, [], cwd=tmp_path)
     assert plan.shared_stages == ["teacher"]
-    from orchestrator.sweep.plan import plan_pipeline_trial
+    from orchestrator.sweep.pipeline_trials import plan_pipeline_trial
 
     trial = plan_pipeline_trial(plan.base, plan.choices, plan.overrides, {"stages.pruned.recipe.pruning.sparsity": 0.8,
                                                                             "trainer.seed": 7}, tmp_path)
