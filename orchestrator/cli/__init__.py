@@ -16,7 +16,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from orchestrator.cli.output import fail, print_json
 
@@ -68,6 +68,7 @@ class _Mode:
     sweep: bool = False
     sweep_overrides: list[str] = field(default_factory=list)
     space_edits: list[tuple] = field(default_factory=list)
+    objectives: list[Any] = field(default_factory=list)  # sweep.objectives=... values, set by orch (sweep/plan.py)
 
 
 def _app(cfg, mode: _Mode, choices: Optional[dict] = None, overrides: Optional[list[str]] = None) -> None:
@@ -215,20 +216,25 @@ def _sweep(cfg, mode: _Mode) -> None:
     sweep = OmegaConf.to_container(cfg.sweep, resolve=True, enum_to_str=True)
     try:
         sweep["space"] = apply_space_edits(sweep["space"], mode.space_edits)
+        if mode.objectives:
+            sweep["objectives"] = mode.objectives[-1]
         plan = plan_sweep(sweep, mode.sweep_overrides, source=mode.source)
     except ConfigError as error:
         fail(str(error))
     if mode.plan_only and mode.json:
         print_json({"name": plan.name, "num_samples": plan.num_samples, "search": plan.search, "scheduler": plan.scheduler,
-                    "metric": plan.metric, "mode": plan.mode, "space": {d.key: d.describe() for d in plan.dimensions},
-                    "overrides": plan.overrides})
+                    "metric": plan.metric, "mode": plan.mode, "objectives": plan.objectives, "space": {d.key: d.describe() for d in plan.dimensions},
+                    "overrides": plan.overrides, "shared_stages": plan.shared_stages})
         return
     if mode.plan_only:
         print(f"sweep {plan.name}: {plan.num_samples} trial(s), search={plan.search}, scheduler={plan.scheduler['name']}, "
-              f"metric={plan.metric} ({plan.mode})")
+              + (f"objectives={', '.join(f'{m} ({d})' for m, d in plan.objectives.items())}" if plan.objectives
+                 else f"metric={plan.metric} ({plan.mode})"))
         for dim in plan.dimensions:
             print(f"  {dim.key}: {dim.describe()}")
         print("base recipe: orch run " + " ".join(plan.overrides))
+        if plan.shared_stages:
+            print("stages every trial shares (run once, before the trials): " + ", ".join(plan.shared_stages))
         return
     from orchestrator.launch.run_log import run_log_path
     from orchestrator.sweep.runner import print_outcome, run_sweep
@@ -255,7 +261,7 @@ def _sweep(cfg, mode: _Mode) -> None:
         print_json(asdict(outcome))
     else:
         print_outcome(outcome, plan.metric, console)
-    if outcome.best is None:
+    if outcome.best is None and not outcome.front:
         sys.exit(1)
 
 
@@ -278,12 +284,13 @@ def _run_hydra(command: str, argv: list[str]) -> None:
         # the sweep section is composed here; the trials' overrides (recipe=distill recipe.distill.teacher=...)
         # make sense on the sweep's base recipe, which the sweep composes itself
         from orchestrator.config.validate import ConfigError
-        from orchestrator.sweep.plan import split_sweep_overrides
+        from orchestrator.sweep.plan import split_objectives, split_sweep_overrides
         from orchestrator.sweep.space import split_space_edits
 
         argv, mode.sweep_overrides = split_sweep_overrides(argv)
         try:  # sweep.space.KEY=... has a dotted KEY, which Hydra's grammar cannot express: orch applies it
             argv, mode.space_edits = split_space_edits(argv)
+            argv, mode.objectives = split_objectives(argv)
         except ConfigError as error:
             fail(str(error))
     if not any(arg.startswith("-") for arg in argv):

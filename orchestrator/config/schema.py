@@ -385,6 +385,10 @@ class SweepConfig:
     space: Dict[str, Any] = field(default_factory=dict)
     metric: str = "val_accuracy"  # a metric the recipe reports at its checkpoints (val_accuracy, val_loss, loss, ...)
     mode: SweepMode = SweepMode.max
+    # several metrics at once, metric -> max|min (at least 2): the sweep's outcome is their Pareto front, and
+    # sweep.metric/mode are not used; null = one metric (sweep.metric, sweep.mode). Typed Any so that the command line
+    # can set a whole mapping (sweep.objectives={a: max, b: min}); its shape is checked by the sweep's plan
+    objectives: Any = None
     num_samples: int = 4  # trials (with grid dimensions: repeats of the whole grid)
     max_concurrent_trials: Optional[int] = None  # null = as many as the cluster's CPUs/GPUs hold at once
     search: SearchAlgorithm = SearchAlgorithm.random

@@ -40,11 +40,13 @@ class PipelineRun:
     def run_id(self) -> Optional[str]:
         return self.parent.run_id
 
-    def start(self, plan: PipelinePlan) -> str:
-        """Create the parent run, or reopen it for `resume=`."""
+    def start(self, plan: PipelinePlan, nested_in: Optional[str] = None, tags: Optional[Mapping[str, str]] = None) -> str:
+        """Create the parent run, or reopen it for `resume=`. `nested_in`: a run this pipeline run belongs under (a
+        sweep's parent, when the pipeline is one trial), with `tags` of its own (the trial's id)."""
         if plan.resuming:
             return self.parent.reopen(plan.run_name, plan.storage_path, "pipeline")
-        self.parent.create(plan.run_name, plan.storage_path, {"orch.recipe": "pipeline", "orch.pipeline": plan.name})
+        extra = {**(tags or {}), **({PARENT_TAG: nested_in} if nested_in else {})}
+        self.parent.create(plan.run_name, plan.storage_path, {"orch.recipe": "pipeline", "orch.pipeline": plan.name, **extra})
         self.parent.log_text(yaml.safe_dump(redacted(plan.config), sort_keys=False), "config/pipeline.yaml")
         self.parent.log_params({"stages": " -> ".join(f"{s.name}:{s.kind}" for s in plan.stages)})
         return self.parent.run_id  # type: ignore[return-value]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 from rich.console import Console
 
@@ -45,12 +45,16 @@ from orchestrator.stage_runner import (
 from orchestrator.track.mlflow_run import closed_with_outcome, log_file_attached
 
 
-def run_pipeline(plan: PipelinePlan, console: Optional[Console] = None, log_file: Optional[Path] = None) -> list[StageResult]:
-    """`log_file`: the run's log, logged to every stage's MLflow run and to the pipeline's."""
+def run_pipeline(
+    plan: PipelinePlan, console: Optional[Console] = None, log_file: Optional[Path] = None,
+    nested_in: Optional[str] = None, tags: Optional[Mapping[str, str]] = None,
+) -> list[StageResult]:
+    """`log_file`: the run's log, logged to every stage's MLflow run and to the pipeline's. `nested_in`, `tags`: the
+    parent run's own parent and tags (a sweep's trial: `orchestrator.sweep.trial`)."""
     console = console or Console()
     # --- parent ---
     lineage = PipelineRun(plan.tracking)
-    lineage.start(plan)
+    lineage.start(plan, nested_in, tags)
     console.rule(f"[bold]pipeline[/bold] {plan.name} · {plan.run_name}")
     Path(plan.storage_path, plan.run_name).mkdir(parents=True, exist_ok=True)  # what resume= looks for
     results: dict[str, StageResult] = {}
@@ -101,6 +105,27 @@ def run_pipeline(plan: PipelinePlan, console: Optional[Console] = None, log_file
         else:
             register_result(results[final.name], final.config["tracking"])
     return [results[stage.name] for stage in plan.stages]
+
+
+def run_shared_stages(plan: PipelinePlan, names: Sequence[str], nested_in: str, console: Console) -> dict[str, str]:
+    """The stages in `names` (with their inputs among them), each found FINISHED in the stage cache or else run once,
+    as a child of `nested_in`; stage name -> run id. Why: pipeline runs that start together (a sweep's concurrent
+    trials) would each miss the cache for a stage none has finished yet and train it once per run; run here first,
+    the stage is one run that every pipeline run then reuses (`PipelineRun.find_finished`). Ray is the caller's."""
+    lineage = PipelineRun(plan.tracking)
+    runs: dict[str, str] = {}
+    for stage in plan.stages:
+        if stage.name not in names:
+            continue
+        sources = resolve_sources(stage, runs, plan.tracking.uri)
+        found = lineage.find_finished(stage, sources)
+        if found is not None:
+            console.print(f"[green]reused[/green] {stage.name} ({stage.kind}): run {found.info.run_id}")
+            runs[stage.name] = found.info.run_id
+            continue
+        tags = input_tags(stage, sources, plan.run_name)
+        runs[stage.name] = run_stage(plan.tracking, stage, console, False, sources, parent_run_id=nested_in, tags=tags).run_id
+    return runs
 
 
 def _reused(stage: str, run_name: str, run, tracking_uri: str) -> StageResult:

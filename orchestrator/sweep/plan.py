@@ -6,6 +6,10 @@ The base recipe is composed from conf/ like a run of its own: `sweep.overrides`,
   * the space: every key a leaf of the composed config, every distribution well-formed, and every probe value (the
     bounds of a range, every option of a choice) set on the base config still composes and plans;
   * the metric: one the recipe reports to Ray Train at its checkpoints (what Tune sees), at every checkpoint;
+  * the objectives (`sweep.objectives`, several metrics at once): at least two, each max or min and reported by the
+    trial, with no scheduler that stops trials on one metric (ASHA);
+  * a pipeline base recipe (recipe=pipeline): space keys stages.<stage>.<key> (one stage) or plain keys (every
+    stage), every probe planned as a whole pipeline, and the stages no probe changes (run once per sweep);
   * the search algorithm against the space (Optuna has no grid), the ASHA settings against trainer.max_steps,
     points_to_evaluate against the space, concurrency against this machine.
 """
@@ -24,7 +28,15 @@ from omegaconf.errors import OmegaConfBaseException
 
 from orchestrator.config import Composed, ConfigSource, compose, validate
 from orchestrator.config.validate import ConfigError
+from orchestrator.pipeline.plan import PipelinePlan, build_pipeline_plan, is_pipeline
 from orchestrator.plan import Plan, build_plan
+from orchestrator.sweep.pipeline_trials import (
+    NOT_SEARCHED,
+    check_pipeline_keys,
+    check_pipeline_probes,
+    leaf,
+    pipeline_metrics,
+)
 from orchestrator.sweep.space import LISTS, Dimension, parse_space
 
 # Metrics every training recipe reports with its checkpoints (orchestrator.train.engine.save_and_report), by task.
@@ -38,7 +50,7 @@ class SweepPlan:
     name: str  # the sweep config's name (conf/sweep/<name>.yaml)
     run_name: str  # the parent MLflow run's orch.run_name; trials' checkpoints live under storage_path/run_name
     dimensions: list[Dimension]
-    metric: str
+    metric: str  # with objectives: the first one (what progress lines and tables lead with)
     mode: str
     num_samples: int
     search: str
@@ -52,6 +64,14 @@ class SweepPlan:
     overrides: list[str]  # sweep.overrides + command line: the base recipe as `orch run` arguments
     config: dict[str, Any] = field(default_factory=dict)  # the sweep section, logged with the parent run
     resuming: bool = False  # `orch sweep resume=NAME`: continue that interrupted sweep (`orchestrator.sweep.resume`)
+    objectives: dict[str, str] = field(default_factory=dict)  # metric -> max|min; empty: one metric (metric, mode)
+    # a sweep of pipelines (recipe=pipeline): the stages no searched value changes, run once before the trials
+    shared_stages: list[str] = field(default_factory=list)
+
+    @property
+    def pipeline(self) -> bool:
+        """Whether each trial is a pipeline run (its MLflow run the pipeline's parent, its stages children of it)."""
+        return isinstance(self.base_plan, PipelinePlan)
 
     @property
     def sweep_dir(self) -> Path:
@@ -62,7 +82,9 @@ class SweepPlan:
         """What a resumed sweep must share with the one it continues (stored as data in sweep_plan.json)."""
         return {"sweep": self.name, "space": {d.key: d.describe() for d in self.dimensions}, "overrides": self.overrides,
                 "metric": self.metric, "mode": self.mode, "num_samples": self.num_samples, "search": self.search,
-                "seed": self.seed, "scheduler": self.scheduler}
+                "seed": self.seed, "scheduler": self.scheduler,
+                # only when set, so that a single-objective sweep started before objectives existed still resumes
+                **({"objectives": self.objectives} if self.objectives else {})}
 
 
 IDENTITY_FILE = "sweep_plan.json"
@@ -70,15 +92,6 @@ IDENTITY_FILE = "sweep_plan.json"
 
 def new_sweep_name(name: str) -> str:
     return f"sweep-{name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-
-
-def _leaf(container: Mapping[str, Any], key: str) -> tuple[bool, Any]:
-    node: Any = container
-    for part in key.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
 
 
 def apply(base: DictConfig, params: Mapping[str, Any], name: Optional[str] = None) -> DictConfig:
@@ -95,10 +108,10 @@ def _check_keys(base: DictConfig, dimensions: Sequence[Dimension], recipe: str) 
     container = OmegaConf.to_container(base, resolve=False)
     assert isinstance(container, dict)
     for dim in dimensions:
-        found, value = _leaf(container, dim.key)
+        found, value = leaf(container, dim.key)
         if not found:
             section = dim.key.rsplit(".", 1)[0] if "." in dim.key else ""
-            _, parent = _leaf(container, section) if section else (True, container)
+            _, parent = leaf(container, section) if section else (True, container)
             near = sorted(parent) if isinstance(parent, Mapping) else []
             hint = f"; keys of {section}: {', '.join(near)}" if section and near else ""
             raise ConfigError(f"sweep.space.{dim.key}", dim.describe(), f"no such key in the composed config (recipe={recipe}){hint}")
@@ -107,7 +120,7 @@ def _check_keys(base: DictConfig, dimensions: Sequence[Dimension], recipe: str) 
                 f"sweep.space.{dim.key}", dim.describe(),
                 "this is a config section; search its leaf keys (or pick group options in sweep.overrides)",
             )
-        if dim.key.split(".", 1)[0] in ("name", "resume", "sweep", "pipeline", "cluster", "tracking"):
+        if dim.key.split(".", 1)[0] in NOT_SEARCHED:
             raise ConfigError(f"sweep.space.{dim.key}", dim.describe(), "expected a key that shapes training, not naming, tracking or placement")
 
 
@@ -136,6 +149,37 @@ def reported_metrics(config: Mapping[str, Any]) -> tuple[str, ...]:
     if ((config["recipe"].get("pruning") or {}).get("schedule", "none")) != "none":
         metrics += ("sparsity",)
     return metrics
+
+
+def objective_metrics(config: Mapping[str, Any]) -> tuple[str, ...]:
+    """What a one-stage trial's final report holds: the recipe's reported metrics and, for a stage that pruned, the
+    size of its exported model (logged by `run_stage`, added to the report by the trial)."""
+    metrics = reported_metrics(config)
+    if ((config["recipe"].get("pruning") or {}).get("schedule", "none")) != "none":
+        metrics += SIZE_METRICS
+    return metrics
+
+
+# Logged on a pruned stage's run (orchestrator.track.mlflow_run.StageRun.log_compression); trials report them too.
+SIZE_METRICS = ("nonzero_parameters", "parameters", "final_sparsity")
+
+
+def check_objectives(sweep: Mapping[str, Any], reported: Sequence[str], what: str) -> dict[str, str]:
+    """`sweep.objectives` against what a trial reports (`what` says which trial: the recipe or the pipeline)."""
+    given = sweep.get("objectives")
+    if not isinstance(given, Mapping):
+        raise ConfigError("sweep.objectives", given, "expected a mapping metric: max|min, e.g. {val_accuracy: max, nonzero_parameters: min}")
+    objectives = dict(given)
+    if len(objectives) < 2:
+        raise ConfigError("sweep.objectives", objectives, "expected at least 2 metrics (metric: max|min); for one, set sweep.metric and sweep.mode instead")
+    for metric, mode in objectives.items():
+        if mode not in ("max", "min"):
+            raise ConfigError(f"sweep.objectives.{metric}", mode, "expected max or min")
+        if metric not in reported:
+            raise ConfigError(f"sweep.objectives.{metric}", mode, f"{what} reports {', '.join(reported)}; an objective must be one of them")
+    if sweep["scheduler"]["name"] == "asha":
+        raise ConfigError("sweep.scheduler.name", "asha", "ASHA stops trials on one metric; with sweep.objectives expected 'none'")
+    return objectives
 
 
 def _check_metric(sweep: Mapping[str, Any], config: Mapping[str, Any]) -> None:
@@ -224,6 +268,7 @@ def build_sweep_plan(
     cwd: Optional[Path] = None,
     paths_here: bool = True,
     resume: Optional[str] = None,
+    source: Optional[ConfigSource] = None,
 ) -> SweepPlan:
     """`sweep` is the composed sweep section; `base` the base recipe composed with sweep.overrides + command line.
     `paths_here`: see `orchestrator.plan.build_plan` (False for `orch submit --sweep`). `resume`: the name of an
@@ -234,28 +279,50 @@ def build_sweep_plan(
     dimensions = parse_space(sweep["space"])
     with open_dict(base):
         base.sweep = None
-    if base.get("pipeline") is not None or base.recipe.name == "pipeline":
-        raise ConfigError("sweep.overrides", list(sweep["overrides"]), "a sweep searches one training recipe; recipe=pipeline is not supported (sweep a pipeline's stage as its recipe, with its input/teacher as a run id)")
-    base_plan = build_plan(Composed(base, dict(choices)), cwd=cwd, paths_here=paths_here)
-    stage = base_plan.stages[0]
-    recipe = stage.config["recipe"]["name"]
-    if stage.config["recipe"]["runs_on"] != "workers":
-        raise ConfigError("sweep.overrides", f"recipe={choices.get('recipe', recipe)}", "expected a training recipe (one that runs on Ray workers, e.g. train, prune, finetune, distill): trials report metrics while they train")
-    _check_keys(base, dimensions, recipe)
-    _check_metric(sweep, stage.config)
+    shared: list[str] = []
+    if is_pipeline(base):
+        base_plan = build_pipeline_plan(Composed(base, dict(choices)), overrides, cwd, source, paths_here)
+        stage = base_plan.stages[0]
+        check_pipeline_keys(base_plan, dimensions)
+        if sweep["scheduler"]["name"] == "asha":
+            raise ConfigError("sweep.scheduler.name", "asha", "a pipeline trial reports once, when its last stage is measured; expected 'none'")
+        reported = pipeline_metrics(base_plan.stages[-1].config["data"].get("task", "classification"))
+        what = f"a pipeline trial (pipeline={base_plan.name})"
+        if sweep.get("objectives") is not None:
+            objectives = check_objectives(sweep, reported, what)
+        else:
+            objectives = {}
+            if sweep["metric"] not in reported:
+                raise ConfigError("sweep.metric", sweep["metric"], f"{what} reports {', '.join(reported)}")
+    else:
+        base_plan = build_plan(Composed(base, dict(choices)), cwd=cwd, paths_here=paths_here)
+        stage = base_plan.stages[0]
+        recipe = stage.config["recipe"]["name"]
+        if stage.config["recipe"]["runs_on"] != "workers":
+            raise ConfigError("sweep.overrides", f"recipe={choices.get('recipe', recipe)}", "expected a training recipe (one that runs on Ray workers, e.g. train, prune, finetune, distill): trials report metrics while they train")
+        _check_keys(base, dimensions, recipe)
+        objectives = {}
+        if sweep.get("objectives") is not None:
+            what = f"recipe={stage.config['recipe']['name']} on data with task={stage.config['data'].get('task')}"
+            objectives = check_objectives(sweep, objective_metrics(stage.config), what)
+        else:
+            _check_metric(sweep, stage.config)
     max_steps = stage.config["trainer"]["max_steps"]
     steps_dim = next((d for d in dimensions if d.key == "trainer.max_steps"), None)
     if steps_dim is not None:
         max_steps = max(int(v) for v in steps_dim.values)
     scheduler = _check_search(sweep, dimensions, max_steps, stage.config["trainer"])
     _check_concurrency(sweep, stage.config)
-    _check_probes(base, dimensions, choices, cwd, paths_here)
+    if isinstance(base_plan, PipelinePlan):
+        shared = check_pipeline_probes(base, base_plan, dimensions, choices, overrides, cwd, paths_here)
+    else:
+        _check_probes(base, dimensions, choices, cwd, paths_here)
     plan = SweepPlan(
         name=sweep["name"],
         run_name=resume or new_sweep_name(sweep["name"]),
         dimensions=dimensions,
-        metric=sweep["metric"],
-        mode=sweep["mode"],
+        metric=next(iter(objectives), sweep["metric"]),
+        mode=next(iter(objectives.values()), sweep["mode"]),
         num_samples=sweep["num_samples"],
         search=sweep["search"],
         seed=sweep["seed"],
@@ -268,7 +335,12 @@ def build_sweep_plan(
         overrides=list(overrides),
         config=dict(sweep),
         resuming=resume is not None,
+        objectives=objectives,
+        shared_stages=shared if isinstance(base_plan, PipelinePlan) and base_plan.cache else [],
     )
+    if resume is not None and objectives and plan.search == "optuna":
+        # Optuna is warmed with the finished trials' values on a resume (`orchestrator.sweep.resume`), one per trial
+        raise ConfigError("resume", resume, "a sweep with sweep.objectives and sweep.search=optuna cannot be resumed; start it again, or use search=random|grid")
     if resume is not None and paths_here:
         _check_resumable(plan)
     return plan
@@ -316,7 +388,7 @@ def plan_sweep(
         base = compose(overrides, source if source is not None else ConfigSource.for_directory(cwd))
     except (OmegaConfBaseException, HydraException) as error:
         raise ConfigError("sweep.overrides", overrides, str(error).splitlines()[0]) from error
-    return build_sweep_plan(sweep, base.cfg, base.choices, overrides, cwd, paths_here, resume=resume or None)
+    return build_sweep_plan(sweep, base.cfg, base.choices, overrides, cwd, paths_here, resume=resume or None, source=source)
 
 
 HYDRA_FLAGS_WITH_VALUE = ("--config-dir", "-cd", "--config-name", "-cn", "--config-path", "-cp")
@@ -339,6 +411,30 @@ def split_sweep_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return sweep_level, rest
 
 
+OBJECTIVES_ARGUMENT = "sweep.objectives="
+
+
+def split_objectives(arguments: Sequence[str]) -> tuple[list[str], list[Any]]:
+    """Command-line arguments → (those for Hydra) and the values of `sweep.objectives=...`, in order. orch sets
+    them itself: Hydra merges a mapping into the sweep config's own (`{a: max}` over `{b: min}` is both), where a
+    new set of objectives must replace it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    rest, values = [], []
+    for argument in arguments:
+        if not argument.lstrip("+").startswith(OBJECTIVES_ARGUMENT):
+            rest.append(argument)
+            continue
+        text = argument.split("=", 1)[1]
+        try:
+            values.append(OverridesParser.create().parse_override(f"value={text}").value())
+        except HydraException as error:
+            raise ConfigError("sweep.objectives", text, f"expected a mapping in Hydra's value syntax, e.g. {{val_accuracy: max, loss: min}} "
+                                                        f"(quote the whole argument for the shell): {str(error).splitlines()[0]}") from None
+    return rest, values
+
+
 def _top_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~").split(".", 1)[0]
 
@@ -349,6 +445,7 @@ def plan_sweep_from_overrides(overrides: Sequence[str], cwd: Optional[Path] = No
 
     sweep_level, overrides = split_sweep_overrides(overrides)
     sweep_level, edits = split_space_edits(sweep_level)
+    sweep_level, objectives = split_objectives(sweep_level)
     source = ConfigSource.for_directory(cwd)
     cfg = compose(sweep_level, source).cfg
     if cfg.sweep is None:
@@ -356,4 +453,6 @@ def plan_sweep_from_overrides(overrides: Sequence[str], cwd: Optional[Path] = No
     sweep = OmegaConf.to_container(cfg.sweep, resolve=True, enum_to_str=True)
     assert isinstance(sweep, dict)
     sweep["space"] = apply_space_edits(sweep["space"], edits)
+    if objectives:
+        sweep["objectives"] = objectives[-1]
     return plan_sweep(sweep, overrides, cwd, source, paths_here)

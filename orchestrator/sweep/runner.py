@@ -10,14 +10,15 @@
             and a fresh Tuner in tune-resume-<n> runs what is left: interrupted trials first, under their own ids
   outcome   every trial's MLflow child closed with its Tune state; the best tagged; trials table, plots, the
             best config as a YAML `orch run` accepts, all logged to the parent (a resumed sweep's outcome counts
-            the earlier attempts' finished trials too)
+            the earlier attempts' finished trials too). With sweep.objectives: the Pareto front instead of one best
+            (`orchestrator.sweep.pareto`), its trials tagged orch.pareto=true
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -25,12 +26,12 @@ from rich.console import Console
 
 from orchestrator.stage_runner import cluster_session
 from orchestrator.sweep.best import write_best
-from orchestrator.sweep.plan import IDENTITY_FILE, SweepPlan, apply
+from orchestrator.sweep.plan import IDENTITY_FILE, SIZE_METRICS, SweepPlan, apply
 from orchestrator.sweep.progress import trial_progress
 from orchestrator.sweep.resume import RecordedTrial
 from orchestrator.sweep.space import decode, encode_options, to_tune
 from orchestrator.sweep.tracking import SweepRun
-from orchestrator.sweep.trial import RESUMED_TRIAL_KEY, run_trial
+from orchestrator.sweep.trial import PARETO_TAG, RESUMED_TRIAL_KEY, run_trial
 from orchestrator.track.mlflow_run import closed_with_outcome, log_file_attached
 from orchestrator.track.tables import csv_table, format_cell, markdown_table, print_table
 
@@ -38,7 +39,6 @@ from orchestrator.track.tables import csv_table, format_cell, markdown_table, pr
 # reserve the CPUs/GPUs in their own placement group. Tune needs a non-empty request: one byte of Ray's memory
 # resource, so that the trial holds nothing its workers need.
 TRIAL_DRIVER_RESOURCES = {"cpu": 0, "memory": 1}
-SIZE_METRICS = ("nonzero_parameters", "parameters", "final_sparsity")
 
 
 @dataclass
@@ -48,11 +48,13 @@ class SweepOutcome:
     experiment_id: str
     tracking_uri: str
     trials: list[dict[str, Any]]  # one row per trial: trial_id, run_id, state, params, metric, step
-    best: Optional[dict[str, Any]]
+    best: Optional[dict[str, Any]]  # None with sweep.objectives: the front is the outcome
     best_config_dir: Optional[Path]  # holds best.yaml
     rerun_command: Optional[str]
     tune_wall_s: float = 0.0  # wall time of Tuner.fit(): every trial, from the first start to the last end
     concurrency: int = 1
+    front: list[dict[str, Any]] = field(default_factory=list)  # sweep.objectives: the non-dominated trials' rows
+    objectives: dict[str, str] = field(default_factory=dict)
 
 
 def max_concurrent(plan: SweepPlan) -> int:
@@ -71,6 +73,11 @@ def _search_algorithm(plan: SweepPlan, concurrency: int):
     if plan.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
+        if plan.objectives:
+            # several objectives: Optuna's multi-objective study (its TPESampler handles both); Tune's own
+            # metric/mode stay unset, as Ray requires for a list
+            return OptunaSearch(metric=list(plan.objectives), mode=list(plan.objectives.values()), seed=plan.seed,
+                                points_to_evaluate=points)
         return OptunaSearch(seed=plan.seed, points_to_evaluate=points)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
@@ -127,7 +134,11 @@ def run_sweep(
                 "sweep_run": plan.run_name,
                 "parent_run_id": parent.run_id,
                 "cwd": str(cwd),
+                "pipeline": plan.pipeline,
+                "overrides": plan.overrides,  # a pipeline trial composes each stage again from them
             }
+            if plan.shared_stages:
+                _run_shared_stages(plan, spec, parent, console)
             trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, spec=spec), TRIAL_DRIVER_RESOURCES)
             earlier: list[RecordedTrial] = []
             if plan.resuming:
@@ -140,6 +151,21 @@ def run_sweep(
             outcome = _record_outcome(plan, parent, grid, cwd, earlier)
             outcome.tune_wall_s, outcome.concurrency = time.monotonic() - started, concurrency
             return outcome
+
+
+def _run_shared_stages(plan: SweepPlan, spec: dict[str, Any], parent: SweepRun, console: Console) -> None:
+    """A pipeline sweep's stages that no searched value changes (the teacher, typically), run once as children of
+    the sweep's parent before any trial starts: concurrent trials would each miss the stage cache and train them
+    again. Each trial's pipeline run then reuses them through the cache (same key, same inputs)."""
+    from orchestrator.pipeline.runner import run_shared_stages
+    from orchestrator.sweep.pipeline_trials import plan_pipeline_trial
+
+    shared = plan_pipeline_trial(apply(plan.base, spec["fixed"], name=f"{plan.run_name}-shared"), plan.choices,
+                                 plan.overrides, {}, Path(spec["cwd"]))
+    console.print(f"stages every trial shares, run once first: {', '.join(plan.shared_stages)}", highlight=False)
+    runs = run_shared_stages(shared, plan.shared_stages, parent.run_id, console)
+    for name, run_id in runs.items():
+        parent.parent.set_tag(f"orch.shared_stage.{name}.run_id", run_id)
 
 
 def write_identity(plan: SweepPlan) -> None:
@@ -169,7 +195,8 @@ def _resumed_tuner(plan: SweepPlan, trainable, concurrency: int, parent: SweepRu
         trainable,
         param_space={**to_tune(plan.dimensions), RESUMED_TRIAL_KEY: None},
         tune_config=ray.tune.TuneConfig(
-            metric=plan.metric, mode=plan.mode, search_alg=search_alg, scheduler=_scheduler(plan),
+            metric=None if plan.objectives else plan.metric, mode=None if plan.objectives else plan.mode,
+            search_alg=search_alg, scheduler=_scheduler(plan),
             num_samples=num_samples, max_concurrent_trials=concurrency,
         ),
         run_config=ray.tune.RunConfig(name=f"{resume.ATTEMPT_PREFIX}{attempt}", storage_path=str(plan.sweep_dir), verbose=1,
@@ -191,8 +218,8 @@ def _new_tuner(plan: SweepPlan, trainable, concurrency: int, sweep_dir: Path, pa
         trainable,
         param_space=to_tune(plan.dimensions),
         tune_config=ray.tune.TuneConfig(
-            metric=plan.metric,
-            mode=plan.mode,
+            metric=None if plan.objectives else plan.metric,
+            mode=None if plan.objectives else plan.mode,
             search_alg=_search_algorithm(plan, concurrency),
             scheduler=_scheduler(plan),
             num_samples=plan.num_samples,
@@ -262,6 +289,7 @@ def _earlier_row(plan: SweepPlan, trial: RecordedTrial) -> dict[str, Any]:
     """A trial an earlier attempt finished, as a row of the outcome: what its MLflow child recorded."""
     row: dict[str, Any] = {"trial_id": trial.trial_id, "run_id": trial.run_id, "state": trial.outcome, **trial.params}
     row[plan.metric] = trial.value
+    row.update({metric: trial.metrics.get(metric) for metric in plan.objectives})
     row["step"] = trial.step
     row["trial_wall_s"] = None  # timed by the earlier attempt's trial function, which Tune did not hear from
     return row
@@ -286,6 +314,7 @@ def _record_outcome(plan: SweepPlan, parent: SweepRun, grid, cwd: Path, earlier:
         run = children.get(trial_id)
         row: dict[str, Any] = {"trial_id": trial_id, "run_id": run.info.run_id if run else None, "state": state, **params}
         row[plan.metric] = (result.metrics or {}).get(plan.metric)
+        row.update({metric: (result.metrics or {}).get(metric) for metric in plan.objectives})
         row["step"] = (result.metrics or {}).get("step")
         row["trial_wall_s"] = (result.metrics or {}).get("trial_wall_s")
         if run is not None:
@@ -297,7 +326,9 @@ def _record_outcome(plan: SweepPlan, parent: SweepRun, grid, cwd: Path, earlier:
     scored = [row for row in rows if row[plan.metric] is not None and row["state"] == "completed"]
     best = (max if plan.mode == "max" else min)(scored, key=lambda row: row[plan.metric]) if scored else None
     out = Path(tempfile.mkdtemp(prefix="orch-sweep-"))
-    best_dir, command = None, None
+    best_dir, command, front = None, None, []
+    if plan.objectives:
+        best, front = None, _record_front(plan, parent, rows, out)
     if best is not None:
         if best["run_id"]:
             parent.mark_best(best["run_id"], plan.metric, best[plan.metric])
@@ -319,7 +350,47 @@ def _record_outcome(plan: SweepPlan, parent: SweepRun, grid, cwd: Path, earlier:
         best=best,
         best_config_dir=best_dir,
         rerun_command=command,
+        front=front,
+        objectives=dict(plan.objectives),
     )
+
+
+def _record_front(plan: SweepPlan, parent: SweepRun, rows: list[dict[str, Any]], out: Path) -> list[dict[str, Any]]:
+    """The Pareto front of the finished trials: pareto/pareto_front.{csv,md,yaml,png} on the parent, each front
+    trial's child tagged orch.pareto=true, the front's size as the parent's metric."""
+    from orchestrator.sweep.pareto import front_table, front_yaml, pareto_front, pareto_plot
+
+    front = pareto_front(rows, plan.objectives)
+    keys = [dim.key for dim in plan.dimensions]
+    table = front_table(front, plan.objectives, keys)
+    entries = [{"trial_id": row["trial_id"], "run_id": row["run_id"],
+                "values": {metric: float(row[metric]) for metric in plan.objectives},
+                "params": {key: row[key] for key in keys}, **_trial_overrides(plan, row)} for row in front]
+    (out / "pareto").mkdir(parents=True, exist_ok=True)
+    (out / "pareto" / "pareto_front.csv").write_text(csv_table(table) if table else "")
+    (out / "pareto" / "pareto_front.md").write_text(f"# Pareto front · {plan.run_name}\n\n" + (markdown_table(table) if table else "no trial completed\n"))
+    (out / "pareto" / "pareto_front.yaml").write_text(front_yaml(entries, plan.objectives, plan.run_name))
+    pareto_plot(rows, front, plan.objectives).savefig(out / "pareto" / "pareto_front.png", dpi=110)
+    for row in front:
+        if row["run_id"]:
+            parent.client.set_tag(row["run_id"], PARETO_TAG, "true")
+    parent.log_metrics({"pareto_front_size": len(front)})
+    return [dict(row) for row in front]
+
+
+def _trial_overrides(plan: SweepPlan, row: dict[str, Any]) -> dict[str, Any]:
+    """How to train a trial's configuration again: `orch run` arguments and, for a pipeline trial, the overrides its
+    searched stages got after their own (`orchestrator.sweep.pipeline_trials.pipeline_trial_config`)."""
+    from orchestrator.sweep.pipeline_trials import STAGE_PREFIX, override_text
+
+    overrides, stages = list(plan.overrides), {}
+    for dim in plan.dimensions:
+        if plan.pipeline and dim.key.startswith(STAGE_PREFIX):
+            _, stage, key = dim.key.split(".", 2)
+            stages.setdefault(stage, []).append(override_text(key, row[dim.key]))
+        else:
+            overrides.append(override_text(dim.key, row[dim.key]))
+    return {"overrides": overrides, **({"stage_overrides": stages} if stages else {})}
 
 
 def _write_tables_and_plots(plan: SweepPlan, rows: list[dict[str, Any]], out: Path) -> None:
@@ -351,6 +422,13 @@ def print_outcome(outcome: SweepOutcome, metric: str, console: Console) -> None:
         row_styles=["bold green" if row is outcome.best else None for row in outcome.trials],
     )
     console.print(f"MLflow parent run {outcome.parent_run_id} ({outcome.tracking_uri}); one child run per trial")
+    if outcome.objectives:
+        console.print(f"Pareto front: {len(outcome.front)} trial(s) not beaten on every objective at once "
+                      "(parent run artifacts pareto/pareto_front.csv, .yaml, .png)")
+        for row in outcome.front:
+            values = ", ".join(f"{metric} {format_cell(row[metric])}" for metric in outcome.objectives)
+            console.print(f"  trial {row['trial_id']}: {values} (run {row['run_id']})", highlight=False)
+        return
     if outcome.best is None:
         console.print("[red]no trial completed[/red]: no best configuration")
         return

@@ -4,6 +4,8 @@
   e.g. space.trainer.optimizer.lr = loguniform(0.0001, 0.03)), search algorithm, scheduler, metric, mode, trial
   counts; artifacts: sweep/trials.csv, plots/<metric>_vs_<key>.png, plots/parallel_coordinates.png (and
   plots/accuracy_vs_size.png when trials pruned), best/best.yaml; tag orch.best_trial_run_id and metric best_<metric>.
+  With sweep.objectives, instead of the best: pareto/pareto_front.{csv,md,yaml,png} and metric pareto_front_size;
+  each front trial's child tagged orch.pareto=true.
 * Child (one per trial, written by the trial through `run_stage`): mlflow.parentRunId, orch.trial_id,
   orch.sweep_run, the trial's full config as params, its metric history; tagged with its Tune outcome the moment
   Tune decides it (orch.trial_state = completed | early_stopped | failed), closed here with it (an early-stopped
@@ -50,6 +52,9 @@ class SweepRun:
                 "base_overrides": " ".join(plan.overrides),
             }
         )
+        if plan.objectives:  # several metrics: the outcome is a Pareto front (pareto/ artifacts), not one best
+            params.update({"objectives": ", ".join(f"{m}:{d}" for m, d in plan.objectives.items())})
+            del params["metric"], params["mode"]
         if plan.scheduler["name"] == "asha":
             params.update({f"asha.{k}": plan.scheduler[k] for k in ("grace_period", "reduction_factor", "max_t")})
         self.parent.log_params(params)

@@ -10,6 +10,9 @@ one, and a trial stopped while it exports its model would leave its MLflow run h
 forwards every report before the last step, and the function reports the final metrics itself once `run_stage`
 has returned.
 
+A sweep whose base recipe is a pipeline (recipe=pipeline) runs each trial as a whole pipeline run instead
+(`_run_pipeline_trial`), reporting the pipeline's summary once, at its end.
+
 A sweep resumed after its driver died (`orch sweep resume=NAME`, `orchestrator.sweep.resume`) runs the trials the
 driver left running again in a new Tuner, which gives them new Tune ids; each carries its own id in its config
 (`RESUMED_TRIAL_KEY`), so it finds its MLflow child and reopens it, continuing its Ray Train run from its
@@ -31,6 +34,7 @@ TRIAL_TAG = "orch.trial_id"
 SWEEP_TAG = "orch.sweep_run"
 STATE_TAG = "orch.trial_state"  # completed | early_stopped | failed
 BEST_TAG = "orch.best_trial"
+PARETO_TAG = "orch.pareto"  # "true" on each trial of a multi-objective sweep's Pareto front
 # A trial's config key that carries an interrupted trial's own id into a resumed sweep's new Tuner (None for new
 # trials): Tune gives each trial of that Tuner a new id, and the id names the trial's Ray Train run and MLflow child.
 RESUMED_TRIAL_KEY = "orch_resumed_trial_id"
@@ -56,6 +60,9 @@ def run_trial(config: dict[str, Any], spec: Mapping[str, Any]) -> None:
     dimensions: list[Dimension] = spec["dimensions"]
     params = decode(dimensions, config)
     name = trial_run_name(spec["sweep_run"], trial_id)
+    if spec.get("pipeline"):
+        _run_pipeline_trial(spec, params, trial_id, name, started)
+        return
     cfg: DictConfig = apply(spec["base"], {**params, **spec["fixed"]}, name=name)
     # A trial started again (the sweep resumed after its driver died) continues its own Ray Train run from its
     # checkpoints, and reopens its own MLflow child: never a second child for one trial.
@@ -79,9 +86,47 @@ def run_trial(config: dict[str, Any], spec: Mapping[str, Any]) -> None:
         tags=tags, train_callbacks=[_forward_reports_before(max_steps)],
     )
     final = {key: value for key, value in result.metrics.items() if isinstance(value, (int, float))}
+    final.update(_size_metrics(plan.tracking.uri, result.run_id))
     # trial_wall_s: the whole trial as its function saw it (plan, Ray Train fit, export), for the overhead benchmark
     final.update(step=max_steps, mlflow_run_id=result.run_id, trial_wall_s=time.monotonic() - started)
     ray.tune.report(final)
+
+
+def _run_pipeline_trial(spec: Mapping[str, Any], params: dict[str, Any], trial_id: str, name: str, started: float) -> None:
+    """A trial that is a pipeline run: its MLflow run is the pipeline's parent (a child of the sweep's parent, tagged
+    with the trial's id), its stages children of that. Stages no searched value changes were run once by the sweep's
+    driver before the trials (`orchestrator.pipeline.runner.run_shared_stages`): the stage cache finds them here.
+    Reports the pipeline's summary (final_val_accuracy, final_nonzero_parameters, size_ratio ...) once, at the end."""
+    import ray.tune
+    from rich.console import Console
+
+    from orchestrator.pipeline.runner import run_pipeline
+    from orchestrator.sweep.pipeline_trials import plan_pipeline_trial
+    from orchestrator.sweep.plan import apply
+
+    base = apply(spec["base"], spec["fixed"], name=name)
+    if Path(spec["fixed"]["trainer.storage_path"], name).is_dir():
+        base.resume = name  # started before the sweep's driver died: the pipeline's resume= continues it
+    plan = plan_pipeline_trial(base, spec["choices"], spec["overrides"], params, Path(spec["cwd"]))
+    max_steps = plan.stages[0].config["trainer"]["max_steps"]
+    child = _trial_child(plan.tracking, spec["parent_run_id"], trial_id)
+    if child is None or child.info.status != "FINISHED":
+        quiet = Console(file=io.StringIO())  # Tune prints the trials' progress; per-stage bars would interleave
+        run_pipeline(plan, quiet, nested_in=spec["parent_run_id"], tags={SWEEP_TAG: spec["sweep_run"], TRIAL_TAG: trial_id})
+        child = _trial_child(plan.tracking, spec["parent_run_id"], trial_id)
+    ray.tune.report({**child.data.metrics, "step": max_steps, "mlflow_run_id": child.info.run_id,
+                     "trial_wall_s": time.monotonic() - started})
+
+
+def _size_metrics(uri: str, run_id: str) -> dict[str, float]:
+    """The exported model's size, which `run_stage` logged on the run after training (a pruned stage's): reported
+    with the final metrics so that a sweep can search on it (sweep.objectives: nonzero_parameters: min)."""
+    from mlflow import MlflowClient
+
+    from orchestrator.sweep.plan import SIZE_METRICS
+
+    logged = MlflowClient(uri).get_run(run_id).data.metrics
+    return {key: logged[key] for key in SIZE_METRICS if key in logged}
 
 
 def _trial_child(tracking, parent_run_id: str, trial_id: str):

@@ -1,9 +1,10 @@
 """One layering, read from the source: a module imports only from its own package or from layers below it.
 
-    cli → plan_view → sweep, pipeline → stage_runner → launch, track → recipes → train → artifacts → compress → plan
+    cli → plan_view → sweep → pipeline → stage_runner → launch, track → recipes → train → artifacts → compress → plan
       → memory → models, data → config → timeline
 
-Packages that share a layer (sweep and pipeline; launch and track; models and data) do not import each other. The
+A sweep's trials can be pipelines (`orch sweep` with recipe=pipeline), so sweep sits above pipeline; a pipeline
+knows nothing of sweeps. Packages that share a layer (launch and track; models and data) do not import each other. The
 recipes are loaded by name (`recipe.name`) and never imported by the library. Lazy imports inside functions count the
 same as top-level ones: a back-edge is a back-edge wherever it is written.
 """
@@ -17,7 +18,8 @@ REPO = Path(__file__).resolve().parents[2]
 LAYERS: list[set[str]] = [
     {"cli"},
     {"plan_view"},
-    {"sweep", "pipeline"},
+    {"sweep"},
+    {"pipeline"},
     {"stage_runner"},
     {"launch", "track"},
     {"recipes"},

@@ -200,6 +200,13 @@ PROCESS_ROWS = [
     (["sweep", "tracking.uri=http://127.0.0.1:9"], "tracking.uri='http://127.0.0.1:9'"),
     (["ui", "--host", "0.0.0.0"], "--insecure-public"),
     (["sweep", "resume=never-swept"], "resume='never-swept': no sweep named"),
+    (["sweep", "sweep.objectives={val_accuracy: max, nonzero_parameters: min}", "sweep.scheduler.name=none"],
+     "sweep.objectives.nonzero_parameters='min'"),  # the train recipe does not prune: no size to report
+    (["sweep", "sweep.objectives={val_accuracy: best, loss: min}", "sweep.scheduler.name=none"], "sweep.objectives.val_accuracy='best'"),
+    (["sweep", "sweep.objectives={val_accuracy: max, loss: min}"], "sweep.scheduler.name='asha'"),
+    (["sweep", "sweep.objectives={val_accuracy: max}", "sweep.scheduler.name=none"], "sweep.objectives={'val_accuracy': 'max'}"),
+    # a pipeline trial reports the pipeline's summary (final_val_accuracy ...), not a stage's val_accuracy
+    (["sweep", "sweep=digits_pareto", "sweep.objectives={final_val_accuracy: max, val_accuracy: min}"], "sweep.objectives.val_accuracy='min'"),
 ]
 
 

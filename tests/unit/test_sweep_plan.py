@@ -76,6 +76,11 @@ def with_changes(**changes) -> dict:
         (with_changes(max_concurrent_trials=4), ["cluster.num_cpus=2"], "sweep.max_concurrent_trials", "at most 1"),
         (with_changes(points_to_evaluate=[{"trainer.optimizer.lr": 0.01}]), [], "sweep.points_to_evaluate[0]", "every key"),
         (with_changes(overrides=["recipe=quantize", f"recipe.input={RUN_ID}"]), [], "sweep.overrides", "training recipe"),
+        (with_changes(objectives={"val_accuracy": "max"}, scheduler__name="none"), [], "sweep.objectives", "at least 2"),
+        (with_changes(objectives=["val_accuracy", "loss"], scheduler__name="none"), [], "sweep.objectives", "mapping"),
+        (with_changes(objectives={"val_accuracy": "max", "loss": "lowest"}, scheduler__name="none"), [], "sweep.objectives.loss", "max or min"),
+        (with_changes(objectives={"val_accuracy": "max", "latency_ms": "min"}, scheduler__name="none"), [], "sweep.objectives.latency_ms", "val_loss"),
+        (with_changes(objectives={"val_accuracy": "max", "loss": "min"}), [], "sweep.scheduler.name", "ASHA"),
     ],
 )
 def test_bad_sweeps_fail_before_ray_naming_the_key(tmp_path, sweep, command_line, key, expected):
@@ -83,6 +88,45 @@ def test_bad_sweeps_fail_before_ray_naming_the_key(tmp_path, sweep, command_line
         plan_sweep(sweep, command_line, cwd=tmp_path)
     assert error.value.key == key
     assert expected in str(error.value)
+
+
+def pareto_sweep() -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(compose(["sweep=digits_pareto"]).cfg.sweep, resolve=True, enum_to_str=True)
+
+
+@pytest.mark.parametrize(
+    "changes, key, expected",
+    [
+        ({"space": {"stages.studnt.model.hidden_sizes": {"choice": [[16]]}}}, "sweep.space.stages.studnt.model.hidden_sizes", "teacher, pruned"),
+        ({"space": {"stages.student.recipe.distill.temp": {"choice": [1.0]}}}, "sweep.space.stages.student.recipe.distill.temp", "stage student"),
+        ({"scheduler": {"name": "asha", "grace_period": None, "reduction_factor": 2.0}}, "sweep.scheduler.name", "reports once"),
+        ({"objectives": None, "metric": "val_accuracy"}, "sweep.metric", "final_val_accuracy"),
+    ],
+)
+def test_bad_pipeline_sweeps_fail_before_ray_naming_the_key(tmp_path, changes, key, expected):
+    with pytest.raises(ConfigError) as error:
+        plan_sweep({**pareto_sweep(), **changes}, [], cwd=tmp_path)
+    assert error.value.key == key
+    assert expected in str(error.value)
+
+
+def test_pipeline_trial_values_reach_their_stage_and_only_untouched_stages_are_shared(tmp_path):
+    sweep = {**pareto_sweep(), "space": {"stages.pruned.recipe.pruning.sparsity": {"choice": [0.5, 0.8]},
+                                         "trainer.seed": {"choice": [0, 1]}}}
+    plan = plan_sweep(sweep, [], cwd=tmp_path)
+    assert plan.shared_stages == []  # trainer.seed is set on every stage, the teacher included
+    plan = plan_sweep({**sweep, "space": {"stages.pruned.recipe.pruning.sparsity": {"choice": [0.5, 0.8]}}}, [], cwd=tmp_path)
+    assert plan.shared_stages == ["teacher"]
+    from orchestrator.sweep.pipeline_trials import plan_pipeline_trial
+
+    trial = plan_pipeline_trial(plan.base, plan.choices, plan.overrides, {"stages.pruned.recipe.pruning.sparsity": 0.8,
+                                                                            "trainer.seed": 7}, tmp_path)
+    stages = {stage.name: stage.config for stage in trial.stages}
+    assert stages["pruned"]["recipe"]["pruning"]["sparsity"] == 0.8
+    assert {config["trainer"]["seed"] for config in stages.values()} == {7}
+    assert stages["teacher"]["trainer"]["max_steps"] == 100  # the sweep's overrides still win over the stage's own
 
 
 def test_trial_values_are_set_on_a_copy_and_type_checked():
