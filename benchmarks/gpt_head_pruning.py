@@ -5,9 +5,9 @@ Plain PyTorch in one process (no Ray, no DeepSpeed) with the pieces the `prune` 
 and the pipeline report's `measure` (size, gzip size, one-thread CPU latency, validation perplexity). The shipped
 pipeline conf/pipeline/text_structured.yaml runs the same steps through Ray Train + DeepSpeed.
 
-    python benchmarks/gpt_head_pruning.py                    # corpus: 1 MB of Python standard-library source
-    python benchmarks/gpt_head_pruning.py --corpus FILE.txt  # your own text
-    python benchmarks/gpt_head_pruning.py --quick            # shorter training (a smoke run)
+    python -m benchmarks.gpt_head_pruning                    # corpus: 1 MB of Python standard-library source
+    python -m benchmarks.gpt_head_pruning --corpus FILE.txt  # your own text
+    python -m benchmarks.gpt_head_pruning --quick            # shorter training (a smoke run)
 
 Byte-level tokens, block 64, batch 32, AdamW + cosine, one torch thread by default (--threads; on a shared machine
 more threads than free cores slow PyTorch's CPU kernels down several-fold). Perplexity is measured on the first
@@ -60,7 +60,11 @@ def stdlib_corpus(target: Path, limit_bytes: int = 1_000_000) -> Path:
     return target
 
 
-def train(model: nn.Module, data, steps: int, lr: float, seed: int) -> nn.Module:
+def train(model: nn.Module, data, steps: int, lr: float, seed: int, teacher: nn.Module | None = None,
+          temperature: float = 2.0, alpha: float = 0.5) -> nn.Module:
+    """`teacher`: distil from it (the recipe's token-level `kd_loss`) instead of training on the labels alone."""
+    from orchestrator.compress.distill import kd_loss
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     generator = torch.Generator().manual_seed(seed)
@@ -69,7 +73,12 @@ def train(model: nn.Module, data, steps: int, lr: float, seed: int) -> nn.Module
         picks = torch.randint(len(data.train), (BATCH,), generator=generator).tolist()
         inputs = torch.stack([data.train[i][0] for i in picks])
         targets = torch.stack([data.train[i][1] for i in picks])
-        loss = nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+        if teacher is None:
+            loss = nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+        else:
+            with torch.no_grad():
+                taught = teacher(inputs)
+            loss = kd_loss(model(inputs), taught, targets, temperature, alpha)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)

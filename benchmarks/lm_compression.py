@@ -1,13 +1,14 @@
 """Language-model compression of the built-in GPT on a local text corpus: torchao int8 weight-only and dynamic vs
-fp32, 2:4 sparsity (magnitude and wanda) with fine-tuning at fixed masks, and depth + width pruning.
+fp32, 2:4 sparsity (magnitude and wanda) with fine-tuning at fixed masks, and depth + width pruning (to under half the
+parameters: fine-tuned, and distilled from the dense model with the distill recipe's `kd_loss`).
 
 Plain PyTorch in one process (no Ray, no DeepSpeed) with the pieces the `prune` and `quantize` recipes use:
 `quantize_model`, `input_feature_norms` + `wanda_scores`, `n_m_masks` held by `FixedMasks`, `drop_blocks` then
 `prune_structured`, and the pipeline report's `measure` (size, one-thread CPU latency, validation perplexity).
 Training and the corpus are benchmarks/gpt_head_pruning.py's (1 MB of Python standard-library source, byte tokens).
 
-    python benchmarks/lm_compression.py            # 800 training steps, 300 fine-tuning steps per compressed row
-    python benchmarks/lm_compression.py --quick    # 100 + 40 (a smoke run: the figures are not converged)
+    python -m benchmarks.lm_compression            # 800 training steps, 300 fine-tuning steps per compressed row (600 for the half-size student)
+    python -m benchmarks.lm_compression --quick    # 100 + 40 (+ 80) (a smoke run: the figures are not converged)
 
 Every row is reported, misses included; the "dense + fine-tune" row is the control with the same total training.
 Outputs: benchmarks/results/lm_compression.{json,md}.
@@ -61,6 +62,7 @@ def two_four(model, data, criterion: str):
 def run(quick: bool, seed: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     steps, finetune_steps = (100, 40) if quick else (800, 300)
+    kd_steps = 2 * finetune_steps  # the half-size student has more to recover
     corpus = stdlib_corpus(RESULTS / "stdlib_corpus.txt")
     splits = load_text_splits(str(corpus), BLOCK)
     data = DataSplits(splits.train, Subset(splits.val, range(min(EVAL_BLOCKS, len(splits.val)))), task="lm")
@@ -88,12 +90,22 @@ def run(quick: bool, seed: int, threads: int) -> dict:
     tuned = train(rebuilt, data, finetune_steps, 1e-3, seed)
     rows.append({"model": "depth -1 block + width 0.25 + fine-tune", **measure(tuned, tuned, data, BATCH),
                  "val_perplexity_before_finetune": before})
+    # under half the teacher's parameters (what pipeline=lm_compress ships: depth + width, then KD), trained as
+    # long by fine-tuning alone and by distillation from the dense teacher: same steps, same data, same start
+    halved = prune_structured(shorter, example, 0.5).eval()  # a copy: `shorter` stays as it was
+    half = instantiate(pruned_model_config(spec, halved))
+    half.load_state_dict(halved.state_dict())
+    before = measure(half, half, data, BATCH)["val_perplexity"]
+    for label, teacher in (("fine-tune", None), ("KD from dense", dense)):
+        tuned = train(copy.deepcopy(half), data, kd_steps, 1e-3, seed, teacher=teacher)
+        rows.append({"model": f"depth -1 block + width 0.5 + {label}", **measure(tuned, tuned, data, BATCH),
+                     "val_perplexity_before_finetune": before})
     for row in rows:
         row["size_vs_dense"] = row["size_bytes"] / rows[0]["size_bytes"]
         row["latency_vs_dense"] = row["latency_ms"] / rows[0]["latency_ms"]
         row["perplexity_vs_dense"] = row["val_perplexity"] / rows[0]["val_perplexity"]
     return {"corpus": str(corpus), "corpus_bytes": corpus.stat().st_size, "train_steps": steps,
-            "finetune_steps": finetune_steps, "seed": seed, "model": MODEL, "rows": rows,
+            "finetune_steps": finetune_steps, "kd_steps": kd_steps, "seed": seed, "model": MODEL, "rows": rows,
             "wall_s": time.perf_counter() - started, "torch_threads": torch.get_num_threads()}
 
 
