@@ -22,7 +22,7 @@ from orchestrator.config import Composed, ConfigSource, config_groups, validate
 from orchestrator.config.reads import recipe_inputs, recipe_reads
 from orchestrator.config.trust import checked_model_config, trusted_model_targets
 from orchestrator.config.validate import ConfigError
-from orchestrator.memory import MemoryEstimate, estimate_memory, plan_memory  # noqa: F401 - estimate_memory: API
+from orchestrator.memory import MemoryEstimate, estimate_memory, plan_memory, zero3_settings  # noqa: F401 - estimate_memory: API
 
 DEFAULT_EXPERIMENT = "orchestrator"
 
@@ -77,8 +77,9 @@ def resolve_precision(trainer: Mapping[str, Any]) -> str:
     return "bf16" if trainer["precision"] == "auto" else trainer["precision"]
 
 
-def deepspeed_config(trainer: Mapping[str, Any], precision: str) -> dict[str, Any]:
-    """DeepSpeed JSON generated from the `trainer` group, then overlaid with the raw `trainer.deepspeed` dict."""
+def deepspeed_config(trainer: Mapping[str, Any], precision: str, model: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """DeepSpeed JSON generated from the `trainer` group (and, for ZeRO-3's buffers, the model's width), then
+    overlaid with the raw `trainer.deepspeed` dict."""
     optimizer, scheduler = trainer["optimizer"], trainer["scheduler"]
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": trainer["micro_batch_size"],
@@ -120,6 +121,8 @@ def deepspeed_config(trainer: Mapping[str, Any], precision: str) -> dict[str, An
         # DeepSpeed has no built-in SGD: the worker passes torch.optim.SGD, which ZeRO accepts with this flag.
         config["zero_allow_untested_optimizer"] = True
     _map_offload(config, trainer)
+    if trainer["zero_stage"] == 3:
+        config["zero_optimization"].update(zero3_settings(model or {}, trainer["use_gpu"]))
     # DeepSpeed's warmup schedulers refuse warmup_num_steps=0: "no warmup" is one step that starts at the peak.
     warmup, total, lr = scheduler["warmup_steps"], trainer["max_steps"], optimizer["lr"]
     steps, start_ratio = (warmup, 0.0) if warmup else (1, 1.0)
@@ -248,7 +251,7 @@ def plan_stage(container: dict[str, Any], name: str, kind: str) -> StagePlan:
         placement_strategy=trainer["placement_strategy"],
         backend="nccl" if trainer["use_gpu"] else "gloo",
         precision=precision,
-        deepspeed=deepspeed_config(trainer, precision),
+        deepspeed=deepspeed_config(trainer, precision, container["model"]),
         memory=plan_memory(container, precision),
         config=container,
         kind=kind,

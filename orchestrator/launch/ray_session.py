@@ -38,6 +38,8 @@ FORWARDED_ENV = (
     "ORCH_TIMELINE",
 )
 
+MALLOC_MMAP_THRESHOLD = 128 * 1024  # glibc's initial M_MMAP_THRESHOLD, kept from growing
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -49,6 +51,10 @@ def worker_env(cluster: Mapping[str, Any], use_gpu: bool) -> dict[str, str]:
     env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # skip DeepSpeed's accelerator probe (and its warning) on CPU workers
+        # glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, after which freed tensors
+        # stay in the heap: a ZeRO-3 worker's peak grew by ~1 GB over 3 steps that way (85 M parameters, 2 ranks).
+        # Fixed at its initial 128 KiB, large tensors go back to the OS when freed (cluster.env can override it)
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MALLOC_MMAP_THRESHOLD)
     env.update({str(k): str(v) for k, v in (cluster.get("env") or {}).items()})
     return env
 

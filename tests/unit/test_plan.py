@@ -58,8 +58,9 @@ def test_memory_estimate_partitions_by_zero_stage(stage, expected):
     assert (memory.weights, memory.gradients, memory.optimizer) == expected
     assert memory.model_states == sum(expected)
     assert memory.total == sum(expected) + memory.buffers
-    # ZeRO-0 all-reduces a flat copy of the gradients; ZeRO-1/2 keep a gradient bucket and an fp32 gradient partition
-    assert memory.buffers == {0: 2_000, 1: 4_000 + 1_000, 2: 2_000 + 1_000, 3: 0}[stage]
+    # ZeRO-0 all-reduces a flat copy of the gradients; ZeRO-1/2 keep a gradient bucket and an fp32 gradient partition;
+    # ZeRO-3 its gradient bucket (DeepSpeed's 5e8 elements: filled to the model's size) and the reduce-scatter's copy
+    assert memory.buffers == {0: 2_000, 1: 4_000 + 1_000, 2: 2_000 + 1_000, 3: 2 * 2_000}[stage]
 
 
 def test_auto_precision_resolves_to_bf16_and_default_run_names_are_unique(tmp_path, monkeypatch):
@@ -199,3 +200,44 @@ def test_a_transfer_set_is_resolved_into_the_stage_config_the_workers_instantiat
     option = distill_settings("recipe.distill.transfer_data=digits")["transfer"]
     assert option["limit_train"] is None and option["split_seed"] == 0  # the option as shipped
     assert distill_settings()["transfer"] is None
+
+
+def test_zero3_buffers_are_sized_to_the_model_and_release_after_each_use_on_cpu():
+    # DeepSpeed's defaults (5e8-element bucket, reuse distance 1e9) kept the whole 85 M-parameter GPT gathered and its
+    # whole gradient bucketed on every rank; a user's own trainer.deepspeed value still wins
+    plan = build_plan(compose(["model=gpt", "data=text", "model.n_embd=96", "model.n_head=4", "trainer.zero_stage=3"]))
+    zero = plan.stages[0].deepspeed["zero_optimization"]
+    assert zero == {
+        "stage": 3,
+        "reduce_bucket_size": 96 * 96,
+        "stage3_param_persistence_threshold": 960,
+        "stage3_prefetch_bucket_size": 0,
+        "stage3_max_reuse_distance": 0,
+    }
+    gpu = deepspeed_config(trainer("trainer=gpu", "trainer.zero_stage=3"), "bf16", {"n_embd": 100})
+    assert gpu["zero_optimization"]["stage3_prefetch_bucket_size"] == 9_000
+    assert "stage3_max_reuse_distance" not in gpu["zero_optimization"]
+    own = deepspeed_config(trainer("trainer.zero_stage=3", "+trainer.deepspeed.zero_optimization.reduce_bucket_size=7"), "fp32", {"n_embd": 96})
+    assert own["zero_optimization"]["reduce_bucket_size"] == 7
+    assert "reduce_bucket_size" not in deepspeed_config(trainer("trainer.zero_stage=2"), "fp32", {"n_embd": 96})["zero_optimization"]
+
+
+def test_zero3_memory_counts_its_bucket_and_the_fp32_partition_clone():
+    n, workers = 10**6, 2
+    sized = estimate_memory(n, 3, "fp32", workers, "adamw", reduce_bucket=1_000)
+    assert sized.buffers == 2 * 1_000 * 4 + 4 * n // workers  # bucket and its reduce-scatter copy; fp32 clone
+    unsized = estimate_memory(n, 3, "fp32", workers, "adamw")  # DeepSpeed's 5e8 bucket fills to the model's size
+    assert unsized.buffers == 2 * n * 4 + 4 * n // workers
+    mixed = estimate_memory(n, 3, "bf16", workers, "adamw", reduce_bucket=1_000)
+    assert mixed.buffers == 2 * 1_000 * 2  # the fp32 master copy is already in `optimizer`
+    plan = build_plan(compose(["model=gpt", "data=text", "model.n_embd=96", "model.n_head=4", "trainer.zero_stage=3", "trainer.num_workers=2", "trainer.precision=fp32"]))
+    memory = plan.stages[0].memory
+    assert memory.buffers == 2 * 96 * 96 * 4 + 4 * memory.parameters // 2
+
+
+def test_cpu_workers_return_freed_tensors_to_the_os_unless_the_cluster_env_says_otherwise():
+    from orchestrator.launch.ray_session import worker_env
+
+    assert worker_env({"env": {}}, use_gpu=False)["MALLOC_MMAP_THRESHOLD_"] == str(128 * 1024)
+    assert "MALLOC_MMAP_THRESHOLD_" not in worker_env({"env": {}}, use_gpu=True)
+    assert worker_env({"env": {"MALLOC_MMAP_THRESHOLD_": 1}}, use_gpu=False)["MALLOC_MMAP_THRESHOLD_"] == "1"
