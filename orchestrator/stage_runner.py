@@ -296,7 +296,8 @@ def _fit(
             # one more than asked: a marker completes the newest checkpoint after Ray registered it (and pruned the
             # older ones), so the last complete checkpoint stays until its successor is complete
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=trainer_cfg["keep_checkpoints"] + 1),
-            worker_runtime_env={"env_vars": worker_env(stage.config["cluster"], stage.use_gpu)},
+            worker_runtime_env={"env_vars": worker_env(stage.config["cluster"], stage.use_gpu,
+                                                          stage.config["trainer"]["zero_stage"])},
             # Ray Train's own INFO (worker group start, reports, checkpoints): in the run's log file, or live with -v
             logging_config=ray.train.LoggingConfig(log_level="INFO"),
             callbacks=list(callbacks) or None,

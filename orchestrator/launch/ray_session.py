@@ -47,13 +47,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def worker_env(cluster: Mapping[str, Any], use_gpu: bool) -> dict[str, str]:
+def worker_env(cluster: Mapping[str, Any], use_gpu: bool, zero_stage: int = 0) -> dict[str, str]:
     env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
     if not use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # skip DeepSpeed's accelerator probe (and its warning) on CPU workers
+    if not use_gpu and zero_stage == 3:
         # glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, after which freed tensors
-        # stay in the heap: a ZeRO-3 worker's peak grew by ~1 GB over 3 steps that way (85 M parameters, 2 ranks).
-        # Fixed at its initial 128 KiB, large tensors go back to the OS when freed (cluster.env can override it)
+        # stay in the heap: a ZeRO-3 worker's peak grew by ~1 GB over 3 steps that way (85 M parameters, 2 ranks),
+        # as it gathers and frees every layer's parameters. Fixed at its initial 128 KiB, large tensors go back to
+        # the OS when freed. Only for ZeRO-3, which is chosen to save memory: every allocation above 128 KiB then
+        # maps fresh pages, which made a small GPT's CPU step 1.6x slower (cluster.env can override it)
         env["MALLOC_MMAP_THRESHOLD_"] = str(MALLOC_MMAP_THRESHOLD)
     env.update({str(k): str(v) for k, v in (cluster.get("env") or {}).items()})
     return env

@@ -235,9 +235,10 @@ def test_zero3_memory_counts_its_bucket_and_the_fp32_partition_clone():
     assert memory.buffers == 2 * 96 * 96 * 4 + 4 * memory.parameters // 2
 
 
-def test_cpu_workers_return_freed_tensors_to_the_os_unless_the_cluster_env_says_otherwise():
+def test_zero3_cpu_workers_return_freed_tensors_to_the_os_unless_the_cluster_env_says_otherwise():
     from orchestrator.launch.ray_session import worker_env
 
-    assert worker_env({"env": {}}, use_gpu=False)["MALLOC_MMAP_THRESHOLD_"] == str(128 * 1024)
-    assert "MALLOC_MMAP_THRESHOLD_" not in worker_env({"env": {}}, use_gpu=True)
-    assert worker_env({"env": {"MALLOC_MMAP_THRESHOLD_": 1}}, use_gpu=False)["MALLOC_MMAP_THRESHOLD_"] == "1"
+    assert worker_env({"env": {}}, use_gpu=False, zero_stage=3)["MALLOC_MMAP_THRESHOLD_"] == str(128 * 1024)
+    assert "MALLOC_MMAP_THRESHOLD_" not in worker_env({"env": {}}, use_gpu=True, zero_stage=3)
+    assert "MALLOC_MMAP_THRESHOLD_" not in worker_env({"env": {}}, use_gpu=False, zero_stage=2)  # speed first
+    assert worker_env({"env": {"MALLOC_MMAP_THRESHOLD_": 1}}, use_gpu=False, zero_stage=3)["MALLOC_MMAP_THRESHOLD_"] == "1"
