@@ -255,10 +255,10 @@ def _fit(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from orchestrator.launch.progress import ProgressBoard, run_with_progress
+    from orchestrator.launch.progress import run_with_progress, start_board
 
     trainer_cfg = stage.config["trainer"]
-    board = ProgressBoard.remote()
+    board = start_board()
     # Each attempt writes into a folder of its own (`resume-N` inside the run's folder): Ray's num_to_keep then
     # applies within the attempt and never deletes what an earlier attempt wrote; workers resume from any attempt.
     from orchestrator.train.checkpoints import next_attempt

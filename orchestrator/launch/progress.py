@@ -23,6 +23,16 @@ from rich.progress import (
 )
 
 
+def start_board() -> "ray.actor.ActorHandle":
+    """A ProgressBoard on the driver's own node: a worker node that goes away (an elastic group losing a node) must
+    not take the run's board with it, as Ray's default placement could (a 0-CPU actor lands on any node); the
+    driver's node going away ends the run anyway."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    return ProgressBoard.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
+
+
 @ray.remote(num_cpus=0)
 class ProgressBoard:
     def __init__(self) -> None:

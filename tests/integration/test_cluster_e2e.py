@@ -371,5 +371,10 @@ def test_an_elastic_run_that_loses_a_node_finishes_on_the_workers_left(cluster):
     after = sum(m.value for m in losses[30:40]) / 10
     first = sum(m.value for m in losses[:5]) / 5
     assert after <= 1.25 * before and after < 0.6 * first, (first, before, after)
+    # the run's progress board sits on the driver's node (the head here), never on a node the run may lose
+    nodes = _state(cluster["jobs"], cluster["env"], f"list_nodes(address={cluster['jobs']!r})")
+    boards = _state(cluster["jobs"], cluster["env"], f"list_actors(address={cluster['jobs']!r}, "
+                    "filters=[('class_name', '=', 'ProgressBoard')], detail=True, limit=100)")
+    assert boards and {board["node_id"] for board in boards} == {n["node_id"] for n in nodes if n["is_head_node"]}
     # the 2-rank checkpoint was resharded for one rank through DeepSpeed's universal format, beside the original
     assert list((shared / "orch_runs" / name).glob("**/checkpoint_step_*30.universal")), output[-3000:]
