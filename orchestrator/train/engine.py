@@ -92,14 +92,47 @@ def build_engine(model: nn.Module, ds_config: dict[str, Any], optimizer_cfg: Map
             momentum=optimizer_cfg["momentum"],
             weight_decay=optimizer_cfg["weight_decay"],
         )
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=client_optimizer,
-        model_parameters=None if client_optimizer else [p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
-    )
+    with zero3_shares_its_fp32_partition():
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=client_optimizer,
+            model_parameters=None if client_optimizer else [p for p in model.parameters() if p.requires_grad],
+            config=ds_config,
+        )
     skip_lone_allreduce(engine)
     return engine
+
+
+@contextmanager
+def zero3_shares_its_fp32_partition() -> Iterator[None]:
+    """ZeRO-3 in fp32 uses a rank's partition of the weights as its fp32 master partition, without a clone.
+
+    DeepSpeed 0.19.8's stage-3 optimizer means to skip the clone when the partition already has the master dtype and
+    device (`_create_fp32_partitions`, the branch written for torch autocast), but compares the tensor's
+    `torch.device` with the accelerator's device *name*, a str, which is never equal: every fp32 rank kept a second
+    copy of its partition (162 MiB per rank for an 85 M-parameter GPT on 2 ranks, benchmarks/memory_plan.py). For
+    the length of the optimizer's construction the name is given as a `torch.device`, so DeepSpeed's own check
+    decides; mixed precision (other dtype) and offload (their branches come first) are unchanged.
+    tests/unit/test_numerical_equivalence.py checks the sharing, and the losses against ZeRO-0; test_engine_patch.py
+    fails when DeepSpeed's comparison no longer needs this."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    original = Stage3._create_fp32_partitions
+
+    def create_fp32_partitions(self) -> None:
+        name = self.device
+        if type(name) is str:
+            self.device = torch.device(name)
+        try:
+            original(self)
+        finally:
+            self.device = name
+
+    Stage3._create_fp32_partitions = create_fp32_partitions
+    try:
+        yield
+    finally:
+        Stage3._create_fp32_partitions = original
 
 
 def skip_lone_allreduce(engine) -> None:

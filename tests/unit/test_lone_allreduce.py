@@ -53,3 +53,28 @@ def test_single_fp32_rank_skips_the_allreduce_and_trains_identically():
 @pytest.mark.slow
 def test_bf16_keeps_the_allreduce():
     assert _train("bf16", "skip")["skipped"] is False
+
+
+def test_the_zero3_fp32_partition_fix_is_still_needed_and_leaves_deepspeed_as_it_was():
+    """orchestrator.train.engine.zero3_shares_its_fp32_partition exists because DeepSpeed's stage-3 optimizer compares
+    a tensor's torch.device with the accelerator's device name (a str). When this fails, DeepSpeed's check has
+    changed: see whether the fix is still needed."""
+    import inspect
+
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
+
+    from orchestrator.train.engine import zero3_shares_its_fp32_partition
+
+    assert ".device == self.device" in inspect.getsource(Stage3._create_fp32_partitions)
+    assert "self.device = get_accelerator().current_device_name()" in inspect.getsource(Stage3.__init__)
+    assert torch_device_equals_its_name() is False
+    original = Stage3._create_fp32_partitions
+    with zero3_shares_its_fp32_partition():
+        assert Stage3._create_fp32_partitions is not original
+    assert Stage3._create_fp32_partitions is original
+
+
+def torch_device_equals_its_name() -> bool:
+    import torch
+
+    return torch.zeros(1).device == "cpu"

@@ -79,8 +79,13 @@ def train(zero, micro, accum, precision="fp32", checkpointing=False):
             engine.step()
             step_loss += loss.item() / accum
         losses.append(step_loss)
+    shared = None
+    if zero == 3:  # does the fp32 master partition share the weights' storage (orchestrator.train.engine)?
+        optimizer = engine.optimizer
+        shared = [a.data_ptr() == b.data_ptr() for a, b in
+                  zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat)]
     engine.destroy()
-    return {**sizes, "losses": losses}
+    return {**sizes, "losses": losses, "fp32_partition_shared": shared}
 
 
 results = {
@@ -88,6 +93,7 @@ results = {
     "zero3_checkpointing": train(3, 4, 2, checkpointing=True),
     "zero0_micro8": train(0, 8, 1),
     "zero0_bf16": train(0, 4, 2, "bf16"),
+    "zero3_bf16": train(3, 4, 2, "bf16"),
     "hf_zero3_built": built(HF, config(3, 4, 2, "fp32"), checkpointing=True)[1],
 }
 print("RESULTS " + json.dumps(results))
@@ -132,6 +138,15 @@ def test_every_zero_stage_gives_the_same_per_step_losses(ranks):
         for stage in ("zero1", "zero2", "zero3"):
             assert _max_difference(results[stage]["losses"], reference) <= 1e-4, stage
     assert ranks[0]["zero0"]["losses"] != ranks[1]["zero0"]["losses"]  # each rank trained on its own data
+
+
+@pytest.mark.slow
+def test_zero3_in_fp32_keeps_one_copy_of_its_partition_and_mixed_precision_keeps_its_fp32_master(ranks):
+    for results in ranks:
+        assert results["zero3"]["fp32_partition_shared"] == [True]
+        assert results["zero3_checkpointing"]["fp32_partition_shared"] == [True]
+        assert results["zero3_bf16"]["fp32_partition_shared"] == [False]  # bf16 weights, fp32 master: two tensors
+        assert 0 < _max_difference(results["zero3_bf16"]["losses"], results["zero3"]["losses"]) <= BF16_BAND
 
 
 @pytest.mark.slow

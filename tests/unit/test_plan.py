@@ -213,26 +213,29 @@ def test_zero3_buffers_are_sized_to_the_model_and_release_after_each_use_on_cpu(
         "stage3_param_persistence_threshold": 960,
         "stage3_prefetch_bucket_size": 0,
         "stage3_max_reuse_distance": 0,
+        "sub_group_size": 4 * 96 * 96,  # the optimizer steps the partition a block's share at a time
     }
     gpu = deepspeed_config(trainer("trainer=gpu", "trainer.zero_stage=3"), "bf16", {"n_embd": 100})
     assert gpu["zero_optimization"]["stage3_prefetch_bucket_size"] == 9_000
     assert "stage3_max_reuse_distance" not in gpu["zero_optimization"]
+    assert "sub_group_size" not in gpu["zero_optimization"]
     own = deepspeed_config(trainer("trainer.zero_stage=3", "+trainer.deepspeed.zero_optimization.reduce_bucket_size=7"), "fp32", {"n_embd": 96})
     assert own["zero_optimization"]["reduce_bucket_size"] == 7
     assert "reduce_bucket_size" not in deepspeed_config(trainer("trainer.zero_stage=2"), "fp32", {"n_embd": 96})["zero_optimization"]
 
 
-def test_zero3_memory_counts_its_bucket_and_the_fp32_partition_clone():
+def test_zero3_memory_counts_its_bucket_and_no_second_fp32_partition():
     n, workers = 10**6, 2
     sized = estimate_memory(n, 3, "fp32", workers, "adamw", reduce_bucket=1_000)
-    assert sized.buffers == 2 * 1_000 * 4 + 4 * n // workers  # bucket and its reduce-scatter copy; fp32 clone
+    assert sized.buffers == 2 * 1_000 * 4  # bucket and its reduce-scatter copy; the weights are the fp32 master
     unsized = estimate_memory(n, 3, "fp32", workers, "adamw")  # DeepSpeed's 5e8 bucket fills to the model's size
-    assert unsized.buffers == 2 * n * 4 + 4 * n // workers
+    assert unsized.buffers == 2 * n * 4
     mixed = estimate_memory(n, 3, "bf16", workers, "adamw", reduce_bucket=1_000)
     assert mixed.buffers == 2 * 1_000 * 2  # the fp32 master copy is already in `optimizer`
+    assert mixed.optimizer == n * 12 // workers
     plan = build_plan(compose(["model=gpt", "data=text", "model.n_embd=96", "model.n_head=4", "trainer.zero_stage=3", "trainer.num_workers=2", "trainer.precision=fp32"]))
     memory = plan.stages[0].memory
-    assert memory.buffers == 2 * 96 * 96 * 4 + 4 * memory.parameters // 2
+    assert memory.buffers == 2 * 96 * 96 * 4
 
 
 def test_zero3_cpu_workers_return_freed_tensors_to_the_os_unless_the_cluster_env_says_otherwise():
