@@ -5,6 +5,8 @@ Kept free of torch/ray/mlflow imports: composing and validating a config must an
 
 from __future__ import annotations
 
+import copy
+from collections import OrderedDict
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -74,7 +76,41 @@ def compose(overrides: Sequence[str] = (), source: Optional[ConfigSource] = None
     """The one composition of orch: conf/ + the source's extra directory + `overrides`, as `orch run` sees them.
 
     Safe inside a running `orch run` (Hydra's app runner holds its own global state): that state is put back after.
+    A composition is remembered for the process (a copy goes out each time) while its inputs stay the same: the
+    overrides, the working directory and every YAML file of the directories searched. Planning a sweep of pipelines
+    composes each stage for the base and for every probe value, most of them alike: 32 compositions of ~0.45 s for
+    sweep=digits_pareto, 18 s in all.
     """
+    from orchestrator.config.overrides import normalize
+
+    source = source if source is not None else ConfigSource.for_directory()
+    overrides = normalize(overrides)
+    key = (tuple(overrides), str(source.extra_dir), str(Path.cwd()), _yaml_files_state(source))
+    if key not in _COMPOSED:
+        _COMPOSED[key] = _compose(overrides, source)
+        while len(_COMPOSED) > _COMPOSED_KEPT:
+            _COMPOSED.popitem(last=False)
+    _COMPOSED.move_to_end(key)
+    kept = _COMPOSED[key]
+    return Composed(copy.deepcopy(kept.cfg), dict(kept.choices), kept.hydra)  # Hydra's node: read-only, shared
+
+
+_COMPOSED: "OrderedDict[tuple, Composed]" = OrderedDict()
+_COMPOSED_KEPT = 64
+
+
+def _yaml_files_state(source: ConfigSource) -> tuple:
+    """Every YAML file a composition can read, with its modification time and size: an edited, added or removed
+    config (`orch cp`, a user's edit) makes a new composition."""
+    state = []
+    for directory in [Path(resource_path("conf")), *source.directories()]:
+        for path in sorted(directory.rglob("*.y*ml")):
+            stat = path.stat()
+            state.append((str(path), stat.st_mtime_ns, stat.st_size))
+    return tuple(state)
+
+
+def _compose(overrides: list[str], source: ConfigSource) -> Composed:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -83,11 +119,7 @@ def compose(overrides: Sequence[str] = (), source: Optional[ConfigSource] = None
     from orchestrator.config.project_conf import use_project_conf
 
     use_project_conf()
-    from orchestrator.config.overrides import normalize
-
-    source = source if source is not None else ConfigSource.for_directory()
     search = [f"hydra.searchpath=[file://{source.extra_dir}]"] if source.extra_dir else []
-    overrides = normalize(overrides)
     backup = get_gh_backup()
     GlobalHydra.instance().clear()
     try:
@@ -99,6 +131,7 @@ def compose(overrides: Sequence[str] = (), source: Optional[ConfigSource] = None
     hydra_node = cfg.hydra
     with open_dict(cfg):
         del cfg["hydra"]
+    OmegaConf.set_readonly(hydra_node, True)
     return Composed(cfg, choices, hydra_node)
 
 

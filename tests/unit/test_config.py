@@ -270,3 +270,23 @@ def test_keys_outside_the_schema_and_overlay_keys_a_rule_owns_are_refused(tmp_pa
     assert error.value.key == key and expected in str(error.value)
     # what the overlay is for still passes
     build_run_plan(compose(["trainer.deepspeed={zero_optimization: {overlap_comm: true}, wall_clock_breakdown: true}"]), cwd=tmp_path)
+
+
+def test_a_remembered_composition_is_a_fresh_copy_and_an_edited_yaml_is_read_again(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    first = compose(["model=mlp", "trainer.max_steps=7"])
+    first.cfg.trainer.max_steps = 99  # a caller's edit stays its own
+    assert compose(["model=mlp", "trainer.max_steps=7"]).cfg.trainer.max_steps == 7
+    # a project's own option appears, and an edit of it is read again, in the same process
+    (tmp_path / "conf" / "model").mkdir(parents=True)
+    mine = tmp_path / "conf" / "model" / "mine.yaml"
+    mine.write_text("defaults:\n  - mlp\n  - _self_\nhidden_sizes: [5]\n")
+    assert list(compose(["model=mine"]).cfg.model.hidden_sizes) == [5]
+    time.sleep(0.01)
+    mine.write_text("defaults:\n  - mlp\n  - _self_\nhidden_sizes: [6, 6]\n")
+    assert list(compose(["model=mine"]).cfg.model.hidden_sizes) == [6, 6]
+    mine.unlink()
+    with pytest.raises(ConfigCompositionException):
+        compose(["model=mine"])
