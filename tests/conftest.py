@@ -1,8 +1,4 @@
-"""Shared fixtures. Integration tests share one private Ray instance per session (Ray start costs ~5-10 s).
-
-The suite runs on pytest-xdist (`-n` in pyproject's addopts): every integration test goes to one worker, in file
-order, so they keep sharing that Ray instance and their module-scoped fits, while the unit tests run on the other
-workers beside them. The integration tests are the long pole; what they leave of the cores goes to the unit tests."""
+"""Shared fixtures. Integration tests share one private Ray instance per session (Ray start costs ~5-10 s)."""
 
 from __future__ import annotations
 
@@ -17,21 +13,6 @@ from typing import Iterator
 import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-INTEGRATION = Path(__file__).resolve().parent / "integration"
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under xdist: the integration tests form one group (one worker, their own order) and are handed out first, so
-    the long pole starts at once and the unit tests fill the other workers."""
-    if not getattr(config.option, "numprocesses", None):
-        return
-    integration = [item for item in items if INTEGRATION in item.path.parents]
-    for item in integration:
-        item.add_marker(pytest.mark.xdist_group("integration"))
-    chosen = set(map(id, integration))
-    items[:] = integration + [item for item in items if id(item) not in chosen]
-
 
 @pytest.fixture(scope="session")
 def ray_instance() -> Iterator[None]:
@@ -102,3 +83,4 @@ def restore_torch_linear() -> Iterator[None]:
     original = F.linear
     yield
     F.linear = original
+
