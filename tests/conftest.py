@@ -14,6 +14,7 @@ import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+
 @pytest.fixture(scope="session")
 def ray_instance() -> Iterator[None]:
     """A Ray of our own (address="local", own temp dir), never one another process started; shut down at the end."""
@@ -83,4 +84,3 @@ def restore_torch_linear() -> Iterator[None]:
     original = F.linear
     yield
     F.linear = original
-
