@@ -113,7 +113,7 @@ def zero3_shares_its_fp32_partition() -> Iterator[None]:
     copy of its partition (162 MiB per rank for an 85 M-parameter GPT on 2 ranks, benchmarks/memory_plan.py). For
     the length of the optimizer's construction the name is given as a `torch.device`, so DeepSpeed's own check
     decides; mixed precision (other dtype) and offload (their branches come first) are unchanged.
-    tests/unit/test_numerical_equivalence.py checks the sharing, and the losses against ZeRO-0; test_engine_patch.py
+    tests/unit/test_numerical_equivalence.py checks the sharing, and the losses against ZeRO-0; test_lone_allreduce.py
     fails when DeepSpeed's comparison no longer needs this."""
     from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3 as Stage3
 
