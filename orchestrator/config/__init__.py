@@ -79,7 +79,7 @@ def compose(overrides: Sequence[str] = (), source: Optional[ConfigSource] = None
     A composition is remembered for the process (a copy goes out each time) while its inputs stay the same: the
     overrides, the working directory and every YAML file of the directories searched. Planning a sweep of pipelines
     composes each stage for the base and for every probe value, most of them alike: 32 compositions of ~0.45 s for
-    sweep=digits_pareto, 10 s in all (now 12).
+    sweep=digits_pareto, 10 s in all; now 12 compositions, 6.9 s.
     """
     from orchestrator.config.overrides import normalize
 
