@@ -14,6 +14,21 @@ import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+# The longest modules (~5-10 min each on 2 cores), then the other end-to-end ones, then the rest, in collection order.
+# `python -m pytest -n 2` keeps each module on one worker (pyproject: --dist loadfile --no-loadscope-reorder, so that
+# a module's shared fits and clusters are made once) and hands modules out in this order: the long ones start first,
+# and the short ones fill in at the end, so that both workers finish close together.
+LONGEST_FIRST = ("test_cluster_e2e", "test_cli_e2e", "test_sweep_e2e", "test_pipeline_e2e", "test_lm_e2e")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        if item.path.stem in LONGEST_FIRST:
+            return LONGEST_FIRST.index(item.path.stem)
+        return len(LONGEST_FIRST) + (0 if item.path.parent.name == "integration" else 1)
+
+    items.sort(key=rank)  # stable: a module's tests keep their order
+
 
 @pytest.fixture(scope="session")
 def ray_instance() -> Iterator[None]:

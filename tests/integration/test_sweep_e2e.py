@@ -1,9 +1,9 @@
-"""A 4-trial Optuna + ASHA sweep on a tiny MLP, run once for the module: real Ray Tune, Ray Train, DeepSpeed, MLflow.
+"""A 3-trial Optuna + ASHA sweep on a tiny MLP, run once for the module: real Ray Tune, Ray Train, DeepSpeed, MLflow.
 
 The first two trials are fixed with points_to_evaluate: a good learning rate, then one so small that the model has
 barely moved at the first rung. The trials run one at a time (2 workers on 2 CPUs), so when the second reaches
 step 10, ASHA compares it with the first one's step-10 accuracy and stops it: an early stop that does not depend on
-what Optuna samples for the other two.
+what Optuna samples for the third.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ SWEEP = {
     "space": {"trainer.optimizer.lr": {"loguniform": [1e-6, 3e-2]}},
     "metric": "val_accuracy",
     "mode": "max",
-    "num_samples": 4,
+    "num_samples": 3,
     "max_concurrent_trials": None,
     "search": "optuna",
     "seed": 0,
@@ -85,7 +85,7 @@ def test_parent_run_holds_the_search_space_and_algorithm(outcome, client):
 
 
 def test_one_child_run_per_trial_with_its_params_and_metric_history(outcome, client, children):
-    assert len(outcome.trials) == 4 and len(children) == 4
+    assert len(outcome.trials) == 3 and len(children) == 3
     for row in outcome.trials:
         run = children[row["run_id"]]
         assert float(run.data.params["trainer.optimizer.lr"]) == pytest.approx(row["trainer.optimizer.lr"])
@@ -137,7 +137,7 @@ def test_parent_artifacts_trials_table_and_plots(outcome, client, tmp_path):
     assert {"sweep/trials.csv", "plots/parallel_coordinates.png", "plots/val_accuracy_vs_trainer.optimizer.lr.png", "best/best.yaml"} <= listed
     table = Path(download_artifacts(run_id=outcome.parent_run_id, artifact_path="sweep/trials.csv", dst_path=str(tmp_path), tracking_uri=outcome.tracking_uri))
     lines = table.read_text().splitlines()
-    assert lines[0].startswith("trial_id,run_id,state,trainer.optimizer.lr,val_accuracy,step") and len(lines) == 5
+    assert lines[0].startswith("trial_id,run_id,state,trainer.optimizer.lr,val_accuracy,step") and len(lines) == 4
 
 
 def test_best_config_is_accepted_by_orch_and_reruns(outcome, sweep_dir, client, monkeypatch):

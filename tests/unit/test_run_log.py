@@ -1,6 +1,6 @@
 """A quiet terminal (orchestrator.launch.run_log): libraries' output goes to the run's log file, orch's stays on the
 terminal, and everything is put back afterwards. The end-to-end check (a real `orch run` under a pseudo-terminal) is
-tests/integration/test_quiet_terminal.py."""
+tests/integration/test_cli_e2e.py."""
 
 from __future__ import annotations
 
