@@ -59,7 +59,9 @@ def _stop(process: subprocess.Popen) -> None:
 def _wait_for(path: Path, run: subprocess.Popen, timeout_s: float = 300) -> None:
     deadline = time.monotonic() + timeout_s
     while not path.exists():
-        assert run.poll() is None, f"orch run ended before {path.name}: rc={run.returncode}"
+        if run.poll() is not None:
+            output = run.stdout.read() if run.stdout else ""
+            raise AssertionError(f"orch run ended before {path.name}: rc={run.returncode}\n{output[-4000:]}")
         assert time.monotonic() < deadline, f"{path.name} not reached"
         time.sleep(0.2)
 
@@ -75,8 +77,11 @@ def test_metrics_logged_during_an_outage_reach_mlflow_when_it_returns(tmp_path):
         for step in (10, 30)
     ) + "]"
     server = _start_server(root, port)
-    # MLflow's own client retries stay short, so the sender's attempts are seen quickly (a user setting too)
-    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    # MLflow's own client retries once, so the sender's attempts are seen quickly (a user setting too). A stopped server
+    # refuses at once: the timeout only bounds a slow answer, and on a loaded machine (two test modules on 2 cores)
+    # the server can take more than a few seconds; so can Ray Train's worker group, past its 60 s default.
+    env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "300"}
     run = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "run", "name=outage", f"tracking.uri={uri}",
          f"trainer.max_steps={MAX_STEPS}", "trainer.num_workers=1", "trainer.log_every=1", "trainer.eval_every=0",
