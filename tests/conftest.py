@@ -67,6 +67,8 @@ def single_process_group() -> Iterator[None]:
     import deepspeed
     import torch.distributed as dist
 
+    from orchestrator.train.engine import skip_shm_allreduce_build
+
     created = not dist.is_initialized()
     with pytest.MonkeyPatch.context() as env:
         if created:
@@ -76,6 +78,7 @@ def single_process_group() -> Iterator[None]:
             for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
                                    LOCAL_RANK="0").items():
                 env.setenv(key, value)
+            skip_shm_allreduce_build()  # as orch's workers do: training never calls it
             deepspeed.init_distributed(dist_backend="gloo")
         yield
         if created and dist.is_initialized():

@@ -50,6 +50,9 @@ def _partitioned(model_cfg: dict[str, Any], ds_config: Mapping[str, Any]) -> nn.
 
     # zero.Init partitions over deepspeed.comm's world, which deepspeed.initialize would only set up later (on the
     # process group Ray Train made): the same call, made first
+    from orchestrator.train.engine import skip_shm_allreduce_build
+
+    skip_shm_allreduce_build()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     if model_cfg.get("_target_") != HF_CAUSAL_LM_TARGET:
         with deepspeed.zero.Init(config_dict_or_path=dict(ds_config)):

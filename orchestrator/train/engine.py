@@ -79,9 +79,28 @@ def worker_deepspeed_config(loop_config: Mapping[str, Any]) -> dict[str, Any]:
     return auto_precision_config(ds_config) if loop_config["precision_auto"] else ds_config
 
 
+SHM_ALLREDUCE_OP = "deepspeed_shm_comm"
+
+
+def skip_shm_allreduce_build() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce, which training never calls.
+
+    DeepSpeed's communication backend JIT-compiles `deepspeed_shm_comm` (C++, OpenMP) whenever it starts on a CPU
+    machine: 40-130 s on 2 cores for each Python environment, and again each time another environment on the machine
+    compiled it into the shared torch_extensions cache (its build file holds the environment's paths). Only DeepSpeed's
+    `inference_all_reduce` (its inference engine's tensor parallelism) uses it; a training engine's collectives go
+    through torch.distributed. DeepSpeed consults its table of compatible ops before building one: marked not
+    compatible there, the op is not built and the backend goes without it. Call before DeepSpeed's first
+    `init_distributed` (that of `deepspeed.initialize` or `zero.Init`) in the process."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_ALLREDUCE_OP] = False
+
+
 def build_engine(model: nn.Module, ds_config: dict[str, Any], optimizer_cfg: Mapping[str, Any], precision_auto: bool):
     import deepspeed
 
+    skip_shm_allreduce_build()
     if precision_auto:
         ds_config = auto_precision_config(ds_config)
     client_optimizer: Optional[torch.optim.Optimizer] = None

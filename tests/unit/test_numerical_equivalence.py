@@ -30,10 +30,11 @@ os.environ["DS_ACCELERATOR"] = "cpu"
 import deepspeed, torch
 from orchestrator.models.sizes import parameter_count
 from orchestrator.train.construction import build_model, local_parameter_elements
-from orchestrator.train.engine import build_engine
+from orchestrator.train.engine import build_engine, skip_shm_allreduce_build
 from orchestrator.train.objective import task_loss
 
 torch.set_num_threads(1)
+skip_shm_allreduce_build()
 deepspeed.init_distributed(dist_backend="gloo")
 rank, world, steps = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(sys.argv[1])
 VOCAB, LENGTH = 32, 8
