@@ -62,6 +62,30 @@ def worker_env(cluster: Mapping[str, Any], use_gpu: bool, zero_stage: int = 0) -
     return env
 
 
+# What every process of a private local Ray inherits besides `findable_by_ray_helpers`. Nothing drains the node of a
+# Ray that one run started on its own machine, so Ray Train's preemption watcher (an actor per fit, polling the
+# node's drain state every 5 s; ~3 CPU-s to start on 2 cores, a sixteenth of a 20-step fit's CPU) would watch for
+# nothing. A local run's stop (SIGTERM, Ctrl-C) is orch's own (orchestrator.train.preemption). On a cluster
+# (cluster=ray, submit) the watcher stays: nodes there are drained.
+LOCAL_INSTANCE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
+@contextmanager
+def environment(settings: Mapping[str, str]) -> Iterator[None]:
+    """`settings` in this process's environment for the block (and in every process it starts), then back as they
+    were."""
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 @contextmanager
 def findable_by_ray_helpers(temp_dir: str, dashboard_port: Optional[int] = None) -> Iterator[None]:
     """Make a private local Ray the one its own helper processes find, with other Ray instances on the machine.
@@ -79,16 +103,8 @@ def findable_by_ray_helpers(temp_dir: str, dashboard_port: Optional[int] = None)
     settings = {"RAY_TMPDIR": temp_dir}
     if dashboard_port is not None:
         settings["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
-    previous = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    try:
+    with environment(settings):
         yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def record_address(temp_dir: str) -> None:
@@ -147,12 +163,12 @@ class RaySession:
 
 
 def _init_local(cluster: Mapping[str, Any], temp_dir: str, dashboard_port: int) -> None:
-    """The State API's address only while Ray starts: its processes (raylet, GCS, and the workers the raylet
-    spawns) keep it, and the driver's own environment goes back as it was (a driver that kept it exited on SIGTERM
-    with SIGABRT instead of unwinding: tests/integration/test_ray_session.py)."""
+    """The State API's address (and LOCAL_INSTANCE_ENV) only while Ray starts: its processes (raylet, GCS, and the
+    workers the raylet spawns) keep it, and the driver's own environment goes back as it was (a driver that kept it
+    exited on SIGTERM with SIGABRT instead of unwinding: tests/integration/test_ray_session.py)."""
     import ray
 
-    with findable_by_ray_helpers(temp_dir, dashboard_port):
+    with findable_by_ray_helpers(temp_dir, dashboard_port), environment(LOCAL_INSTANCE_ENV):
         ray.init(
             address="local",
             num_cpus=cluster.get("num_cpus"),
