@@ -136,6 +136,9 @@ def test_the_terminal_shows_orchs_lines_only_and_the_run_log_holds_the_libraries
     assert "TrainingReport(" in log and "(RayTrainWorker pid=" in log, log[-3000:]
     assert [line for line in CHATTER if line in log]
     assert "\x1b[" not in log  # RAY_COLOR_PREFIX=0: no colour codes in the file
+    # a private local Ray has no node to drain: Ray Train's preemption watcher (an actor per fit, whose start its
+    # controller logs) is not started there (orchestrator.launch.ray_session.LOCAL_INSTANCE_ENV)
+    assert "PreemptionWatcher" not in log
     client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
     [run] = client.search_runs(["1"], filter_string="tags.`orch.run_name` = 'first'")
     assert [artifact.path for artifact in client.list_artifacts(run.info.run_id, "logs")] == ["logs/driver.log"]
@@ -272,18 +275,20 @@ def test_a_killed_driver_is_started_again_with_resume_and_continues_the_same_run
     [crashed] = client.search_runs(["1"])
     assert crashed.info.status == "RUNNING"  # nobody was left to close it
 
+    # the resume ends the run sooner than the first attempt meant to: 400 steps only made sure that one was still
+    # training when it was killed
     resumed = subprocess.run(
-        [*ORCH, "run", "resume=crash", *run_args],
+        [*ORCH, "run", "resume=crash", *run_args, "trainer.max_steps=120"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     # not a terminal (a pipe, as in a job log or CI): progress comes as lines now and then, up to the last step
-    assert "crash: step 400/400" in resumed.stdout and "samples/s" in resumed.stdout
+    assert "crash: step 120/120" in resumed.stdout and "samples/s" in resumed.stdout
     assert "MLflow run:" in resumed.stdout and "checkpoint:" in resumed.stdout
     [run] = client.search_runs(["1"])
     assert run.info.run_id == crashed.info.run_id and run.info.status == "FINISHED"
-    assert int(run.data.tags["orch.resumed_at_step"]) >= 20
-    assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == 400
+    assert 20 <= int(run.data.tags["orch.resumed_at_step"]) < 120
+    assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == 120
 
 
 def test_hydra_multirun_gives_each_job_its_own_run_in_one_experiment_and_verbose_shows_the_libraries(tmp_path):
