@@ -1,7 +1,8 @@
 """Time to first step, cold and warm, for (a) `orch run` and (b) the Ray Train + DeepSpeed baseline, in parts.
 
-Cold: DeepSpeed's JIT-compiled CPU op (deepspeed_shm_comm, built on first use with 2+ workers) is not cached:
-TORCH_EXTENSIONS_DIR points at an empty directory. Warm: the same directory again, op compiled. Parts, from the
+Cold: TORCH_EXTENSIONS_DIR points at an empty directory, so DeepSpeed's JIT-compiled CPU op (deepspeed_shm_comm,
+built by its CPU backend at start) is not cached: (b) compiles it; (a) skips it, since training never calls it
+(orchestrator.train.engine.skip_shm_allreduce_build). Warm: the same directory again. Parts, from the
 launch of the process: process start + imports + Ray start (ray_ready), driver set-up (orch: config, MLflow run,
 trainer; baseline: ~0), the Ray Train worker group up to the first line of the training loop, DeepSpeed initialize
 (including building data and model), and the first batch (orch: also checkpoint lookup and MLflow client set-up).
