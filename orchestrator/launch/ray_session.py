@@ -149,6 +149,10 @@ class _Start:
         self.thread.join()
 
 
+def _unwind(signum: int, frame: Any) -> None:
+    sys.exit(signum)
+
+
 class RaySession:
     """The Ray a block runs on. `wait()` blocks until a Ray started in the background is up (and raises its start-up
     error); it returns at once when Ray was already up when the block was entered."""
@@ -160,6 +164,11 @@ class RaySession:
         if self._starting is not None:
             starting, self._starting = self._starting, None
             starting.wait()
+            if threading.current_thread() is threading.main_thread():
+                # Ray's core worker, started on the thread, installed its own fatal-signal handler for SIGTERM
+                # over ours (it prints a stack and aborts the process: exit -6, the session never unwound on a
+                # loaded machine); ray.init on the main thread puts its Python handler back after that, so do we
+                signal.signal(signal.SIGTERM, _unwind)
 
 
 def _init_local(cluster: Mapping[str, Any], temp_dir: str, dashboard_port: int) -> None:
@@ -210,7 +219,7 @@ def ray_session(cluster: Mapping[str, Any], in_background: bool = False) -> Iter
                 if in_background and threading.current_thread() is threading.main_thread():
                     # what ray.init installs when called on the main thread: SIGTERM (a stopped job) unwinds the
                     # driver, so its MLflow run is closed and Ray shut down
-                    previous_sigterm = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+                    previous_sigterm = signal.signal(signal.SIGTERM, _unwind)
                     thread_warning = _SkipThreadWarning()
                     logging.getLogger("ray._private.worker").addFilter(thread_warning)
                     starting = _Start(lambda: _init_local(cluster, temp_dir, port))
