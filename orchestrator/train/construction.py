@@ -48,10 +48,10 @@ def _partitioned(model_cfg: dict[str, Any], ds_config: Mapping[str, Any]) -> nn.
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    # zero.Init partitions over deepspeed.comm's world, which deepspeed.initialize would only set up later (on the
-    # process group Ray Train made): the same call, made first
     from orchestrator.train.engine import skip_shm_allreduce_build
 
+    # zero.Init partitions over deepspeed.comm's world, which deepspeed.initialize would only set up later (on the
+    # process group Ray Train made): the same call, made first
     skip_shm_allreduce_build()
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     if model_cfg.get("_target_") != HF_CAUSAL_LM_TARGET:
