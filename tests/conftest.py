@@ -35,13 +35,8 @@ def ray_instance() -> Iterator[None]:
     """A Ray of our own (address="local", own temp dir), never one another process started; shut down at the end."""
     import ray
 
-    from orchestrator.launch.ray_session import (
-        LOCAL_INSTANCE_ENV,
-        environment,
-        findable_by_ray_helpers,
-        free_port,
-        record_address,
-    )
+    from orchestrator.environment import environment
+    from orchestrator.launch.ray_session import LOCAL_INSTANCE_ENV, findable_by_ray_helpers, free_port, record_address
 
     temp_dir, port = tempfile.mkdtemp(prefix="orch-test-ray-", dir="/tmp"), free_port()
     with findable_by_ray_helpers(temp_dir):

@@ -11,7 +11,6 @@ allowlisted classes before anything is built, and every pickle in a checkpoint i
 
 from __future__ import annotations
 
-import os
 import pickle
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 
 from orchestrator.config.trust import BUILT_IN_MODEL_TARGETS, checked_model_config
 from orchestrator.config.validate import ConfigError
+from orchestrator.environment import environment
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "model.yaml"
@@ -57,16 +57,8 @@ def weights_only_loads(allowed: Iterable[type] = ()) -> Iterator[None]:
     """
     from torch.serialization import safe_globals
 
-    saved = {name: os.environ.pop(name, None) for name in (_FORCE_WEIGHTS_ONLY, _FORCE_NO_WEIGHTS_ONLY)}
-    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
-    try:
-        with safe_globals(list(allowed)):
-            yield
-    finally:
-        for name, value in saved.items():
-            os.environ.pop(name, None)
-            if value is not None:
-                os.environ[name] = value
+    with environment({_FORCE_WEIGHTS_ONLY: "1", _FORCE_NO_WEIGHTS_ONLY: None}), safe_globals(list(allowed)):
+        yield
 
 
 def consolidated_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 from orchestrator import timeline
+from orchestrator.environment import environment
 from orchestrator.config.secrets import SECRET_ENV
 
 # Variables a worker needs to reach MLflow and find compiled ops; read from the driver's environment. Credentials go
@@ -68,22 +69,6 @@ def worker_env(cluster: Mapping[str, Any], use_gpu: bool, zero_stage: int = 0) -
 # nothing. A local run's stop (SIGTERM, Ctrl-C) is orch's own (orchestrator.train.preemption). On a cluster
 # (cluster=ray, submit) the watcher stays: nodes there are drained.
 LOCAL_INSTANCE_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-
-
-@contextmanager
-def environment(settings: Mapping[str, str]) -> Iterator[None]:
-    """`settings` in this process's environment for the block (and in every process it starts), then back as they
-    were."""
-    previous = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 @contextmanager

@@ -30,7 +30,7 @@ LAYERS: list[set[str]] = [
     {"memory"},
     {"models", "data"},
     {"config", "conf"},
-    {"timeline"},
+    {"timeline", "environment"},
 ]
 RANK = {package: rank for rank, packages in enumerate(LAYERS) for package in packages}
 
