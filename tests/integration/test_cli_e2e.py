@@ -210,8 +210,9 @@ def test_a_second_run_with_the_same_name_is_refused_and_nothing_is_touched(user_
     assert len(runs) == 1
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (.ci/run installs it)")
-def test_orch_ui_shows_the_run_and_its_metrics_in_a_browser(user_run):
+@pytest.fixture(scope="module")
+def ui(user_run):
+    """`orch ui` on the user's store, in its own session, once it answers /health; stopped after the module."""
     cwd, _ = user_run
     port = free_port()
     ui = subprocess.Popen(
@@ -229,30 +230,58 @@ def test_orch_ui_shows_the_run_and_its_metrics_in_a_browser(user_run):
             assert ui.poll() is None, ui.stdout.read().decode()[-2000:] if ui.stdout else "orch ui exited"
             assert time.time() < deadline, "orch ui did not answer within 120 s"
             time.sleep(1)
-        run = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}").search_runs(["1"], order_by=["attributes.start_time ASC"])[0]
-        with tempfile.TemporaryDirectory(prefix="orch-chromium-") as profile:
-            dom = subprocess.run(
-                [
-                    "chromium",
-                    *CHROMIUM_FLAGS,
-                    f"--user-data-dir={profile}",
-                    "--virtual-time-budget=20000",
-                    "--dump-dom",
-                    f"http://127.0.0.1:{port}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}",
-                ],
-                capture_output=True,
-                text=True,
-                timeout=120,
-            ).stdout
-        assert "first" in dom  # the run's name, rendered by the UI's JavaScript
-        for metric in ("val_accuracy", "samples_per_s", "loss"):
-            assert metric in dom
+        yield {"port": port, "process": ui}
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         try:
             ui.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(ui.pid, signal.SIGKILL)
+
+
+def _session_commands(session: int) -> list[str]:
+    """The command lines of every process in a session (`orch ui` and all it started)."""
+    commands = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+            if int(fields[3]) == session:  # the session id
+                commands.append((stat.parent / "cmdline").read_text().replace("\0", " "))
+        except (OSError, IndexError, ValueError):
+            continue
+    return commands
+
+
+def test_orch_ui_starts_the_mlflow_server_without_its_job_runners(ui):
+    """MLflow 3's server starts a job runner and a pool of Huey consumers for GenAI jobs unless told not to: orch ui
+    tells it (orchestrator.cli.ui_environment), so the UI is the server process and its web worker alone."""
+    commands = _session_commands(ui["process"].pid)
+    assert any("mlflow ui" in command for command in commands), commands
+    assert any("uvicorn" in command for command in commands), commands  # the page server: the list is the real one
+    assert not [command for command in commands if "huey" in command or "_job_runner" in command], commands
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_orch_ui_shows_the_run_and_its_metrics_in_a_browser(user_run, ui):
+    cwd, _ = user_run
+    run = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}").search_runs(["1"], order_by=["attributes.start_time ASC"])[0]
+    with tempfile.TemporaryDirectory(prefix="orch-chromium-") as profile:
+        dom = subprocess.run(
+            [
+                "chromium",
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=20000",
+                "--dump-dom",
+                f"http://127.0.0.1:{ui['port']}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+    assert "first" in dom  # the run's name, rendered by the UI's JavaScript
+    for metric in ("val_accuracy", "samples_per_s", "loss"):
+        assert metric in dom
 
 
 def test_a_killed_driver_is_started_again_with_resume_and_continues_the_same_run(tmp_path):

@@ -133,3 +133,10 @@ def test_inside_a_ray_job_its_temporary_working_dir_is_refused_for_runs_and_trac
     check_durable_in_ray_job(str(durable), server, job_dir, environ)  # durable: taken
     check_durable_in_ray_job(str(job_dir / "orch_runs"), default, job_dir, {})  # not a job: the user's own directory
     check_durable_in_ray_job(str(job_dir / "orch_runs"), default, durable, environ)  # a job run from a real directory
+
+
+def test_orch_ui_turns_mlflows_job_execution_off_unless_the_user_set_it():
+    from orchestrator.cli import ui_environment
+
+    assert ui_environment({"PATH": "/bin"}) == {"PATH": "/bin", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    assert ui_environment({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"})["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "true"
