@@ -373,13 +373,13 @@ def _ui(argv: list[str]) -> None:
     print(f"MLflow UI for {uri}\n  http://{args.host}:{args.port}\n(Ctrl-C to stop)", flush=True)
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port), "--workers", "1"]
     try:
-        sys.exit(subprocess.call(command, env=ui_environment(os.environ)))
+        sys.exit(subprocess.call(command, env=mlflow_server_environment(os.environ)))
     except KeyboardInterrupt:
         sys.exit(0)
 
 
-def ui_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """The MLflow UI's environment: without MLflow's job execution unless the user asks for it.
+def mlflow_server_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """An MLflow server's environment (`orch ui`'s): without MLflow's job execution unless the user asks for it.
 
     MLflow 3's server also starts a job runner and seven Huey consumers for its GenAI jobs (scorers, prompt
     optimization), each a Python process that imports MLflow, for jobs orch never submits. Measured on 2 cores: with

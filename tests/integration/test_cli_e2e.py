@@ -254,7 +254,7 @@ def _session_commands(session: int) -> list[str]:
 
 def test_orch_ui_starts_the_mlflow_server_without_its_job_runners(ui):
     """MLflow 3's server starts a job runner and a pool of Huey consumers for GenAI jobs unless told not to: orch ui
-    tells it (orchestrator.cli.ui_environment), so the UI is the server process and its web worker alone."""
+    tells it (orchestrator.cli.mlflow_server_environment), so the UI is the server process and its web worker alone."""
     commands = _session_commands(ui["process"].pid)
     assert any("mlflow ui" in command for command in commands), commands
     assert any("uvicorn" in command for command in commands), commands  # the page server: the list is the real one

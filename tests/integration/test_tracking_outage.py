@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
+from orchestrator.cli import mlflow_server_environment
 from orchestrator.launch.ray_session import free_port
 
 pytestmark = pytest.mark.slow
@@ -34,8 +35,8 @@ def _start_server(root: Path, port: int) -> subprocess.Popen:
          "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
         cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        # no GenAI job runner and its seven Huey consumers (~27 CPU-s per start): runs and metrics need none
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+        # as `orch ui` starts one: no GenAI job runner and its seven Huey consumers (~27 CPU-s per start)
+        env=mlflow_server_environment(os.environ),
     )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:

@@ -136,7 +136,7 @@ def test_inside_a_ray_job_its_temporary_working_dir_is_refused_for_runs_and_trac
 
 
 def test_orch_ui_turns_mlflows_job_execution_off_unless_the_user_set_it():
-    from orchestrator.cli import ui_environment
+    from orchestrator.cli import mlflow_server_environment
 
-    assert ui_environment({"PATH": "/bin"}) == {"PATH": "/bin", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    assert ui_environment({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"})["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "true"
+    assert mlflow_server_environment({"PATH": "/bin"}) == {"PATH": "/bin", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    assert mlflow_server_environment({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "true"})["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "true"
