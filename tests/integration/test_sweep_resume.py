@@ -83,13 +83,15 @@ def interrupted_and_resumed(tmp_path_factory, ray_instance):
     actors_before = {actor.actor_id for actor in list_actors(limit=10_000, raise_on_missing_output=False)}
     cwd = tmp_path_factory.mktemp("sweep-resume")
     client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
-    driver = subprocess.Popen(
-        [*ORCH, "sweep", *SWEEP_ARGS], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    output = cwd / "first-attempt-output.txt"  # what the driver printed, for the message if it ends on its own
+    with open(output, "w") as sink:
+        driver = subprocess.Popen([*ORCH, "sweep", *SWEEP_ARGS], cwd=cwd, stdout=sink, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
     try:
         deadline = time.time() + 600
         while True:
-            assert driver.poll() is None, "the sweep ended before the driver was killed"
+            assert driver.poll() is None, f"the sweep ended (rc {driver.returncode}) before the driver was killed:\n" + \
+                output.read_text()[-4000:]
             assert time.time() < deadline, "no trial finished, and another checkpointed, within 600 s"
             parent, children = sweep_runs(client) if (cwd / "mlflow.db").exists() else (None, [])
             finished = any(child.info.status == "FINISHED" for child in children)
