@@ -237,7 +237,10 @@ def plan_stage(container: dict[str, Any], name: str, kind: str) -> StagePlan:
     trainer = container["trainer"]
     if container["cluster"]["kind"] == "local":
         cpus = container["cluster"]["num_cpus"] or validate.local_cpu_count()
-        validate.validate_resources(container, cpus, container["cluster"]["num_gpus"] or 0, "this machine")
+        gpus = container["cluster"]["num_gpus"]
+        if gpus is None:  # null: all of this machine's GPUs, as Ray counts them (asked only when the run wants one)
+            gpus = validate.local_gpu_count() if container["trainer"]["use_gpu"] else 0
+        validate.validate_resources(container, cpus, gpus, "this machine")
     precision = resolve_precision(trainer)
     resources = {"CPU": float(trainer["cpus_per_worker"])}
     if trainer["use_gpu"]:

@@ -122,7 +122,7 @@ class ClusterConfig:
     kind: ClusterKind = ClusterKind.local
     address: Optional[str] = None  # kind=ray: "auto", "ray://host:10001" or "host:6379"; null reads RAY_ADDRESS
     num_cpus: Optional[int] = None  # kind=local: CPUs Ray may use; null = all of this machine's
-    num_gpus: Optional[int] = None
+    num_gpus: Optional[int] = None  # kind=local: GPUs Ray may use; null = CUDA_VISIBLE_DEVICES's, else nvidia-smi's
     env: Dict[str, str] = field(default_factory=dict)  # extra environment for the workers
 
 
