@@ -68,8 +68,8 @@ def _llama_plan(hf, heads_ratio: float, mlp_ratio: float) -> tuple[dict[str, Any
             v = attn.v_proj.weight.view(kv_heads, head_dim, -1).pow(2).sum(dim=(1, 2))
             o = attn.o_proj.weight.view(-1, kv_heads, group * head_dim).pow(2).sum(dim=(0, 2))
             groups = _top((q + k + v + o).sqrt(), keep_groups)
-            kv_rows = (groups[:, None] * head_dim + torch.arange(head_dim)).flatten()
-            q_rows = (groups[:, None] * group * head_dim + torch.arange(group * head_dim)).flatten()
+            kv_rows = (groups[:, None] * head_dim + torch.arange(head_dim, device=groups.device)).flatten()
+            q_rows = (groups[:, None] * group * head_dim + torch.arange(group * head_dim, device=groups.device)).flatten()
             for name, dim, rows in (("q_proj", 0, q_rows), ("k_proj", 0, kv_rows), ("v_proj", 0, kv_rows), ("o_proj", 1, q_rows)):
                 slices[f"{prefix}.self_attn.{name}.weight"] = (dim, rows)
                 if name != "o_proj" and getattr(attn, name).bias is not None:

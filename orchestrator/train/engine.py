@@ -20,6 +20,7 @@ from torch import nn
 
 from orchestrator import timeline
 from orchestrator.artifacts.export import MODEL_SPEC_FILE
+from orchestrator.train.collectives import collective_device
 from orchestrator.train.checkpoints import (
     Candidate,
     Layout,
@@ -187,7 +188,7 @@ def weights_finite(engine) -> bool:
     """Whether every rank's weights are finite (collective). Under ZeRO-3 a rank holds its partition only."""
     import torch.distributed as dist
 
-    bad = torch.zeros(1, dtype=torch.int32)
+    bad = torch.zeros(1, dtype=torch.int32, device=collective_device())
     for parameter in engine.module.parameters():
         local = getattr(parameter, "ds_tensor", parameter)
         if not bool(torch.isfinite(local.detach()).all()):
@@ -266,7 +267,7 @@ def restore_latest(engine, attempt: int = 0) -> Optional[dict[str, Any]]:
     candidates = complete_checkpoints(storage.storage_filesystem, run_path, now.world_size)
 
     def agree(ok: bool) -> bool:
-        vote = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        vote = torch.tensor([1 if ok else 0], dtype=torch.int32, device=collective_device())
         dist.all_reduce(vote, op=dist.ReduceOp.MIN)
         return bool(vote.item())
 
@@ -291,7 +292,7 @@ def restore_latest(engine, attempt: int = 0) -> Optional[dict[str, Any]]:
         return client_state if load_path is not None else None
 
     def lowest(key: int) -> int:
-        value = torch.tensor([key], dtype=torch.int64)
+        value = torch.tensor([key], dtype=torch.int64, device=collective_device())
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return int(value.item())
 

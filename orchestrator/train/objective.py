@@ -22,7 +22,7 @@ def eval_sums(logits: Tensor, targets: Tensor) -> Tensor:
         logits, targets = logits.flatten(0, 1), targets.flatten()
     loss_sum = F.cross_entropy(logits.float(), targets, reduction="sum")
     correct = (logits.argmax(dim=-1) == targets).sum()
-    return torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(targets.numel()), dtype=torch.float64)])
+    return torch.stack([loss_sum.double(), correct.double(), torch.tensor(float(targets.numel()), dtype=torch.float64, device=loss_sum.device)])
 
 
 def eval_metrics(sums: Tensor, task: str) -> dict[str, float]:

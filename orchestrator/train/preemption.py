@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from orchestrator.train.collectives import collective_device
+
 STOP_REQUESTED = threading.Event()  # set by the SIGTERM handler, read by the training thread of the same process
 
 
@@ -60,7 +62,7 @@ class StopAgreement:
     """
 
     def __init__(self) -> None:
-        self.flag = torch.zeros(1, dtype=torch.int32)
+        self.flag = torch.zeros(1, dtype=torch.int32, device=collective_device())
         self.work: Optional[dist.Work] = None
 
     def agreed(self) -> bool:
@@ -70,7 +72,7 @@ class StopAgreement:
             stop = bool(self.flag.item())
         self.work = None
         if not stop:
-            self.flag = torch.tensor([1 if STOP_REQUESTED.is_set() else 0], dtype=torch.int32)
+            self.flag = torch.tensor([1 if STOP_REQUESTED.is_set() else 0], dtype=torch.int32, device=collective_device())
             self.work = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, async_op=True)
         return stop
 

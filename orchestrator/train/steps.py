@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 from orchestrator import timeline
+from orchestrator.train.collectives import collective_device
 from orchestrator.train.data_order import shard_for_eval
 from orchestrator.train.objective import eval_metrics, eval_sums
 
@@ -69,12 +70,12 @@ def to_engine(engine, tensor: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(engine, dataset, task: str, batch_size: int, rank: int, world_size: int) -> dict[str, float]:
     engine.eval()
-    sums = torch.zeros(3, dtype=torch.float64)
+    sums = torch.zeros(3, dtype=torch.float64, device=collective_device())
     for inputs, targets in DataLoader(Subset(dataset, shard_for_eval(dataset, rank, world_size)), batch_size=batch_size):
-        sums += eval_sums(engine(to_engine(engine, inputs)), to_engine(engine, targets)).cpu()
+        sums += eval_sums(engine(to_engine(engine, inputs)), to_engine(engine, targets)).to(sums.device)
     dist.all_reduce(sums)
     engine.train()
-    return eval_metrics(sums, task)
+    return eval_metrics(sums.cpu(), task)
 
 
 class Throughput:
@@ -140,23 +141,25 @@ class StepAgreement:
     def __init__(self, losses: list[tuple[int, torch.Tensor]], local_bad_step: Optional[int], proposal: int) -> None:
         world_size, rank = dist.get_world_size(), dist.get_rank()
         self.world_size, self.steps = world_size, [step for step, _ in losses]
-        self.values = torch.zeros(world_size + 1 + len(losses), dtype=torch.float64)
-        self.values[rank] = math.inf if local_bad_step is None else float(local_bad_step)
-        self.values[world_size] = float(proposal) if rank == 0 else 0.0
+        values = torch.zeros(world_size + 1 + len(losses), dtype=torch.float64)
+        values[rank] = math.inf if local_bad_step is None else float(local_bad_step)
+        values[world_size] = float(proposal) if rank == 0 else 0.0
         for slot, (_, loss) in enumerate(losses, start=world_size + 1):
-            self.values[slot] = loss.detach().double().cpu()
+            values[slot] = loss.detach().double().cpu()
+        self.values = values.to(collective_device())
         self.work = dist.all_reduce(self.values, async_op=True)
 
     def result(self) -> Agreed:
         """Waits for the all-reduce."""
         self.work.wait()
         world_size = self.world_size
-        earliest = float(self.values[:world_size].min())
-        means = (self.values[world_size + 1 :] / world_size).tolist()
+        values = self.values.cpu()
+        earliest = float(values[:world_size].min())
+        means = (values[world_size + 1 :] / world_size).tolist()
         return Agreed(
             diverged_at=None if math.isinf(earliest) else int(earliest),
             losses=dict(zip(self.steps, means)),
-            next_step=int(self.values[world_size]),
+            next_step=int(values[world_size]),
         )
 
 
