@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -52,8 +53,8 @@ def configurations() -> dict[str, list[str]]:
         zero3.append("trainer.activation_checkpointing=true")
     return {
         "bf16_zero2": ["trainer.zero_stage=2", "trainer.precision=bf16"],
-        "bf16_zero3_checkpointing" if has_checkpointing_key() else "bf16_zero3": zero3,
         "fp16_zero2_dynamic_loss_scale": ["trainer.zero_stage=2", "trainer.precision=fp16"],
+        "bf16_zero3_checkpointing" if has_checkpointing_key() else "bf16_zero3": zero3,
     }
 
 
@@ -77,16 +78,21 @@ def check(name: str, overrides: list[str], workdir: Path, corpus: Path, peak: Op
         "trainer.num_workers=1", f"trainer.cpus_per_worker={max(1, (os.cpu_count() or 2) - 2)}",
         f"trainer.micro_batch_size={MICRO_BATCH}", f"trainer.max_steps={STEPS}", "trainer.log_every=10",
         "trainer.eval_every=0", "trainer.checkpoint_every=0", "tracking.log_model=false", "tracking.system_metrics=false",
+        "trainer.max_failures=0",  # a check fails at once: a worker-group restart would only repeat the failure
         f"name=gpu-check-{name.replace('_', '-')}", *overrides,
     ]  # fmt: skip
+    started = time.monotonic()
     timeline = run_process(orch_command(command), workdir, extra_env={"DS_ACCELERATOR": "cuda"}, timeout_s=RUN_TIMEOUT_S)
+    wall_s = round(time.monotonic() - started, 1)
     stats = summarize(timeline.steady(WARMUP))
     metrics = last_metrics(
         f"sqlite:///{workdir / 'mlflow.db'}",
         f"gpu-check-{name.replace('_', '-')}",
         ["loss", "tokens_per_s", "mfu", "memory/predicted_bytes", "memory/measured_peak_bytes", "memory/measured_over_predicted"],
     )
-    out: dict[str, Any] = {"overrides": overrides, "returncode": timeline.returncode, "step_time_median_s": stats["median"]}
+    out: dict[str, Any] = {
+        "overrides": overrides, "returncode": timeline.returncode, "wall_s": wall_s, "step_time_median_s": stats["median"]
+    }
     if stats["median"]:
         out["tokens_per_s"] = tokens_per_s(stats["median"], 1, MICRO_BATCH, SHAPE["block_size"])
         if peak:
@@ -132,7 +138,10 @@ def main() -> int:
         corpus = Path(workdir) / "corpus.txt"
         sample = (REPO / "orchestrator" / "data" / "sample.txt").read_bytes()
         corpus.write_bytes(sample * (8_000_000 // len(sample) + 1))
-        result["runs"] = {key: check(key, overrides, Path(workdir), corpus, peak) for key, overrides in configurations().items()}
+        result["runs"] = {}
+        for key, overrides in configurations().items():
+            result["runs"][key] = check(key, overrides, Path(workdir), corpus, peak)
+            print(json.dumps({key: result["runs"][key]}), file=sys.stderr, flush=True)  # kept if a later run hangs
     result["ok"] = all(run["ok"] for run in result["runs"].values())
     print(json.dumps(result, indent=2))
     return 0 if result["ok"] else 1
