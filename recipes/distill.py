@@ -2,7 +2,7 @@
 
 `train_loop_per_worker` runs on every Ray Train worker, top to bottom:
   setup    data; the teacher (recipe.distill.teacher: an MLflow run, a pipeline stage, a directory) loaded from
-           safetensors, frozen, in eval mode, fp32 on every rank and NOT wrapped by DeepSpeed; the student from the
+           safetensors, frozen, in eval mode, fp32 on every rank's device and NOT wrapped by DeepSpeed; the student from the
            model group (or from recipe.input); with feature_weight > 0, a projection trained with the student to
            match the teacher's hidden state; DeepSpeed engine on the student only; optional pruning hook
   fit      the train recipe's loop with the KD objective:
@@ -75,11 +75,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model = StudentWithProjection(student, FeatureDistillation(*widths))
         spec["state_prefix"] = StudentWithProjection.STATE_PREFIX
     engine = build_engine(model, ds_config, trainer["optimizer"], precision_auto=False)
+    teacher.to(engine.device)  # beside the student: on a GPU worker, a CPU teacher fails (and would starve the GPU)
 
     def objective(inputs: Tensor, targets: Tensor, transfer_inputs: Optional[Tensor] = None) -> Tensor:
         if transfer_inputs is None:
             with torch.no_grad():
-                teacher_logits = teacher(inputs)  # fp32 inputs, before the student's cast to its precision
+                teacher_logits = teacher(inputs.to(engine.device))  # fp32 inputs: before the student's cast
             logits, labels = engine(to_engine(engine, inputs)), to_engine(engine, targets)
             loss = kd_loss(logits, teacher_logits, labels, settings["temperature"], settings["alpha"])
         else:
@@ -88,7 +89,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             labelled = inputs.shape[0]
             both = torch.cat([inputs, transfer_inputs])
             with torch.no_grad():
-                teacher_logits = teacher(both if settings["feature_weight"] > 0 else transfer_inputs)
+                teacher_logits = teacher((both if settings["feature_weight"] > 0 else transfer_inputs).to(engine.device))
             logits = engine(to_engine(engine, both))
             loss = transfer_kd_loss(
                 logits[labelled:], teacher_logits[-transfer_inputs.shape[0]:], logits[:labelled],

@@ -132,12 +132,13 @@ class FeatureDistillation(nn.Module):
 
     def forward(self, student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | None = None) -> Tensor:
         projected = self.projection(student_hidden)
-        target = teacher_hidden.detach().to(projected.dtype)
+        # compared in fp32 on the student's device: an fp16 cast of the teacher's outlier features can overflow
+        target = teacher_hidden.detach().to(projected.device, torch.float32)
         if projected.shape != target.shape:
             raise ValueError(
                 f"projected student hidden {tuple(projected.shape)} does not match teacher hidden {tuple(target.shape)}"
             )
-        squared = (projected.float() - target.float()).pow(2).mean(dim=-1)
+        squared = (projected.float() - target).pow(2).mean(dim=-1)
         if mask is None:
             return squared.mean()
         keep = mask.to(torch.bool)

@@ -107,6 +107,12 @@ def _resolve(method: str) -> str:
     return LEGACY_METHODS.get(method, method)
 
 
+def weight_dtype_for(method: str) -> torch.dtype:
+    """The precision a model is put in before `method` quantizes it: float8 matmuls take bf16 activations, and
+    torchao's int4 tile packing accepts bf16 weights only (an fp32 model fails its assertion)."""
+    return torch.bfloat16 if _resolve(method) in ("fp8", "int4_weight_only") else torch.float32
+
+
 def quantize_model(model: nn.Module, method: str = "int8_dynamic", skip: Sequence[str] = (), device: str = "cpu") -> nn.Module:
     """A quantized copy of `model` on `device` (the original is untouched); Linear modules named in `skip` stay in
     full precision. Raises ValueError for an unknown method, skip name, or a method the device has no kernels for."""
@@ -122,8 +128,7 @@ def quantize_model(model: nn.Module, method: str = "int8_dynamic", skip: Sequenc
     if unknown:
         raise ValueError(f"skip names {sorted(unknown)} are not submodules of the model")
     _conv1d_as_linear(float_model)
-    if method == "fp8":
-        float_model = float_model.to(torch.bfloat16)  # float8 matmuls take bf16 activations
+    float_model = float_model.to(weight_dtype_for(method))
     quantize_(
         float_model,
         _torchao_config(method),

@@ -133,8 +133,13 @@ def validate_trainer(cfg: Mapping[str, Any]) -> None:
         raise ConfigError("trainer.scheduler.min_lr_ratio", scheduler["min_lr_ratio"], "expected a fraction of the peak lr in [0, 1]")
     if trainer["threads_per_worker"] is not None and trainer["threads_per_worker"] < 1:
         raise ConfigError("trainer.threads_per_worker", trainer["threads_per_worker"], "expected >= 1, or null for cpus_per_worker")
-    if trainer["use_gpu"] and not trainer["gpus_per_worker"] > 0:
-        raise ConfigError("trainer.gpus_per_worker", trainer["gpus_per_worker"], "expected a positive number of GPUs per worker")
+    if trainer["use_gpu"] and trainer["gpus_per_worker"] != 1:
+        # a data-parallel rank drives one device (DeepSpeed picks cuda:LOCAL_RANK) and NCCL refuses two ranks on one GPU:
+        # a fraction puts two ranks on one GPU, and more than one leaves the rest idle
+        raise ConfigError(
+            "trainer.gpus_per_worker", trainer["gpus_per_worker"],
+            "expected 1: each worker is one data-parallel rank on one GPU (use trainer.num_workers for more GPUs)",
+        )
     if not 0 <= trainer["scheduler"]["warmup_steps"] < trainer["max_steps"]:
         raise ConfigError(
             "trainer.scheduler.warmup_steps",

@@ -50,8 +50,9 @@ def free_port() -> int:
 
 def worker_env(cluster: Mapping[str, Any], use_gpu: bool, zero_stage: int = 0) -> dict[str, str]:
     env = {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}
-    if not use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"  # skip DeepSpeed's accelerator probe (and its warning) on CPU workers
+    # CPU workers skip DeepSpeed's accelerator probe (and its warning); GPU workers must not inherit a driver's
+    # DS_ACCELERATOR=cpu (set for its own CPU-side DeepSpeed use): a CPU accelerator on an NCCL group fails
+    env["DS_ACCELERATOR"] = "cuda" if use_gpu else "cpu"
     if not use_gpu and zero_stage == 3:
         # glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, after which freed tensors
         # stay in the heap: a ZeRO-3 worker's peak grew by ~1 GB over 3 steps that way (85 M parameters, 2 ranks),

@@ -126,7 +126,9 @@ def evaluate_gates(promote: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
         gate = gates.get(name)
         if gate:
             vs = gate["vs"] or first
-            ratio = float(by_stage[vs][column]) / float(final[column])
+            before, after = by_stage[vs][column], final[column]
+            # no CPU latency for a stage quantized for CUDA: the gate cannot pass on a ratio it cannot measure
+            ratio = float(before) / float(after) if before is not None and after else math.nan
             results.append(GateResult(name, vs, ratio, float(gate["min"]), ratio >= gate["min"], column))
     return results
 

@@ -60,17 +60,20 @@ def measure(fp32_model: nn.Module, served_model: nn.Module, data, batch_size: in
     indices = [i % len(data.val) for i in range(batch_size)]
     batch = torch.stack([data.val[i][0] for i in indices])
     quality = evaluate_module(served_model, data.val, data.task, batch_size)
+    # one-thread CPU latency compares stages on any machine; a model quantized for CUDA (int4, fp8) has none
+    on_cpu = next(served_model.parameters()).device.type == "cpu"
     row: dict[str, Any] = {
         "parameters": total,
         "nonzero_parameters": nonzero,
         "sparsity": 1.0 - nonzero / total if total else 0.0,
         "size_bytes": size,
         "size_gzip_bytes": size_gzip,
-        "latency_ms": cpu_latency_ms(served_model, batch),
+        "latency_ms": cpu_latency_ms(served_model, batch) if on_cpu else None,
     }
     if data.task == "lm":
         row["val_perplexity"] = quality["val_perplexity"]
-        row["tokens_per_s"] = batch.numel() / (row["latency_ms"] / 1000)  # CPU, one thread: comparable across stages
+        # CPU, one thread: comparable across stages
+        row["tokens_per_s"] = batch.numel() / (row["latency_ms"] / 1000) if row["latency_ms"] else None
     else:
         row["val_accuracy"] = quality["val_accuracy"]
     return row
@@ -95,10 +98,10 @@ def summary_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     first, final = rows[0], rows[-1]
     summary = {f"final_{key}": float(final[key]) for key in ("val_accuracy", "val_perplexity", "parameters",
                                                                "nonzero_parameters", "sparsity", "size_bytes",
-                                                               "size_gzip_bytes", "latency_ms") if key in final}
+                                                               "size_gzip_bytes", "latency_ms") if final.get(key) is not None}
     for key, name in (("size_bytes", "size_ratio"), ("size_gzip_bytes", "size_gzip_ratio"),
                       ("nonzero_parameters", "nonzero_parameters_ratio"), ("latency_ms", "latency_speedup")):
-        if final.get(key):
+        if final.get(key) and first.get(key) is not None:
             summary[name] = float(first[key]) / float(final[key])
     for key in ("val_accuracy", "val_perplexity"):
         if key in final and key in first:
@@ -139,6 +142,8 @@ def print_report(rows: Sequence[Mapping[str, Any]], console, title: str) -> None
 
 
 def _show(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
     if key.startswith("size"):
         return f"{value / 1024:.1f}K"
     if key == "latency_ms":

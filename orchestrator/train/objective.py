@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -33,13 +34,20 @@ def eval_metrics(sums: Tensor, task: str) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate_module(model: torch.nn.Module, dataset, task: str, batch_size: int, device: str = "cpu") -> dict[str, float]:
-    """Validation metrics of a plain module (already on `device`), in one process (the driver's view of an exported
-    model; `device="cuda"` for models quantized with CUDA-only kernels)."""
+def evaluate_module(
+    model: torch.nn.Module, dataset, task: str, batch_size: int, device: Optional[str | torch.device] = None
+) -> dict[str, float]:
+    """Validation metrics of a plain module, in one process (the driver's view of an exported model). It runs where
+    its weights are unless `device` says otherwise: a model quantized with CUDA-only kernels (int4, fp8) is loaded on
+    CUDA. Floating inputs take the weights' dtype (fp8 quantizes a bf16 model; its unquantized layers stay bf16)."""
     from torch.utils.data import DataLoader
 
     model.eval()
+    weights = next(model.parameters())
+    device = device or weights.device
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     sums = torch.zeros(3, dtype=torch.float64)
     for inputs, targets in DataLoader(dataset, batch_size=batch_size):
-        sums += eval_sums(model(inputs.to(device)), targets.to(device)).cpu()
+        inputs = inputs.to(device)
+        sums += eval_sums(model(inputs.to(dtype) if inputs.is_floating_point() else inputs), targets.to(device)).cpu()
     return eval_metrics(sums, task)

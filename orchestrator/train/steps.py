@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Subset
 
 from orchestrator import timeline
 from orchestrator.train.collectives import collective_device
-from orchestrator.train.data_order import shard_for_eval
+from orchestrator.train.data_order import example_inputs, shard_for_eval
 from orchestrator.train.objective import eval_metrics, eval_sums
 
 SETTLE_STEPS = 2  # steps excluded from throughput: first-call allocations and lazy initialisation
@@ -69,13 +69,26 @@ def to_engine(engine, tensor: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(engine, dataset, task: str, batch_size: int, rank: int, world_size: int) -> dict[str, float]:
+    """Every example once across ranks (collective). Under ZeRO-3 each forward gathers the weights from all ranks, so
+    a rank whose shard has fewer batches runs as many forwards as rank 0 (whose shard is the largest) on a throwaway
+    batch: otherwise its all-reduce of the sums would meet rank 0's gathers (a hang, or corrupted sums)."""
     engine.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=collective_device())
+    batches = 0
     for inputs, targets in DataLoader(Subset(dataset, shard_for_eval(dataset, rank, world_size)), batch_size=batch_size):
         sums += eval_sums(engine(to_engine(engine, inputs)), to_engine(engine, targets)).to(sums.device)
+        batches += 1
+    if engine.zero_optimization_stage() == 3:
+        for _ in range(eval_batches_of_rank0(len(dataset), world_size, batch_size) - batches):
+            engine(to_engine(engine, example_inputs(dataset, count=1)))
     dist.all_reduce(sums)
     engine.train()
     return eval_metrics(sums.cpu(), task)
+
+
+def eval_batches_of_rank0(examples: int, world_size: int, batch_size: int) -> int:
+    """The most evaluation batches any rank runs: rank 0's strided shard holds ceil(examples / world_size)."""
+    return math.ceil(math.ceil(examples / world_size) / batch_size)
 
 
 class Throughput:
@@ -113,11 +126,19 @@ class TrainingDiverged(RuntimeError):
 
 
 def is_finite_step(step_loss: torch.Tensor, engine) -> bool:
+    """Whether this step's loss and gradient norm are finite, as the engine reports them."""
     grad_norm = engine.get_global_grad_norm() if hasattr(engine, "get_global_grad_norm") else None
-    finite = bool(torch.isfinite(step_loss))
-    if grad_norm is not None:
-        finite = finite and math.isfinite(float(grad_norm))
-    return finite
+    overflow_skipped = hasattr(engine, "fp16_enabled") and engine.fp16_enabled() and not engine.was_step_applied()
+    return step_is_finite(float(step_loss), None if grad_norm is None else float(grad_norm), overflow_skipped)
+
+
+def step_is_finite(loss: float, grad_norm: Optional[float], overflow_skipped: bool) -> bool:
+    """fp16's dynamic loss scaling overflows by design (at its first steps, and each time it probes a larger scale):
+    DeepSpeed then skips the step, lowers the scale and reports an infinite gradient norm. Such a step is not a
+    divergence; a non-finite loss always is (the loss is computed in fp32)."""
+    if not math.isfinite(loss):
+        return False
+    return grad_norm is None or overflow_skipped or math.isfinite(grad_norm)
 
 
 AGREE_EVERY_S = 1.0  # ranks agree (divergence, mean loss) at log steps at most about this often; see Agreements
