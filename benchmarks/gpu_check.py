@@ -121,6 +121,11 @@ def check(name: str, overrides: list[str], workdir: Path, corpus: Path, peak: Op
 
 
 def main() -> int:
+    import argparse
+
+    argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], epilog="ORCH_PEAK_TFLOPS overrides the GPU's peak for MFU."
+    ).parse_args()
     import torch
 
     if not torch.cuda.is_available():
