@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from orchestrator.config.validate import ConfigError, worker_range
+from orchestrator.config.validate import ConfigError, nvidia_smi, visible_cuda_devices, worker_range
 from orchestrator.models.activations import activation_elements
 from orchestrator.models.sizes import count_parameters
 
@@ -263,17 +263,12 @@ def memory_budget(container: Mapping[str, Any]) -> tuple[Optional[int], str]:
 
 
 def local_gpu_memory() -> Optional[int]:
-    """The smallest visible GPU's memory in bytes, asked of nvidia-smi (importing torch costs ~2 s); None without."""
-    import shutil
-    import subprocess
-
-    if shutil.which("nvidia-smi") is None:
-        return None
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=10, check=True,
-        ).stdout
-        return min(int(line) for line in out.split() if line.strip().isdigit()) * 2**20
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return None
+    """The smallest visible GPU's memory in bytes (those of CUDA_VISIBLE_DEVICES when it is set, by index or UUID),
+    asked of nvidia-smi; None without one."""
+    visible = visible_cuda_devices()
+    sizes = [
+        int(memory) * 2**20
+        for index, uuid, memory in (row for row in nvidia_smi("index", "uuid", "memory.total") if len(row) == 3)
+        if memory.isdigit() and (visible is None or index in visible or uuid in visible)
+    ]
+    return min(sizes) if sizes else None

@@ -463,25 +463,37 @@ def local_cpu_count() -> float:
     return float(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
-def local_gpu_count() -> int:
-    """The GPUs a local Ray started here gets when cluster.num_gpus is null, counted before Ray starts and without
-    importing torch (~2 s): CUDA_VISIBLE_DEVICES when it is set, as Ray reads it, else nvidia-smi's list."""
+def visible_cuda_devices() -> Optional[list[str]]:
+    """CUDA_VISIBLE_DEVICES as a list of indices or UUIDs (as Ray reads it: "NoDevFiles" is none), or None unset."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return None
+    ids = [device.strip() for device in visible.split(",") if device.strip()]
+    return [] if ids[:1] == ["NoDevFiles"] else ids
+
+
+def nvidia_smi(*fields: str) -> list[list[str]]:
+    """One row of `fields` per GPU the driver lists, visible or not ([] without nvidia-smi); no torch import (~2 s)."""
     import shutil
     import subprocess
 
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        ids = [device for device in visible.split(",") if device.strip()]
-        return 0 if ids[:1] == ["NoDevFiles"] else len(ids)
     if shutil.which("nvidia-smi") is None:
-        return 0
+        return []
     try:
         listed = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True, timeout=10, check=True
+            ["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10, check=True,
         ).stdout
     except (OSError, subprocess.SubprocessError):
-        return 0
-    return sum(1 for line in listed.splitlines() if line.strip())
+        return []
+    return [[value.strip() for value in line.split(",")] for line in listed.splitlines() if line.strip()]
+
+
+def local_gpu_count() -> int:
+    """The GPUs a local Ray started here gets when cluster.num_gpus is null, counted before Ray starts:
+    CUDA_VISIBLE_DEVICES when it is set, as Ray reads it, else nvidia-smi's list."""
+    visible = visible_cuda_devices()
+    return len(visible) if visible is not None else len(nvidia_smi("index"))
 
 
 # --- compression recipes and pipelines ---------------------------------------------------------------------------

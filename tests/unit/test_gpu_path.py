@@ -32,19 +32,40 @@ def test_cuda_visible_devices_is_counted_as_ray_counts_it(monkeypatch, visible, 
     assert validate.local_gpu_count() == count
 
 
-def fake_nvidia_smi(folder: Path, listing: str) -> None:
-    """An `nvidia-smi` on PATH that answers the index query as the real one does (one index per line)."""
+def fake_nvidia_smi(folder: Path) -> None:
+    """An `nvidia-smi` on PATH that answers the two queries orch makes as the real one does: two GPUs of different
+    sizes (CSV, no header, no units)."""
     script = folder / "nvidia-smi"
-    script.write_text(f"#!/bin/sh\nprintf '{listing}'\n")
+    script.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in\n'
+        "  --query-gpu=index) printf '0\\n1\\n' ;;\n"
+        "  --query-gpu=index,uuid,memory.total) printf '0, GPU-aaa, 81559\\n1, GPU-bbb, 143771\\n' ;;\n"
+        "  *) exit 2 ;;\n"
+        "esac\n"
+    )
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
 
 
 def test_without_cuda_visible_devices_the_gpus_are_nvidia_smis_list(tmp_path, monkeypatch):
+    from orchestrator.memory import local_gpu_memory
+
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert validate.local_gpu_count() == 0  # no nvidia-smi: no GPU
-    fake_nvidia_smi(tmp_path, "0\\n1\\n2\\n3\\n")
-    assert validate.local_gpu_count() == 4
+    assert validate.local_gpu_count() == 0 and local_gpu_memory() is None  # no nvidia-smi: no GPU
+    fake_nvidia_smi(tmp_path)
+    assert validate.local_gpu_count() == 2
+    assert local_gpu_memory() == 81559 * 2**20  # the smallest
+
+
+@pytest.mark.parametrize(("visible", "mib"), [("1", 143771), ("GPU-bbb", 143771), ("0,1", 81559), ("", None)])
+def test_the_memory_budget_is_that_of_the_visible_gpus(tmp_path, monkeypatch, visible, mib):
+    from orchestrator.memory import local_gpu_memory
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    fake_nvidia_smi(tmp_path)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert local_gpu_memory() == (None if mib is None else mib * 2**20)
 
 
 def test_a_gpu_run_plans_on_a_machine_with_a_gpu_when_num_gpus_is_null(tmp_path, monkeypatch):
