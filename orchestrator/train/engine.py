@@ -20,7 +20,6 @@ from torch import nn
 
 from orchestrator import timeline
 from orchestrator.artifacts.export import MODEL_SPEC_FILE
-from orchestrator.train.collectives import collective_device
 from orchestrator.train.checkpoints import (
     Candidate,
     Layout,
@@ -32,6 +31,7 @@ from orchestrator.train.checkpoints import (
     needs_universal,
     write_marker,
 )
+from orchestrator.train.collectives import collective_device
 
 logger = logging.getLogger(__name__)
 
