@@ -28,6 +28,7 @@ REGISTRY: list[tuple[str, str]] = [
     ("cli_latency", "benchmarks.cli_latency"),
     ("step_overhead", "benchmarks.step_overhead"),
     ("startup", "benchmarks.startup"),
+    ("fit_end", "benchmarks.fit_end"),
     ("tracking_checkpoint", "benchmarks.tracking_checkpoint"),
     ("zero_precision", "benchmarks.zero_precision"),
     ("memory_plan", "benchmarks.memory_plan"),

@@ -306,6 +306,7 @@ def _fit(
     label = f"{stage.name} · {stage.run_name}"
     timeline.mark("fit_start")
     result = run_with_progress(trainer.fit, board, trainer_cfg["max_steps"], label, console)
+    timeline.mark("fit_returned")
     failure = ray.get(board.failure_reported.remote())
     if failure is not None and failure["kind"] == "diverged":
         from orchestrator.train.steps import TrainingDiverged

@@ -185,6 +185,8 @@ def fit(
     metrics.log_memory(cfg, engine_precision(engine), torch.device(engine.device).type, step)
     metrics.close()
     stop.close()  # collective: no rank ends the group (raising Preempted) while rank 0 still writes to MLflow
+    if rank == 0:
+        timeline.mark("worker_end")
     if stopped_at is not None:
         raise Preempted(stopped_at)
 

@@ -36,13 +36,13 @@ def ray_instance() -> Iterator[None]:
     import ray
 
     from orchestrator.environment import environment
-    from orchestrator.launch.ray_session import LOCAL_INSTANCE_ENV, findable_by_ray_helpers, free_port, record_address
+    from orchestrator.launch.ray_session import findable_by_ray_helpers, free_port, local_instance_env, record_address
 
     temp_dir, port = tempfile.mkdtemp(prefix="orch-test-ray-", dir="/tmp"), free_port()
     with findable_by_ray_helpers(temp_dir):
         # the State API's address only while Ray starts (its processes keep it): the test process's own children
         # (`orch submit --address URL`) must not inherit it, since it overrides any address a job client is given
-        with findable_by_ray_helpers(temp_dir, port), environment(LOCAL_INSTANCE_ENV):  # as orch's own local Ray
+        with findable_by_ray_helpers(temp_dir, port), environment(local_instance_env()):  # as orch's own local Ray
             ray.init(
                 address="local",
                 num_cpus=2,

@@ -5,6 +5,7 @@ Each case runs in its own Python process: the session fixture's Ray would otherw
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 SCRIPT = textwrap.dedent(
     """
-    import sys, time
+    import os, sys, time
     import ray
     from orchestrator.launch.ray_session import ray_session
 
@@ -31,6 +32,9 @@ SCRIPT = textwrap.dedent(
             # Ray must outlive the thread's own work: its GCS and raylet die with the thread that spawned them
             time.sleep(3)
             print("answer", ray.get(ray.remote(lambda: 41 + 1).remote(), timeout=60), flush=True)
+            names = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+            seen = ray.get(ray.remote(lambda: [os.environ.get(name) for name in names]).remote(), timeout=60)
+            print("ray's processes have", *seen, "the driver has", *[os.environ.get(name) for name in names], flush=True)
             if case == "sigterm":
                 time.sleep(120)  # stopped by the test
     except ValueError as error:
@@ -46,12 +50,16 @@ def run_case(case: str, **kwargs) -> subprocess.Popen:
 
 
 def test_background_start_gives_a_working_ray_that_is_shut_down_after():
-    process = run_case("ok")
+    """Ray's processes get orch's local settings (ray_session.LOCAL_INSTANCE_ENV) where the user set none, the
+    user's own where they did, and the driver's environment stays as it was."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("RAY_TRAIN_")}
+    process = run_case("ok", env={**env, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.5"})
     out, _ = process.communicate(timeout=180)
     assert process.returncode == 0, out
     lines = out.splitlines()
     assert lines.index("entered") < next(i for i, line in enumerate(lines) if line.startswith("ready ")), out
     assert "answer 42" in lines, out
+    assert "ray's processes have 0 1.5 the driver has None 1.5" in lines, out
     assert "initialized after the session: False" in lines, out
 
 

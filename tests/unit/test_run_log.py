@@ -101,6 +101,17 @@ def test_a_users_own_ray_settings_win(terminal, tmp_path, monkeypatch):
     assert os.environ["RAY_DEDUP_LOGS"] == "1"
 
 
+def test_orchs_settings_for_its_own_local_ray_leave_a_users_own_in_place(monkeypatch):
+    from orchestrator.launch.ray_session import LOCAL_INSTANCE_ENV, local_instance_env
+
+    for name in LOCAL_INSTANCE_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert local_instance_env() == {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")
+    assert local_instance_env()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "2"
+    assert local_instance_env()["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+
+
 def test_an_error_in_the_block_restores_the_terminal_before_it_is_reported(terminal, tmp_path):
     with _fake_terminal() as (out, err):
         with pytest.raises(RuntimeError):
