@@ -312,12 +312,14 @@ def _fit(
         from orchestrator.train.steps import TrainingDiverged
 
         raise TrainingDiverged(failure["step"])
-    checkpoint = result.checkpoint
-    if checkpoint is None:  # a resumed attempt that had no step left to train: the newest of an earlier attempt
+    checkpoint, metrics = result.checkpoint, dict(result.metrics or {})
+    if checkpoint is None:
+        # a resumed attempt that had no step left to train (its driver died after the last checkpoint, before the
+        # run was closed): the newest checkpoint of an earlier attempt, and what was reported with it
         from orchestrator.train.checkpoints import complete_checkpoints
 
         [newest, *_] = complete_checkpoints(filesystem, run_root, stage.min_workers)
-        checkpoint = newest.checkpoint()
+        checkpoint, metrics = newest.checkpoint(), {**newest.report(), **metrics}
     if stage.config["tracking"]["log_model"]:
         from orchestrator.artifacts.export import export_model
 
@@ -325,4 +327,4 @@ def _fit(
             export_model(checkpoint_dir, stage.config["model"], model_dir, trusted_model_targets(stage.config))
     tracking.set_tag("orch.checkpoint", checkpoint.path)
     tracking.log_curves(label)
-    return dict(result.metrics or {}), checkpoint.path
+    return metrics, checkpoint.path

@@ -98,16 +98,18 @@ def _print_lines(thread: threading.Thread, board, total_steps: int, label: str, 
     poll = _Poll(board, console)
     console.print(f"{label}: starting workers…")
     thread.start()
-    while thread.is_alive():
+    while True:
         thread.join(timeout=1.0)
-        latest = poll()
-        if latest is None:
-            continue
-        step, metrics = latest
-        if step >= printed + every or (step == total_steps and printed < step):
-            printed = step
-            elapsed = time.monotonic() - started
-            console.print(f"{label}: step {step}/{total_steps}  {_describe(metrics)}  elapsed {elapsed:.0f}s")
+        finished = not thread.is_alive()
+        latest = poll()  # once more after the fit returned: its last step may have come since the last poll
+        if latest is not None:
+            step, metrics = latest
+            if step >= printed + every or (step == total_steps and printed < step):
+                printed = step
+                elapsed = time.monotonic() - started
+                console.print(f"{label}: step {step}/{total_steps}  {_describe(metrics)}  elapsed {elapsed:.0f}s")
+        if finished:
+            break
 
 
 def _is_terminal(stream) -> bool:
@@ -146,11 +148,14 @@ def run_with_progress(fit: Callable[[], Any], board, total_steps: int, label: st
         task = progress.add_task(label, total=total_steps, metrics="starting workers…")
         poll = _Poll(board, progress.console)  # printed above the bar
         thread.start()
-        while thread.is_alive():
+        while True:
             thread.join(timeout=0.5)
-            latest = poll()
+            finished = not thread.is_alive()
+            latest = poll()  # once more after the fit returned: its last steps may have come since the last poll
             if latest is not None:
                 progress.update(task, completed=latest[0], metrics=_describe(latest[1]))
+            if finished:
+                break
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]

@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_DIR = re.compile(r"^checkpoint_step_(\d+)$")
 ATTEMPT_DIR = re.compile(r"^resume-(\d+)$")
 UNIVERSAL_SUFFIX = ".universal"
+# What rank 0 reported to Ray Train with the checkpoint (step, loss, validation metrics): a resume that finds the
+# run's last step already saved has nothing to train, and reports this instead (JSON: data, read as such)
+REPORT_FILE = "orch_report.json"
 UNIVERSAL_DONE = ".orch_universal_complete"
 
 
@@ -86,6 +89,18 @@ class Candidate:
         import ray.train
 
         return ray.train.Checkpoint(self.path, filesystem=self.filesystem)
+
+    def report(self) -> dict[str, float]:
+        """The numeric metrics reported with this checkpoint, with its step; only the step for a checkpoint written
+        before reports were kept, or whose report is not a JSON object of numbers."""
+        raw = _read(self.filesystem, f"{self.path}/{REPORT_FILE}")
+        try:
+            loaded = json.loads(raw) if raw is not None else {}
+        except ValueError:
+            loaded = {}
+        numbers = {str(key): value for key, value in loaded.items() if isinstance(value, (int, float)) and not isinstance(value, bool)} \
+            if isinstance(loaded, dict) else {}
+        return {**numbers, "step": self.step}
 
     @property
     def universal_path(self) -> str:

@@ -8,6 +8,7 @@ which the data position is recomputed.
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from contextlib import contextmanager
@@ -21,6 +22,7 @@ from torch import nn
 from orchestrator import timeline
 from orchestrator.artifacts.export import MODEL_SPEC_FILE
 from orchestrator.train.checkpoints import (
+    REPORT_FILE,
     Candidate,
     Layout,
     check_resumable,
@@ -227,6 +229,9 @@ def save_and_report(
         engine.save_checkpoint(local_dir, tag=tag, client_state={"step": step, **(client_state or {})})
         if model_spec is not None and rank == 0:
             (Path(local_dir) / MODEL_SPEC_FILE).write_text(yaml.safe_dump(model_spec, sort_keys=False))
+        if rank == 0:
+            numbers = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
+            (Path(local_dir) / REPORT_FILE).write_text(json.dumps(numbers, sort_keys=True))
         files = local_files(local_dir)
         if rank == 0:
             timeline.mark("checkpoint_saved", step=step)

@@ -286,37 +286,42 @@ def test_orch_ui_shows_the_run_and_its_metrics_in_a_browser(user_run, ui):
 
 def test_a_killed_driver_is_started_again_with_resume_and_continues_the_same_run(tmp_path):
     run_args = ["trainer.max_steps=400", "trainer.checkpoint_every=20", "trainer.eval_every=0", "trainer.log_every=20"]
+    # rank 0 waits before step 50 (for a file nobody writes): the driver is killed there, mid-run, whatever the
+    # machine's speed, with checkpoints 20 and 40 complete
+    hold = tmp_path / "never"
+    callback = f"{{_target_: orchestrator.train.callbacks.HoldAt, step: 50, rank: 0, until: '{hold}'}}"
     driver = subprocess.Popen(
-        [*ORCH, "run", "name=crash", *run_args],
+        [*ORCH, "run", "name=crash", *run_args, f"trainer.callbacks=[{callback}]"],
         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     run_dir = tmp_path / "orch_runs" / "crash"
     try:
         deadline = time.time() + 400
-        while not list(run_dir.glob("checkpoint_step_*/.orch_complete_rank1")):
-            assert driver.poll() is None, "the driver ended before its first checkpoint"
-            assert time.time() < deadline, "no checkpoint within 400 s"
+        while not Path(f"{hold}.reached").exists():
+            assert driver.poll() is None, "the driver ended before step 50"
+            assert time.time() < deadline, "step 50 not reached within 400 s"
             time.sleep(0.5)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started die at once, mid-run
         driver.wait(timeout=60)
+    assert sorted(p.parent.name for p in run_dir.glob("checkpoint_step_*/.orch_complete_rank1")) == [
+        "checkpoint_step_00000020", "checkpoint_step_00000040"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     [crashed] = client.search_runs(["1"])
     assert crashed.info.status == "RUNNING"  # nobody was left to close it
 
-    # the resume ends the run sooner than the first attempt meant to: 400 steps only made sure that one was still
-    # training when it was killed
+    # the resume ends the run sooner than the first attempt meant to (120 steps, not 400)
     resumed = subprocess.run(
         [*ORCH, "run", "resume=crash", *run_args, "trainer.max_steps=120"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     # not a terminal (a pipe, as in a job log or CI): progress comes as lines now and then, up to the last step
-    assert "crash: step 120/120" in resumed.stdout and "samples/s" in resumed.stdout
+    assert "crash: step 120/120" in resumed.stdout and "samples/s" in resumed.stdout, resumed.stdout
     assert "MLflow run:" in resumed.stdout and "checkpoint:" in resumed.stdout
     [run] = client.search_runs(["1"])
     assert run.info.run_id == crashed.info.run_id and run.info.status == "FINISHED"
-    assert 20 <= int(run.data.tags["orch.resumed_at_step"]) < 120
+    assert run.data.tags["orch.resumed_at_step"] == "40"
     assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == 120
 
 

@@ -66,15 +66,6 @@ def files_digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def checkpointed_but_unfinished(cwd: Path, parent, children) -> bool:
-    """A RUNNING trial whose Ray Train run has a complete checkpoint: the kill then interrupts a trial mid-run."""
-    sweep_dir = cwd / "orch_runs" / parent.data.tags["orch.run_name"]
-    return any(
-        list((sweep_dir / child.data.tags["orch.run_name"]).glob("checkpoint_step_*/.orch_complete_rank0"))
-        for child in children if child.info.status == "RUNNING"
-    )
-
-
 @pytest.fixture(scope="module")
 def interrupted_and_resumed(tmp_path_factory, ray_instance):
     """The sweep's drivers run beside another Ray instance (the test session's), as on many users' machines."""
@@ -82,28 +73,43 @@ def interrupted_and_resumed(tmp_path_factory, ray_instance):
 
     actors_before = {actor.actor_id for actor in list_actors(limit=10_000, raise_on_missing_output=False)}
     cwd = tmp_path_factory.mktemp("sweep-resume")
+    # every trial's rank 0 waits before step 25 until `go` exists: the first trial is let through, the second is
+    # held there, with its checkpoints 10 and 20 complete, and the driver is killed then, whatever the machine's speed
+    go = cwd / "go"
+    reached = Path(f"{go}.reached")
+    args = [*SWEEP_ARGS, f"trainer.callbacks=[{{_target_: orchestrator.train.callbacks.HoldAt, step: 25, until: '{go}'}}]"]
     client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
     output = cwd / "first-attempt-output.txt"  # what the driver printed, for the message if it ends on its own
     with open(output, "w") as sink:
-        driver = subprocess.Popen([*ORCH, "sweep", *SWEEP_ARGS], cwd=cwd, stdout=sink, stderr=subprocess.STDOUT,
+        driver = subprocess.Popen([*ORCH, "sweep", *args], cwd=cwd, stdout=sink, stderr=subprocess.STDOUT,
                                   start_new_session=True)
-    try:
+
+    def wait_for(condition, what: str) -> None:
         deadline = time.time() + 600
-        while True:
-            assert driver.poll() is None, f"the sweep ended (rc {driver.returncode}) before the driver was killed:\n" + \
+        while not condition():
+            assert driver.poll() is None, f"the sweep ended (rc {driver.returncode}) before {what}:\n" + \
                 output.read_text()[-4000:]
-            assert time.time() < deadline, "no trial finished, and another checkpointed, within 600 s"
-            parent, children = sweep_runs(client) if (cwd / "mlflow.db").exists() else (None, [])
-            finished = any(child.info.status == "FINISHED" for child in children)
-            if finished and checkpointed_but_unfinished(cwd, parent, children):
-                break
+            assert time.time() < deadline, f"not within 600 s: {what}"
             time.sleep(0.5)
+
+    def finished_children() -> int:
+        _, children = sweep_runs(client) if (cwd / "mlflow.db").exists() else (None, [])
+        return sum(child.info.status == "FINISHED" for child in children)
+
+    try:
+        wait_for(reached.exists, "the first trial reached step 25")
+        reached.unlink()
+        go.touch()
+        wait_for(lambda: finished_children() == 1, "the first trial finished")
+        go.unlink()  # the next trial starts its workers only now: it will be held
+        wait_for(reached.exists, "the second trial reached step 25")
     finally:
         try:
             os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started die at once
         except ProcessLookupError:
             pass
         driver.wait(timeout=60)
+    go.touch()  # the resumed attempt's trials are not held
     before_parent, before = sweep_runs(client)
     name = before_parent.data.tags["orch.run_name"]
     tune_dir = cwd / "orch_runs" / name / "tune"
@@ -114,7 +120,7 @@ def interrupted_and_resumed(tmp_path_factory, ray_instance):
         path.write_bytes(pickle.dumps(BoobyTrap(marker)))
     tune_files = files_digest(tune_dir)
     resume_started_ms = int(time.time() * 1000)
-    resumed = subprocess.run([*ORCH, "sweep", *SWEEP_ARGS, f"resume={name}"], cwd=cwd, capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run([*ORCH, "sweep", *args, f"resume={name}"], cwd=cwd, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     after_parent, after = sweep_runs(client)
     return {"before_parent": before_parent, "before": before, "after_parent": after_parent, "after": after, "client": client,
@@ -159,10 +165,11 @@ def test_an_interrupted_trial_continues_from_its_checkpoint_in_its_child_and_non
         assert run.info.run_id in by_id, "the interrupted trial's child was replaced by another"
         assert by_id[run.info.run_id].data.tags.get("orch.resumes") == "1"
         assert by_id[run.info.run_id].data.tags["orch.trial_id"] == run.data.tags["orch.trial_id"]
-        # it continued from a checkpoint (step >= 10): nothing it logged after the resume started is from step 10 or before
+        # it continued from its checkpoint of step 20 (it was held at 25): nothing it logged after the resume
+        # started is from step 20 or before
         history = r["client"].get_metric_history(run.info.run_id, "loss")
         resumed_steps = [m.step for m in history if m.timestamp >= r["resume_started_ms"]]
-        assert resumed_steps and min(resumed_steps) > 10, sorted((m.step, m.timestamp) for m in history)
+        assert resumed_steps and min(resumed_steps) > 20, sorted((m.step, m.timestamp) for m in history)
 
 
 def test_the_outcome_counts_every_trial_of_the_sweep(interrupted_and_resumed):

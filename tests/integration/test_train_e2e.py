@@ -150,6 +150,20 @@ def test_explicit_resume_skips_a_corrupt_latest_checkpoint_and_continues_the_sam
         assert after[step] == pytest.approx(before[step], abs=1e-5)
 
 
+def test_a_resume_with_no_step_left_reports_what_its_last_checkpoint_reported(reference, killed, client, workdir):
+    """A driver that died after the last checkpoint but before it closed the run: `resume=` has nothing to train,
+    and its result (what `orch run` prints, what a sweep's trial reports to Tune) is what that checkpoint reported."""
+    _, first = reference
+    logged = {key: sorted(client.get_metric_history(first.run_id, key), key=lambda m: (m.step, m.timestamp))
+              for key in ("loss", "val_accuracy")}
+    plan, result = fit(workdir, "resume=zero0", "trainer.zero_stage=0", "trainer.precision=fp32")
+    assert plan.resuming and result.run_id == first.run_id
+    assert result.metrics["step"] == 100
+    assert result.metrics["val_accuracy"] == pytest.approx(logged["val_accuracy"][-1].value)
+    assert result.metrics["loss"] == pytest.approx(logged["loss"][-1].value)
+    assert len(client.get_metric_history(first.run_id, "loss")) == len(logged["loss"])  # nothing trained again
+
+
 def test_non_finite_loss_stops_every_rank_with_a_typed_error_and_keeps_the_last_good_checkpoint(ray_instance, workdir, client):
     from orchestrator.train.steps import TrainingDiverged
 

@@ -54,6 +54,25 @@ def test_only_checkpoints_every_rank_completed_count_newest_first(tmp_path):
     assert found[0].layout == TWO and found[0].tag == "step_00000020"
 
 
+@pytest.mark.parametrize(
+    "written, expected",
+    [
+        ('{"loss": 0.5, "val_accuracy": 0.9, "step": 3, "note": "x", "flag": true}', {"loss": 0.5, "val_accuracy": 0.9}),
+        (None, {}),  # written before reports were kept
+        ("not json", {}),
+        ('["a list"]', {}),
+    ],
+)
+def test_a_checkpoints_report_is_read_as_numbers_with_its_own_step(tmp_path, written, expected):
+    from orchestrator.train.checkpoints import REPORT_FILE
+
+    directory = make(tmp_path, 20, [0, 1])
+    if written is not None:
+        (directory / REPORT_FILE).write_text(written)
+    [found] = complete_checkpoints(LocalFileSystem(), str(tmp_path), world_size=2)
+    assert found.report() == {**expected, "step": 20}
+
+
 def test_a_file_shorter_than_its_manifest_says_makes_the_checkpoint_incomplete(tmp_path):
     make(tmp_path, 10, [0, 1])
     newest = make(tmp_path, 20, [0, 1])
