@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import ray
 from rich.console import Console
@@ -95,21 +95,26 @@ class _Poll:
 def _print_lines(thread: threading.Thread, board, total_steps: int, label: str, console: Console) -> None:
     every = max(1, total_steps // 10)
     started, printed = time.monotonic(), 0
-    poll = _Poll(board, console)
     console.print(f"{label}: starting workers…")
+    for step, metrics in _board_while_running(thread, _Poll(board, console), every_s=1.0):
+        if step >= printed + every or (step == total_steps and printed < step):
+            printed = step
+            elapsed = time.monotonic() - started
+            console.print(f"{label}: step {step}/{total_steps}  {_describe(metrics)}  elapsed {elapsed:.0f}s")
+
+
+def _board_while_running(thread: threading.Thread, poll: _Poll, every_s: float) -> Iterator[tuple[int, dict[str, float]]]:
+    """Start `thread` and yield the board's (step, metrics) every `every_s` while it runs, and once more after it
+    ended: the fit's last steps may have reached the board since the poll before."""
     thread.start()
     while True:
-        thread.join(timeout=1.0)
+        thread.join(timeout=every_s)
         finished = not thread.is_alive()
-        latest = poll()  # once more after the fit returned: its last step may have come since the last poll
+        latest = poll()
         if latest is not None:
-            step, metrics = latest
-            if step >= printed + every or (step == total_steps and printed < step):
-                printed = step
-                elapsed = time.monotonic() - started
-                console.print(f"{label}: step {step}/{total_steps}  {_describe(metrics)}  elapsed {elapsed:.0f}s")
+            yield latest
         if finished:
-            break
+            return
 
 
 def _is_terminal(stream) -> bool:
@@ -147,15 +152,8 @@ def run_with_progress(fit: Callable[[], Any], board, total_steps: int, label: st
     with Progress(*columns, console=console, transient=False, **redirect) as progress:
         task = progress.add_task(label, total=total_steps, metrics="starting workers…")
         poll = _Poll(board, progress.console)  # printed above the bar
-        thread.start()
-        while True:
-            thread.join(timeout=0.5)
-            finished = not thread.is_alive()
-            latest = poll()  # once more after the fit returned: its last steps may have come since the last poll
-            if latest is not None:
-                progress.update(task, completed=latest[0], metrics=_describe(latest[1]))
-            if finished:
-                break
+        for step, metrics in _board_while_running(thread, poll, every_s=0.5):
+            progress.update(task, completed=step, metrics=_describe(metrics))
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]

@@ -76,6 +76,11 @@ def _read(filesystem, path: str) -> Optional[bytes]:
         return None
 
 
+def numbers_of(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The numeric entries of a report (what a checkpoint's REPORT_FILE holds)."""
+    return {str(key): value for key, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
 @dataclass(frozen=True)
 class Candidate:
     step: int
@@ -98,9 +103,7 @@ class Candidate:
             loaded = json.loads(raw) if raw is not None else {}
         except ValueError:
             loaded = {}
-        numbers = {str(key): value for key, value in loaded.items() if isinstance(value, (int, float)) and not isinstance(value, bool)} \
-            if isinstance(loaded, dict) else {}
-        return {**numbers, "step": self.step}
+        return {**(numbers_of(loaded) if isinstance(loaded, dict) else {}), "step": self.step}
 
     @property
     def universal_path(self) -> str:

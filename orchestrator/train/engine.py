@@ -31,6 +31,7 @@ from orchestrator.train.checkpoints import (
     load_first_good,
     local_files,
     needs_universal,
+    numbers_of,
     write_marker,
 )
 from orchestrator.train.collectives import collective_device
@@ -230,8 +231,7 @@ def save_and_report(
         if model_spec is not None and rank == 0:
             (Path(local_dir) / MODEL_SPEC_FILE).write_text(yaml.safe_dump(model_spec, sort_keys=False))
         if rank == 0:
-            numbers = {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
-            (Path(local_dir) / REPORT_FILE).write_text(json.dumps(numbers, sort_keys=True))
+            (Path(local_dir) / REPORT_FILE).write_text(json.dumps(numbers_of(metrics), sort_keys=True))
         files = local_files(local_dir)
         if rank == 0:
             timeline.mark("checkpoint_saved", step=step)
