@@ -26,6 +26,7 @@ PIPELINE = ["recipe=pipeline", "pipeline=text_structured", "name=gpt-heads"]
 OVERRIDES = [  # what a user would type after `orch run recipe=pipeline pipeline=text_structured`; every stage gets them
     "data.block_size=32",
     "trainer.micro_batch_size=16",
+    "trainer.num_workers=1",  # data parallelism is other modules' subject: the cheapest fit
     "trainer.log_every=10",
     "trainer.eval_every=0",
     "trainer.checkpoint_every=0",

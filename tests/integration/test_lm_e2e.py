@@ -2,7 +2,7 @@
 
 Two module-scoped runs: a Hugging Face GPT-2-architecture model trained by 2 DeepSpeed workers (perplexity drops,
 samples logged, exported in Hugging Face format), and the shipped lm_compress pipeline on tiny settings (Llama-style
-teacher -> heads and MLP units pruned -> distilled), whose report and final model are checked.
+teacher -> heads and MLP units pruned -> distilled, one worker per stage), whose report and final model are checked.
 """
 
 from __future__ import annotations
@@ -105,7 +105,9 @@ def pipeline_run(ray_instance, workdir, corpus):
         kept = [o for o in stage["overrides"] if not o.startswith("trainer.max_steps=")]
         shorter = [f"trainer.max_steps={steps[stage['name']]}"] if stage["name"] in steps else []
         stages.append({**stage, "overrides": [*kept, *shorter]})
+    # one worker per stage: data parallelism is gpt2_run's subject here, and test_pipeline_e2e's pruned stage's
     command_line = [*COMMON, "model=hf_llama", f"data.path={corpus}", "data.block_size=32", "trainer.eval_every=0",
+                    "trainer.num_workers=1",
                     "trainer.checkpoint_every=0", "tracking.experiment=lm-pipeline-e2e"]
     composed = compose(["recipe=pipeline", "pipeline=lm_compress", "name=lm-pipe", *command_line])
     composed.cfg.pipeline.stages = [OmegaConf.merge(OmegaConf.structured(PipelineStageConfig), s) for s in stages]

@@ -1,7 +1,7 @@
 """A whole pipeline on real Ray workers, DeepSpeed engines and an MLflow store, on tiny settings.
 
-teacher (train) → pruned (structured 50% of neurons + gradual unstructured 50%, ZeRO-2 bf16) → finetuned (masks
-held) → student (distill on 300 labels with a transfer set and feature matching, ZeRO-1) → quantized (int8). Four
+teacher (train) → pruned (structured 50% of neurons + gradual unstructured 50%, ZeRO-2 bf16, 2 workers) → finetuned
+(masks held) → student (distill on 300 labels with a transfer set and feature matching, ZeRO-1) → quantized (int8). Four
 fits, made once per module, whose final model passes a promotion gate; then the same pipeline again (everything
 reused, no fit) under a gate it fails, a run that fails at its last stage, and the fixed run, which starts at that
 stage.
@@ -38,18 +38,24 @@ COMMAND_LINE = [
 ]
 
 
+# every rank's weight digest in the stage's final report (the suite's ZeRO-2 bf16 run on 2 workers is the pruned stage)
+DIGESTS = "{_target_: orchestrator.train.callbacks.WeightDigests}"
+# the other training stages: one worker, the cheapest fit (the suite's time is mostly fits)
+ONE_WORKER = "trainer.num_workers=1"
+
+
 def stages(quantize_skip: str = "[]") -> list[dict]:
     return [
         {"name": "teacher", "kind": "train",
-         "overrides": ["model.hidden_sizes=[64,64]", "trainer.max_steps=80", "trainer.optimizer.lr=5e-3"]},
+         "overrides": ["model.hidden_sizes=[64,64]", "trainer.max_steps=80", "trainer.optimizer.lr=5e-3", ONE_WORKER]},
         {"name": "pruned", "kind": "prune", "input": "teacher",
          "overrides": ["recipe.structured.ratio=0.5", "recipe.pruning.sparsity=0.5", "recipe.pruning.updates=4",
-                       "trainer.max_steps=30", "trainer.zero_stage=2", "trainer.precision=bf16"]},
-        {"name": "finetuned", "kind": "finetune", "input": "pruned", "overrides": ["trainer.max_steps=20"]},
+                       "trainer.max_steps=30", "trainer.zero_stage=2", "trainer.precision=bf16", f"trainer.callbacks=[{DIGESTS}]"]},
+        {"name": "finetuned", "kind": "finetune", "input": "pruned", "overrides": ["trainer.max_steps=20", ONE_WORKER]},
         {"name": "student", "kind": "distill", "teacher": "finetuned",
          "overrides": ["model.hidden_sizes=[16]", "recipe.distill.feature_weight=0.1", "recipe.distill.temperature=2",
                        "recipe.distill.alpha=0.5", "trainer.max_steps=100", "trainer.optimizer.lr=1e-2",
-                       "trainer.zero_stage=1", "data.limit_train=300", "recipe.distill.transfer_data=all_inputs"]},
+                       "trainer.zero_stage=1", "data.limit_train=300", "recipe.distill.transfer_data=all_inputs", ONE_WORKER]},
         {"name": "quantized", "kind": "quantize", "input": "student", "overrides": [f"recipe.skip={quantize_skip}"]},
     ]
 
@@ -157,6 +163,18 @@ def test_structured_pruning_shrinks_the_model_masks_hold_and_accuracy_is_measure
     assert float(rows["finetuned"][-1]) == pytest.approx(accuracy["finetuned"], abs=1e-6)
     assert int(rows["pruned"][3]) < int(rows["teacher"][3])  # parameters
     assert int(rows["quantized"][6]) < int(rows["student"][6])  # size_bytes: int8 weights
+
+
+def test_the_zero2_bf16_stage_ends_with_the_same_weights_on_every_rank(first):
+    """Data parallelism under ZeRO-2 with bf16 (bf16 weights, fp32 master partitions, gradients reduced in
+    partitions) and pruning masks: both ranks end with bit-identical weights."""
+    plan, results = first
+    stage = next(stage for stage in plan.stages if stage.name == "pruned")
+    assert stage.deepspeed["bf16"] == {"enabled": True} and stage.deepspeed["zero_optimization"]["stage"] == 2
+    assert stage.config["trainer"]["num_workers"] == 2
+    pruned = next(result for result in results if result.stage == "pruned")
+    digests = pruned.metrics["rank_weight_digests"].split(",")
+    assert len(digests) == 2 and len(set(digests)) == 1
 
 
 def test_distilled_student_and_its_int8_version_predict(first, client, tmp_path):

@@ -21,7 +21,7 @@ from orchestrator.stage_runner import run_plan
 
 pytestmark = pytest.mark.slow
 
-MAX_STEPS = 400
+MAX_STEPS = 120  # the signal comes at step 20: ample steps left to stop at, few to resume
 COMMON = [
     f"trainer.max_steps={MAX_STEPS}",
     "trainer.log_every=1",

@@ -1,9 +1,9 @@
 """A 3-trial Optuna + ASHA sweep on a tiny MLP, run once for the module: real Ray Tune, Ray Train, DeepSpeed, MLflow.
 
 The first two trials are fixed with points_to_evaluate: a good learning rate, then one so small that the model has
-barely moved at the first rung. The trials run one at a time (2 workers on 2 CPUs), so when the second reaches
-step 10, ASHA compares it with the first one's step-10 accuracy and stops it: an early stop that does not depend on
-what Optuna samples for the third.
+barely moved at the first rung. The trials run one at a time (max_concurrent_trials=1; one worker each, the
+cheapest fit), so when the second reaches step 10, ASHA compares it with the first one's step-10 accuracy and stops
+it: an early stop that does not depend on what Optuna samples for the third.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ SWEEP = {
     "name": "e2e",
     "overrides": [
         "model.hidden_sizes=[16]",
+        "trainer.num_workers=1",
         "trainer.precision=fp32",
         f"trainer.max_steps={MAX_STEPS}",
         "trainer.eval_every=10",
@@ -33,7 +34,7 @@ SWEEP = {
     "metric": "val_accuracy",
     "mode": "max",
     "num_samples": 3,
-    "max_concurrent_trials": None,
+    "max_concurrent_trials": 1,
     "search": "optuna",
     "seed": 0,
     "points_to_evaluate": [{"trainer.optimizer.lr": GOOD_LR}, {"trainer.optimizer.lr": BAD_LR}],
