@@ -14,11 +14,13 @@ import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-# The longest modules (~5-10 min each on 2 cores), then the other end-to-end ones, then the rest, in collection order.
-# `python -m pytest -n 2` keeps each module on one worker (pyproject: --dist loadfile --no-loadscope-reorder, so that
-# a module's shared fits and clusters are made once) and hands modules out in this order: the long ones start first,
-# and the short ones fill in at the end, so that both workers finish close together.
-LONGEST_FIRST = ("test_cluster_e2e", "test_cli_e2e", "test_sweep_e2e", "test_pipeline_e2e", "test_lm_e2e")
+# The longest modules, longest first (2-5 min each on 2 cores, as measured on 2026-11-30), then the other end-to-end
+# ones, then the rest, in collection order. `python -m pytest -n 2` keeps each module on one worker (pyproject: --dist
+# loadfile --no-loadscope-reorder, so that a module's shared fits and clusters are made once) and hands modules out in
+# this order: the long ones start first, and the short ones fill in at the end, so that both workers finish close
+# together.
+LONGEST_FIRST = ("test_cluster_e2e", "test_zero3_e2e", "test_cli_e2e", "test_sweep_resume", "test_sweep_e2e",
+                 "test_lm_e2e", "test_pipeline_e2e", "test_train_e2e", "test_sweep_pareto_e2e")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
