@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
@@ -13,6 +14,11 @@ from typing import Iterator
 import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if "ORCH_CACHE_DIR" not in os.environ:
+    # the digits split cache (orchestrator.data.digits): the session's own folder, never the user's; set before any
+    # Ray starts, so every worker, node and `orch` subprocess of the session inherits it
+    os.environ["ORCH_CACHE_DIR"] = tempfile.mkdtemp(prefix="orch-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["ORCH_CACHE_DIR"], ignore_errors=True)
 
 # The longest modules, longest first (2-5 min each on 2 cores, as measured on 2026-11-30), then the other end-to-end
 # ones, then the rest, in collection order. `python -m pytest -n 2` keeps each module on one worker (pyproject: --dist
