@@ -287,7 +287,7 @@ def test_orch_ui_shows_the_run_and_its_metrics_in_a_browser(user_run, ui):
 def test_a_killed_driver_is_started_again_with_resume_and_continues_the_same_run(tmp_path):
     # one worker, the cheapest fit: what is tested is the driver's death and the resume, not data parallelism
     run_args = ["trainer.max_steps=400", "trainer.num_workers=1", "trainer.checkpoint_every=20", "trainer.eval_every=0",
-                "trainer.log_every=20"]
+                "trainer.log_every=20", "tracking.log_model=false"]
     # rank 0 waits before step 50 (for a file nobody writes): the driver is killed there, mid-run, whatever the
     # machine's speed, with checkpoints 20 and 40 complete
     hold = tmp_path / "never"
@@ -334,7 +334,7 @@ def test_hydra_multirun_gives_each_job_its_own_run_in_one_experiment_and_verbose
     out = subprocess.run(
         [*ORCH, "run", "-v", "-m", f"trainer.optimizer.lr={','.join(lrs)}", "trainer.num_workers=1",
          "trainer.max_steps=10", "trainer.eval_every=10", "trainer.checkpoint_every=10", "trainer.log_every=10",
-         "tracking.system_metrics=false"],
+         "tracking.system_metrics=false", "tracking.log_model=false"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -241,6 +241,7 @@ def test_submit_a_sweep_follow_it_and_find_its_runs_and_best_config(cluster):
         f"sweep.space.trainer.optimizer.lr={{grid: [{lrs[0]}, {lrs[1]}]}}",
         "~sweep.space.model.hidden_sizes", "~sweep.space.trainer.micro_batch_size",
         *_common(shared, "unused")[1:], "trainer.num_workers=1", "trainer.eval_every=10", "model.hidden_sizes=[16]",
+        "tracking.log_model=false",
         timeout=600,
     )
     assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
@@ -325,7 +326,7 @@ def test_an_elastic_run_that_loses_a_node_finishes_on_the_workers_left(cluster):
     run = subprocess.Popen(
         [*ORCH, "run", "cluster=ray", f"cluster.address={cluster['gcs']}", *_common(shared, name),
          "trainer.num_workers=[1,2]", "trainer.placement_strategy=STRICT_SPREAD", "trainer.zero_stage=2",
-         "trainer.max_steps=60", "trainer.max_failures=3",
+         "trainer.max_steps=60", "trainer.max_failures=3", "tracking.log_model=false",
          "trainer.log_every=1",
          f"trainer.callbacks=[{callback}]"],
         # Ray Train's controller may still count the lost node's CPU once: its start of a 2-worker group then

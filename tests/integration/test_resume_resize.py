@@ -26,6 +26,7 @@ COMMON = [
     "trainer.checkpoint_every=10",
     "trainer.keep_checkpoints=1",
     "tracking.system_metrics=false",
+    "tracking.log_model=false",  # checkpoints are the subject: no test reads an exported model here (~4 CPU-s a fit)
 ]
 
 

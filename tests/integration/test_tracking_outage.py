@@ -88,7 +88,8 @@ def test_metrics_logged_during_an_outage_reach_mlflow_when_it_returns(tmp_path):
     run = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "run", "name=outage", f"tracking.uri={uri}",
          f"trainer.max_steps={MAX_STEPS}", "trainer.num_workers=1", "trainer.log_every=1", "trainer.eval_every=0",
-         "trainer.checkpoint_every=20", "tracking.system_metrics=false", f"trainer.callbacks={holds}"],
+         "trainer.checkpoint_every=20", "tracking.system_metrics=false", "tracking.log_model=false",
+         f"trainer.callbacks={holds}"],
         cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:
