@@ -91,7 +91,7 @@ def _read(path: Path) -> Optional[dict[str, np.ndarray]]:
     for x, y in ((arrays["x_train"], arrays["y_train"]), (arrays["x_val"], arrays["y_val"])):
         if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != PIXELS or y.ndim != 1 or len(y) != len(x) or not len(y):
             return None
-        if y.dtype.kind not in "iu" or x.max() > 16:
+        if y.dtype.kind not in "iu" or x.max() > 16 or y.min() < 0 or y.max() > 9:
             return None
     return arrays
 

@@ -71,7 +71,7 @@ class BoobyTrap:
         return open, (str(self.marker), "w")
 
 
-@pytest.mark.parametrize("content", ["garbage", "truncated", "pickle", "wrong_shape"])
+@pytest.mark.parametrize("content", ["garbage", "truncated", "pickle", "wrong_shape", "bad_label"])
 def test_a_bad_cache_file_is_made_again_and_never_unpickled(cache, tmp_path, content):
     expected = tensors()
     [path] = cache.glob("*.npz")
@@ -85,10 +85,15 @@ def test_a_bad_cache_file_is_made_again_and_never_unpickled(cache, tmp_path, con
         trap[0] = BoobyTrap(marker)
         with open(path, "wb") as handle:
             np.savez(handle, x_train=trap, y_train=trap, x_val=trap, y_val=trap)
-    else:
+    elif content == "wrong_shape":
         good = dict(np.load(path))
         with open(path, "wb") as handle:
             np.savez(handle, **{**good, "x_train": good["x_train"][:, :10]})
+    else:  # a label no digit has: the loss would fail in every worker
+        good = dict(np.load(path))
+        good["y_val"][0] = 99
+        with open(path, "wb") as handle:
+            np.savez(handle, **good)
     for observed, wanted in zip(tensors(), expected):
         assert torch.equal(observed, wanted)
     assert not marker.exists()
