@@ -174,6 +174,13 @@ class WorkerMetrics:
 
         load_secret_files()  # the tracking credentials come as a file path, never as a runtime_env value
         self.client = MlflowClient(tracking_uri=loop_config["tracking"]["uri"])
+        # rank 0's process is this run's alone: MLflow's fluent calls in it (`close`'s flush, and any library's) go
+        # to the run's store. Left unset, they opened a store at MLflow's default, a new ./mlflow.db in Ray Train's
+        # working directory: a stray database in Ray's session folder at every fit, and ~1 CPU-s of schema
+        # migrations (tests/unit/test_worker_metrics.py)
+        import mlflow
+
+        mlflow.set_tracking_uri(loop_config["tracking"]["uri"])
         self.sender = _Sender()
         if resumed_at is not None:
             self.set_tag("orch.resumed_at_step", str(resumed_at))
@@ -281,7 +288,7 @@ class WorkerMetrics:
             self._finish_system_metrics(self.system_monitor)
         import mlflow
 
-        mlflow.flush_async_logging()  # metrics must be stored before the driver reads them back
+        mlflow.flush_async_logging()  # the run's store (set in __init__): stored before the driver reads them back
 
     @staticmethod
     def _finish_system_metrics(monitor) -> None:
