@@ -61,7 +61,9 @@ class KillWorkerOnce:
 
 
 class HoldAt:
-    """Before `step`, rank `rank` touches `<until>.reached` and waits (at most `timeout_s`) until `until` exists."""
+    """Before `step`, rank `rank` touches `<until>.reached`, waits (at most `timeout_s`) until `until` exists, then
+    touches `<until>.passed`: a test that lets one run through and must hold the next one (a sweep's next trial)
+    removes `until` once it sees `.passed`, before that next run can arrive."""
 
     def __init__(self, step: int, until: str, rank: int = 0, timeout_s: float = 600.0) -> None:
         self.step, self.until, self.rank, self.timeout_s = step, Path(until), rank, timeout_s
@@ -77,6 +79,7 @@ class HoldAt:
         deadline = time.monotonic() + self.timeout_s
         while not self.until.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
+        Path(f"{self.until}.passed").touch()
 
     def on_checkpoint(self, step: int, last: bool, report: dict[str, Any]) -> None:
         pass

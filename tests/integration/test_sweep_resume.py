@@ -76,7 +76,7 @@ def interrupted_and_resumed(tmp_path_factory, ray_instance):
     # every trial's rank 0 waits before step 25 until `go` exists: the first trial is let through, the second is
     # held there, with its checkpoints 10 and 20 complete, and the driver is killed then, whatever the machine's speed
     go = cwd / "go"
-    reached = Path(f"{go}.reached")
+    reached, passed = Path(f"{go}.reached"), Path(f"{go}.passed")
     args = [*SWEEP_ARGS, f"trainer.callbacks=[{{_target_: orchestrator.train.callbacks.HoldAt, step: 25, until: '{go}'}}]"]
     client = MlflowClient(f"sqlite:///{cwd / 'mlflow.db'}")
     output = cwd / "first-attempt-output.txt"  # what the driver printed, for the message if it ends on its own
@@ -100,8 +100,12 @@ def interrupted_and_resumed(tmp_path_factory, ray_instance):
         wait_for(reached.exists, "the first trial reached step 25")
         reached.unlink()
         go.touch()
+        # `go` goes as soon as the first trial is past it, while that trial still runs: the next one starts only
+        # after it ends, so it will be held (waiting for the first trial's MLflow child to be closed instead let the
+        # second trial through on a loaded machine)
+        wait_for(passed.exists, "the first trial passed step 25")
+        go.unlink()
         wait_for(lambda: finished_children() == 1, "the first trial finished")
-        go.unlink()  # the next trial starts its workers only now: it will be held
         wait_for(reached.exists, "the second trial reached step 25")
     finally:
         try:

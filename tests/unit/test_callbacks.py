@@ -45,3 +45,22 @@ def test_the_loop_has_no_test_only_lines_and_workers_get_no_test_switches():
     for test_only in ("chaos", "digest", "ORCH_CHAOS", "SIGKILL"):
         assert test_only not in loop
     assert not [name for name in FORWARDED_ENV if "CHAOS" in name]
+
+
+def test_hold_at_marks_its_arrival_waits_for_the_file_and_marks_its_passing(tmp_path):
+    import threading
+
+    from orchestrator.train.callbacks import HoldAt
+
+    go = tmp_path / "go"
+    hold = HoldAt(step=2, until=str(go), rank=0, timeout_s=60)
+    hold.on_fit_start(None, rank=0, world_size=1)
+    hold.on_step_start(1)  # not its step
+    assert not Path(f"{go}.reached").exists()
+    holder = threading.Thread(target=hold.on_step_start, args=(2,))
+    holder.start()
+    holder.join(timeout=1.0)
+    assert holder.is_alive() and Path(f"{go}.reached").exists() and not Path(f"{go}.passed").exists()
+    go.touch()
+    holder.join(timeout=30)
+    assert not holder.is_alive() and Path(f"{go}.passed").exists()
