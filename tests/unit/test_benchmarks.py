@@ -154,24 +154,3 @@ def test_step_clock_is_silent_unless_asked_and_then_writes_every_step(tmp_path, 
     timeline = read_timeline(path, launched=0.0, finished=time.time())
     assert "first_step" in timeline.events and len(timeline.durations) == 3 and timeline.first_step == 6
     assert timeline.peak_rss[0] > 0
-
-
-def test_worker_metrics_buffer_until_flushed(tmp_path, monkeypatch):
-    import mlflow
-    from mlflow import MlflowClient
-
-    from orchestrator.train import worker_metrics
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # as the driver exports it to the workers
-    client = MlflowClient(uri)
-    run_id = client.create_run(client.create_experiment("buffer")).info.run_id
-    loop_config = {"tracking": {"uri": uri, "run_id": run_id, "system_metrics": False}}
-    monkeypatch.setattr(worker_metrics, "FLUSH_EVERY_S", 3600.0)
-    metrics = worker_metrics.WorkerMetrics(loop_config, rank=0, resumed_at=None)
-    for step in range(1, 4):
-        metrics.log({"loss": 1.0 / step}, step)
-    mlflow.flush_async_logging()
-    assert client.get_metric_history(run_id, "loss") == []  # buffered: nothing sent yet
-    metrics.close()
-    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3]
