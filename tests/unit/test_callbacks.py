@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from orchestrator.launch.ray_session import FORWARDED_ENV
@@ -59,7 +60,10 @@ def test_hold_at_marks_its_arrival_waits_for_the_file_and_marks_its_passing(tmp_
     assert not Path(f"{go}.reached").exists()
     holder = threading.Thread(target=hold.on_step_start, args=(2,))
     holder.start()
-    holder.join(timeout=1.0)
+    deadline = time.monotonic() + 30  # however loaded the machine, the holder gets there
+    while not Path(f"{go}.reached").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # a few of its 0.2 s polls: it must still be waiting
     assert holder.is_alive() and Path(f"{go}.reached").exists() and not Path(f"{go}.passed").exists()
     go.touch()
     holder.join(timeout=30)
