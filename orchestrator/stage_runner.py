@@ -258,13 +258,23 @@ def _fit(
     from orchestrator.launch.progress import run_with_progress, start_board
 
     trainer_cfg = stage.config["trainer"]
-    board = start_board()
+    label = f"{stage.name} · {stage.run_name}"
     # Each attempt writes into a folder of its own (`resume-N` inside the run's folder): Ray's num_to_keep then
     # applies within the attempt and never deletes what an earlier attempt wrote; workers resume from any attempt.
-    from orchestrator.train.checkpoints import next_attempt
+    from orchestrator.train.checkpoints import complete_checkpoints, next_attempt
 
     filesystem, run_root = run_storage(stage)
     attempt = next_attempt(filesystem, run_root)
+    if attempt > 0:
+        # a resumed run whose last step is saved already (its driver died after the last checkpoint, before the run
+        # was closed) has nothing to train: no worker group; its result is what that checkpoint reported
+        newest = next(iter(complete_checkpoints(filesystem, run_root, stage.min_workers)), None)
+        if newest is not None and newest.step >= trainer_cfg["max_steps"]:
+            console.print(f"{label}: step {newest.step} is saved already (trainer.max_steps={trainer_cfg['max_steps']}): "
+                          "nothing left to train")
+            tracking.set_tag("orch.resumed_at_step", str(newest.step))
+            return _finish_fit(stage, tracking, model_dir, label, newest.checkpoint(), newest.report())
+    board = start_board()
     storage_path, ray_name = (stage.storage_path, stage.ray_name) if attempt == 0 else (
         f"{stage.storage_path.rstrip('/')}/{stage.ray_name}", f"resume-{attempt}")
     trainer = TorchTrainer(
@@ -303,7 +313,6 @@ def _fit(
             callbacks=list(callbacks) or None,
         ),
     )
-    label = f"{stage.name} · {stage.run_name}"
     timeline.mark("fit_start")
     result = run_with_progress(trainer.fit, board, trainer_cfg["max_steps"], label, console)
     timeline.mark("fit_returned")
@@ -314,12 +323,16 @@ def _fit(
         raise TrainingDiverged(failure["step"])
     checkpoint, metrics = result.checkpoint, dict(result.metrics or {})
     if checkpoint is None:
-        # a resumed attempt that had no step left to train (its driver died after the last checkpoint, before the
-        # run was closed): the newest checkpoint of an earlier attempt, and what was reported with it
-        from orchestrator.train.checkpoints import complete_checkpoints
-
+        # the workers found no step left after all (a checkpoint completed after the check above): the newest
+        # checkpoint of an earlier attempt, and what was reported with it
         [newest, *_] = complete_checkpoints(filesystem, run_root, stage.min_workers)
         checkpoint, metrics = newest.checkpoint(), {**newest.report(), **metrics}
+    return _finish_fit(stage, tracking, model_dir, label, checkpoint, metrics)
+
+
+def _finish_fit(stage: StagePlan, tracking: "StageRun", model_dir: Path, label: str, checkpoint: Any,
+                metrics: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Export the model of the fit's last checkpoint (when tracked), record that checkpoint and draw the curves."""
     if stage.config["tracking"]["log_model"]:
         from orchestrator.artifacts.export import export_model
 

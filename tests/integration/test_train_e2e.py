@@ -1,7 +1,7 @@
 """End to end on real Ray workers, real DeepSpeed engines and a real MLflow store (digits, 2 workers).
 
 Fits are the expensive part (~25 CPU-s each), so each is made once and asserted on by several tests: ZeRO-0 fp32 (the
-reference), two `resume=` of it, and a run that diverges. A worker SIGKILLed mid-run is test_zero3_e2e's (the restart
+reference), a `resume=` of it, and a run that diverges (a second `resume=`, with no step left, starts no fit). A worker SIGKILLed mid-run is test_zero3_e2e's (the restart
 through Ray Train and the exact replay from the checkpoint), and ZeRO-2 bf16 with identical weights on every rank is
 test_pipeline_e2e's pruned stage: fits shared between modules, since the suite's time is mostly fits.
 """
@@ -117,12 +117,16 @@ def test_explicit_resume_skips_a_corrupt_latest_checkpoint_and_continues_the_sam
 
 def test_a_resume_with_no_step_left_reports_what_its_last_checkpoint_reported(reference, client, workdir):
     """A driver that died after the last checkpoint but before it closed the run: `resume=` has nothing to train,
-    and its result (what `orch run` prints, what a sweep's trial reports to Tune) is what that checkpoint reported."""
+    so it starts no worker group, and its result (what `orch run` prints, what a sweep's trial reports to Tune) is
+    what that checkpoint reported."""
     _, first = reference
     logged = {key: sorted(client.get_metric_history(first.run_id, key), key=lambda m: (m.step, m.timestamp))
               for key in ("loss", "val_accuracy")}
+    attempts = sorted(p.name for p in (workdir / "orch_runs" / "zero0").glob("resume-*"))
     plan, result = fit(workdir, "resume=zero0", "trainer.zero_stage=0", "trainer.precision=fp32")
     assert plan.resuming and result.run_id == first.run_id
+    assert sorted(p.name for p in (workdir / "orch_runs" / "zero0").glob("resume-*")) == attempts, "a fit was started"
+    assert client.get_run(result.run_id).data.tags["orch.resumed_at_step"] == "100"
     assert result.metrics["step"] == 100
     assert result.metrics["val_accuracy"] == pytest.approx(logged["val_accuracy"][-1].value)
     assert result.metrics["loss"] == pytest.approx(logged["loss"][-1].value)
