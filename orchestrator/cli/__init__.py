@@ -22,6 +22,7 @@ from orchestrator.cli.output import fail, print_json
 
 if TYPE_CHECKING:
     from orchestrator.config import ConfigSource
+    from orchestrator.launch.ray_session import KeptLocalRay
 
 USAGE = """usage: orch <command> [options] [key=value ...]
 
@@ -69,6 +70,7 @@ class _Mode:
     sweep_overrides: list[str] = field(default_factory=list)
     space_edits: list[tuple] = field(default_factory=list)
     objectives: list[Any] = field(default_factory=list)  # sweep.objectives=... values, set by orch (sweep/plan.py)
+    kept_ray: Optional["KeptLocalRay"] = None  # a multirun's jobs share one local Ray
 
 
 def _app(cfg, mode: _Mode, choices: Optional[dict] = None, overrides: Optional[list[str]] = None) -> None:
@@ -153,6 +155,12 @@ def _train(plan, mode: _Mode) -> None:
     _print_log_line(console, log_file)
     try:
         with _quiet(log_file):
+            if mode.kept_ray is not None:
+                from orchestrator.stage_runner import needs_ray
+
+                clusters = [stage.config["cluster"] for stage in plan.stages if needs_ray(stage)]
+                if clusters:
+                    mode.kept_ray.use(clusters[0])
             if isinstance(plan, PipelinePlan):
                 from orchestrator.pipeline.runner import run_pipeline
 
@@ -304,10 +312,22 @@ def _run_hydra(command: str, argv: list[str]) -> None:
 
     use_project_conf()
 
+    from orchestrator.launch.ray_session import KeptLocalRay
+
+    kept_ray = KeptLocalRay()
+
     def task(cfg) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            mode.kept_ray = kept_ray
         _app(cfg, mode)
 
-    hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")(task)()
+    try:
+        hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")(task)()
+    finally:
+        kept_ray.close()
 
 
 def _config_dir_flag(argv: list[str]) -> Optional[str]:
