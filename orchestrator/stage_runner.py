@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Iterator, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Sequence, TypeVar
 
 from rich.console import Console
 
@@ -32,6 +32,8 @@ from orchestrator.track.mlflow_run import CACHE_KEY_TAG, closed_with_outcome, so
 
 if TYPE_CHECKING:
     from orchestrator.track.mlflow_run import StageRun
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -252,8 +254,7 @@ def _fit(
     callbacks: Sequence[Any] = (),
 ) -> tuple[dict[str, Any], str]:
     """One Ray Train fit of the recipe's worker loop; exports the final model into `model_dir` when tracked."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    import ray
 
     from orchestrator.launch.progress import run_with_progress, start_board
 
@@ -274,10 +275,69 @@ def _fit(
                           "nothing left to train")
             tracking.set_tag("orch.resumed_at_step", str(newest.step))
             return _finish_fit(stage, tracking, model_dir, label, newest.checkpoint(), newest.report())
-    board = start_board()
+
+    def fit_once() -> tuple[Any, Any]:
+        """(result, progress board) of one Ray Train fit, as the next attempt of the run."""
+        attempt = next_attempt(filesystem, run_root)
+        board = start_board()
+        trainer = _trainer(recipe, stage, sources, tracking, board, attempt, callbacks)
+        timeline.mark("fit_start")
+        return run_with_progress(trainer.fit, board, trainer_cfg["max_steps"], label, console), board
+
+    result, board = retry_port_race(fit_once, console, label)
+    timeline.mark("fit_returned")
+    failure = ray.get(board.failure_reported.remote())
+    if failure is not None and failure["kind"] == "diverged":
+        from orchestrator.train.steps import TrainingDiverged
+
+        raise TrainingDiverged(failure["step"])
+    checkpoint, metrics = result.checkpoint, dict(result.metrics or {})
+    if checkpoint is None:
+        # the workers found no step left after all (a checkpoint completed after the check above): the newest
+        # checkpoint of an earlier attempt, and what was reported with it
+        [newest, *_] = complete_checkpoints(filesystem, run_root, stage.min_workers)
+        checkpoint, metrics = newest.checkpoint(), {**newest.report(), **metrics}
+    return _finish_fit(stage, tracking, model_dir, label, checkpoint, metrics)
+
+
+# Ray Train picks rank 0's rendezvous port on the worker (bind to port 0, close) and torch's TCPStore binds it a moment
+# later: another process of the machine can take it in between, and the fit fails in its process-group set-up with
+# EADDRINUSE before any step. Ray Train 2.60 reports that as a controller error that its FailureConfig does not retry.
+PORT_RACE_RETRIES = 2
+
+
+def lost_port_race(error: BaseException) -> bool:
+    """Whether a failed fit lost that race: EADDRINUSE raised while Ray Train set up torch's process group."""
+    text = str(error)
+    return "_setup_torch_process_group" in text and "EADDRINUSE" in text
+
+
+def retry_port_race(fit_once: Callable[[], T], console: Console, label: str, retries: int = PORT_RACE_RETRIES) -> T:
+    """`fit_once()`, started again (as the run's next attempt) when it lost the port race; any other error, or a
+    race lost `retries` times more, is raised."""
+    from ray.train import TrainingFailedError
+
+    for tries_left in reversed(range(retries + 1)):
+        try:
+            return fit_once()
+        except TrainingFailedError as error:
+            if not tries_left or not lost_port_race(error):
+                raise
+            console.print(f"{label}: another process took the port Ray Train chose for the process group before it "
+                          "was bound (EADDRINUSE); starting the workers again")
+    raise AssertionError("unreachable")
+
+
+def _trainer(recipe: ModuleType, stage: StagePlan, sources: Mapping[str, Mapping[str, str]], tracking: "StageRun",
+             board: Any, attempt: int, callbacks: Sequence[Any]) -> Any:
+    """The TorchTrainer of one attempt of the stage's fit."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    trainer_cfg = stage.config["trainer"]
     storage_path, ray_name = (stage.storage_path, stage.ray_name) if attempt == 0 else (
         f"{stage.storage_path.rstrip('/')}/{stage.ray_name}", f"resume-{attempt}")
-    trainer = TorchTrainer(
+    return TorchTrainer(
         recipe.train_loop_per_worker,
         train_loop_config={
             "config": stage.config,
@@ -313,21 +373,6 @@ def _fit(
             callbacks=list(callbacks) or None,
         ),
     )
-    timeline.mark("fit_start")
-    result = run_with_progress(trainer.fit, board, trainer_cfg["max_steps"], label, console)
-    timeline.mark("fit_returned")
-    failure = ray.get(board.failure_reported.remote())
-    if failure is not None and failure["kind"] == "diverged":
-        from orchestrator.train.steps import TrainingDiverged
-
-        raise TrainingDiverged(failure["step"])
-    checkpoint, metrics = result.checkpoint, dict(result.metrics or {})
-    if checkpoint is None:
-        # the workers found no step left after all (a checkpoint completed after the check above): the newest
-        # checkpoint of an earlier attempt, and what was reported with it
-        [newest, *_] = complete_checkpoints(filesystem, run_root, stage.min_workers)
-        checkpoint, metrics = newest.checkpoint(), {**newest.report(), **metrics}
-    return _finish_fit(stage, tracking, model_dir, label, checkpoint, metrics)
 
 
 def _finish_fit(stage: StagePlan, tracking: "StageRun", model_dir: Path, label: str, checkpoint: Any,

@@ -168,3 +168,46 @@ def test_the_run_logs_its_predicted_memory_beside_the_measured_peak(reference, c
     assert metrics["memory/measured_over_predicted"] == pytest.approx(measured / predicted)
     # a tiny MLP: the process baseline is nearly all of it, and the plan's baseline must be of the right size
     assert 0.5 < measured / predicted < 2.0
+
+
+def test_a_fit_that_lost_the_rendezvous_port_race_is_started_again_and_other_failures_are_not(ray_instance):
+    """Ray Train picks rank 0's port, and torch binds it a moment later: a port taken in between fails the fit in
+    Ray Train's own process-group set-up (EADDRINUSE). The real failure, made on a Ray worker whose port is taken,
+    wrapped as Ray Train's controller reports it; the retry starts the fit again only for that."""
+    import io
+    import socket
+
+    import ray
+    from ray.train.v2.api.exceptions import ControllerError
+    from rich.console import Console
+
+    from orchestrator.stage_runner import lost_port_race, retry_port_race
+
+    @ray.remote(num_cpus=0)
+    def set_up_on_a_taken_port() -> None:
+        from ray.train.torch.config import _setup_torch_process_group
+
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            _setup_torch_process_group("gloo", 0, 1, f"tcp://127.0.0.1:{taken.getsockname()[1]}", timeout_s=30)
+
+    with pytest.raises(ray.exceptions.RayTaskError) as raised:
+        ray.get(set_up_on_a_taken_port.remote(), timeout=120)
+    race, other = ControllerError(raised.value), ControllerError(ValueError("EADDRINUSE in a message of the user's"))
+    assert lost_port_race(race) and not lost_port_race(other)
+
+    def failing(errors: list[Exception]):
+        def fit_once() -> str:
+            if errors:
+                raise errors.pop(0)
+            return "trained"
+        return fit_once
+
+    console = Console(file=io.StringIO(), width=300)
+    assert retry_port_race(failing([race, race]), console, "train · x") == "trained"
+    assert console.file.getvalue().count("EADDRINUSE") == 2
+    with pytest.raises(ControllerError):  # a third loss in a row is a failure
+        retry_port_race(failing([race, race, race]), console, "train · x")
+    with pytest.raises(ControllerError):  # not the race: raised at once
+        retry_port_race(failing([other]), console, "train · x")
