@@ -265,8 +265,7 @@ def _fit(
     from orchestrator.train.checkpoints import complete_checkpoints, next_attempt
 
     filesystem, run_root = run_storage(stage)
-    attempt = next_attempt(filesystem, run_root)
-    if attempt > 0:
+    if next_attempt(filesystem, run_root) > 0:
         # a resumed run whose last step is saved already (its driver died after the last checkpoint, before the run
         # was closed) has nothing to train: no worker group; its result is what that checkpoint reported
         newest = next(iter(complete_checkpoints(filesystem, run_root, stage.min_workers)), None)
@@ -317,15 +316,15 @@ def retry_port_race(fit_once: Callable[[], T], console: Console, label: str, ret
     race lost `retries` times more, is raised."""
     from ray.train import TrainingFailedError
 
-    for tries_left in reversed(range(retries + 1)):
+    for _ in range(retries):
         try:
             return fit_once()
         except TrainingFailedError as error:
-            if not tries_left or not lost_port_race(error):
+            if not lost_port_race(error):
                 raise
             console.print(f"{label}: another process took the port Ray Train chose for the process group before it "
                           "was bound (EADDRINUSE); starting the workers again")
-    raise AssertionError("unreachable")
+    return fit_once()
 
 
 def _trainer(recipe: ModuleType, stage: StagePlan, sources: Mapping[str, Mapping[str, str]], tracking: "StageRun",
