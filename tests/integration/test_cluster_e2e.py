@@ -72,6 +72,12 @@ def cluster(tmp_path_factory):
         # what orch sets for its own local Ray (orchestrator.launch.ray_session.LOCAL_INSTANCE_ENV); on a cluster it
         # is the operator's choice, made here as it would be there: each fit ends ~3 s sooner than at Ray's 2 s
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+        # how soon the head declares a lost node dead: Ray's GCS checks every 3 s and gives up after 5 missed checks
+        # (~15 s); an operator may shorten it, as here, so the elastic run below waits less for it
+        "RAY_health_check_period_ms": "1000",
+        # `ray start --block` on SIGTERM marks its node as draining and waits up to 30 s (for Ray Serve's replicas) before
+        # it stops: nothing here needs that, and the module's teardown would wait for it
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     }
     nodes = []
@@ -131,6 +137,19 @@ def _state(jobs_url: str, env: dict[str, str], resource: str, filters: tuple = (
             if time.time() > deadline:
                 raise
             time.sleep(1)
+
+
+def _processes_with(*words: str) -> list[int]:
+    """PIDs of this machine's processes whose command line holds every one of `words` (the nodes run here)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            command = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if all(word in command for word in words):
+            found.append(int(cmdline.parent.name))
+    return found
 
 
 def _alive_nodes(jobs_url: str, env: dict[str, str]) -> list[str]:
@@ -200,11 +219,21 @@ def test_submit_follow_and_stop_jobs_through_the_jobs_api(cluster):
         assert time.time() < deadline, "the job did not stop"
         time.sleep(2)
     assert stopped.returncode == 1  # scripts can branch on a job that did not succeed
-    # stopped means no more training: no checkpoint appears afterwards (a job stopped while still PENDING once
-    # went on training for 10 minutes, holding the cluster's CPUs)
+    # stopped means no more training (a job stopped while still PENDING once went on training for 10 minutes, holding
+    # the cluster's CPUs): the job's driver process is gone, no Train controller or worker is alive on the cluster (the
+    # first job has ended, the sweep below has not started), and so no checkpoint appears afterwards
+    def still_running() -> tuple[list[int], list[str]]:
+        alive = _state(cluster["jobs"], cluster["env"], "actors", (("state", "=", "ALIVE"),))
+        return (_processes_with("orchestrator.cli", "name=to-stop"),
+                [actor["class_name"] for actor in alive if actor["class_name"] in ("TrainController", "RayTrainWorker")])
+
+    deadline = time.time() + 60
+    while any(running := still_running()):
+        assert time.time() < deadline, f"the stopped job still runs (driver PIDs, Train actors): {running}"
+        time.sleep(1)
     run_dir = cluster["shared"] / "orch_runs" / "to-stop"
     before = sorted(run_dir.glob("checkpoint_step_*"))
-    time.sleep(20)
+    time.sleep(3)
     assert sorted(run_dir.glob("checkpoint_step_*")) == before, "the stopped job is still training"
 
     # a path that lives on the cluster is checked there, by the job's driver before it starts Ray: `orch submit`
